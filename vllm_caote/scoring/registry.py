@@ -1,0 +1,251 @@
+"""Named eviction policies (kvpress-style): one small frozen dataclass per method.
+
+A policy turns one layer's cache (and, when it needs them, the window queries or
+their attention weights) into ``[Hkv, n]`` keep-scores; the engine then calls
+:func:`~vllm_caote.scoring.select_keep`. Policies hold no state: H2O-based
+policies are ``stateful`` and hand the updated running attention sum back to the
+caller (:meth:`Policy.score_with_state` / :meth:`Policy.accumulate`), which stores
+it per request and layer and compacts it together with the cache.
+
+``CAOTE-X`` / ``FastCAOTE-X`` use the base scores of ``X`` as ``alpha`` (normalised
+to sum to 1 per KV head): the pooled SnapKV scores, TOVA's last-query attention,
+or H2O's accumulated attention.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any, ClassVar
+
+import torch
+
+from .attention import attention_weights
+from .base import h2o_scores, keydiff_scores, snapkv_scores, streaming_scores, tova_scores
+from .caote import caote_scores, fast_caote_scores
+
+DEFAULT_POLICY = "caote-snapkv"
+
+#: Tunable knobs accepted by :meth:`Policy.score` and their defaults. A policy
+#: ignores the knobs it does not use, so the engine can pass one set to any policy.
+KNOBS: Mapping[str, Any] = MappingProxyType(
+    {
+        "kernel_size": 7,  # SnapKV pooling kernel (odd)
+        "pooling": "avg",  # SnapKV pooling: "avg" (kvpress) or "max"
+        "scale": None,  # attention logit scale; None = 1/sqrt(d)
+        "causal": True,  # queries are the last w cached tokens
+        "eps": 1e-6,  # CAOTE clamp on 1 - alpha
+        "normalize_anchor": False,  # KeyDiff: anchor = mean of unit keys (kvpress) if True
+    }
+)
+
+_METAS = (None, "caote", "fast-caote")
+
+
+def _knobs(knobs: dict[str, Any]) -> dict[str, Any]:
+    unknown = sorted(set(knobs) - set(KNOBS))
+    if unknown:
+        raise TypeError(f"unknown scoring knob(s) {unknown}; valid knobs: {sorted(KNOBS)}")
+    return {**KNOBS, **knobs}
+
+
+@dataclass(frozen=True)
+class Policy:
+    """Base class. ``meta`` is None (plain X), ``"caote"`` or ``"fast-caote"``.
+
+    Class-level flags:
+        needs_attention: the scores depend on attention weights of the window
+            queries (pass ``attn`` ``[Hkv, G, w, n]``, or ``queries`` to compute it).
+        needs_queries: the policy cannot run without ``queries`` or ``attn``.
+        stateful: the policy keeps a running per-token sum across calls (H2O).
+        nonnegative: base scores are >= 0, so CAOTE can use them as ``alpha``.
+    """
+
+    name: str
+    meta: str | None = None
+
+    needs_attention: ClassVar[bool] = False
+    needs_queries: ClassVar[bool] = False
+    stateful: ClassVar[bool] = False
+    nonnegative: ClassVar[bool] = False
+
+    def __post_init__(self) -> None:
+        if self.meta not in _METAS:
+            raise ValueError(f"meta must be one of {_METAS}, got {self.meta!r}")
+        if self.meta is not None and not self.nonnegative:
+            raise ValueError(f"{type(self).__name__} scores can be negative: no CAOTE meta-score")
+
+    @property
+    def needs_values(self) -> bool:
+        """CAOTE variants read the cached values."""
+        return self.meta is not None
+
+    # -- public API -------------------------------------------------------------
+    def score(
+        self,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        queries: torch.Tensor | None = None,
+        attn: torch.Tensor | None = None,
+        h2o_prev: torch.Tensor | None = None,
+        sinks: int = 4,
+        **knobs: Any,
+    ) -> torch.Tensor:
+        """Keep-scores ``[Hkv, n]`` for one layer (higher = keep).
+
+        Args:
+            keys, values: ``[Hkv, n, d]`` cached keys and values.
+            queries: ``[Hq, w, d]`` window queries (used to compute ``attn`` when
+                the policy needs attention and ``attn`` is None).
+            attn: ``[Hkv, G, w, n]`` precomputed attention weights.
+            h2o_prev: running H2O sum ``[Hkv, m]`` (``m <= n``) for stateful policies.
+            sinks: leading tokens pinned by StreamingLLM (others ignore it; the
+                selector protects sinks for every policy).
+            **knobs: see :data:`KNOBS`; unknown names raise TypeError.
+        """
+        return self.score_with_state(keys, values, queries, attn, h2o_prev, sinks, **knobs)[0]
+
+    def score_with_state(
+        self,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        queries: torch.Tensor | None = None,
+        attn: torch.Tensor | None = None,
+        h2o_prev: torch.Tensor | None = None,
+        sinks: int = 4,
+        **knobs: Any,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Like :meth:`score`, also returning the new running state.
+
+        Returns ``(scores [Hkv, n], state)``; ``state`` is the updated H2O sum
+        ``[Hkv, n]`` for stateful policies and None otherwise.
+        """
+        k = _knobs(knobs)
+        if keys.dim() != 3:
+            raise ValueError(f"keys must be [Hkv, n, d], got {tuple(keys.shape)}")
+        if self.needs_attention:
+            attn = self._attention(keys, queries, attn, k)
+        base, state = self._base(keys, attn, h2o_prev, sinks, k)
+        if self.meta == "caote":
+            return caote_scores(base, values, eps=k["eps"]), state
+        if self.meta == "fast-caote":
+            return fast_caote_scores(base, values, eps=k["eps"]), state
+        return base, state
+
+    def accumulate(self, attn: torch.Tensor, prev: torch.Tensor | None = None) -> torch.Tensor:
+        """Updated running sum ``prev + sum_{g,t} attn`` (stateful policies only)."""
+        if not self.stateful:
+            raise ValueError(f"policy {self.name!r} is not stateful")
+        return h2o_scores(attn, prev)
+
+    # -- internals --------------------------------------------------------------
+    def _attention(
+        self,
+        keys: torch.Tensor,
+        queries: torch.Tensor | None,
+        attn: torch.Tensor | None,
+        k: dict[str, Any],
+    ) -> torch.Tensor:
+        if attn is None:
+            if queries is None:
+                raise ValueError(f"policy {self.name!r} needs `queries` or `attn`")
+            return attention_weights(queries, keys, scale=k["scale"], causal=k["causal"])
+        hkv, n = keys.shape[0], keys.shape[1]
+        if attn.dim() != 4 or attn.shape[0] != hkv or attn.shape[-1] != n:
+            raise ValueError(f"attn must be [Hkv={hkv}, G, w, n={n}], got {tuple(attn.shape)}")
+        return attn
+
+    def _base(self, keys, attn, h2o_prev, sinks, k) -> tuple[torch.Tensor, torch.Tensor | None]:
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class StreamingPolicy(Policy):
+    """StreamingLLM: sinks + most recent tokens (position only)."""
+
+    def _base(self, keys, attn, h2o_prev, sinks, k):
+        return streaming_scores(keys, sinks=sinks), None
+
+
+@dataclass(frozen=True)
+class KeyDiffPolicy(Policy):
+    """KeyDiff: ``-cos(k_j, mean key)``; no queries, no attention."""
+
+    def _base(self, keys, attn, h2o_prev, sinks, k):
+        return keydiff_scores(keys, normalize_anchor=k["normalize_anchor"]), None
+
+
+@dataclass(frozen=True)
+class H2OPolicy(Policy):
+    """H2O: accumulated attention (running sum kept by the caller)."""
+
+    needs_attention: ClassVar[bool] = True
+    needs_queries: ClassVar[bool] = True
+    stateful: ClassVar[bool] = True
+    nonnegative: ClassVar[bool] = True
+
+    def _base(self, keys, attn, h2o_prev, sinks, k):
+        acc = h2o_scores(attn, h2o_prev)
+        return acc, acc
+
+
+@dataclass(frozen=True)
+class TOVAPolicy(Policy):
+    """TOVA: last query's attention, averaged over the GQA group."""
+
+    needs_attention: ClassVar[bool] = True
+    needs_queries: ClassVar[bool] = True
+    nonnegative: ClassVar[bool] = True
+
+    def _base(self, keys, attn, h2o_prev, sinks, k):
+        return tova_scores(attn), None
+
+
+@dataclass(frozen=True)
+class SnapKVPolicy(Policy):
+    """SnapKV: window-voted attention, pooled over tokens, averaged over the group."""
+
+    needs_attention: ClassVar[bool] = True
+    needs_queries: ClassVar[bool] = True
+    nonnegative: ClassVar[bool] = True
+
+    def _base(self, keys, attn, h2o_prev, sinks, k):
+        return snapkv_scores(attn, kernel_size=k["kernel_size"], pooling=k["pooling"]), None
+
+
+def _build() -> dict[str, Policy]:
+    out: dict[str, Policy] = {}
+    for meta, prefix in (("caote", "caote-"), ("fast-caote", "fast-caote-")):
+        for cls, base in ((SnapKVPolicy, "snapkv"), (H2OPolicy, "h2o"), (TOVAPolicy, "tova")):
+            out[prefix + base] = cls(name=prefix + base, meta=meta)
+    out["snapkv"] = SnapKVPolicy(name="snapkv")
+    out["h2o"] = H2OPolicy(name="h2o")
+    out["tova"] = TOVAPolicy(name="tova")
+    out["keydiff"] = KeyDiffPolicy(name="keydiff")
+    out["streaming"] = StreamingPolicy(name="streaming")
+    return out
+
+
+#: name -> policy instance. Treat as read-only.
+POLICIES: dict[str, Policy] = _build()
+
+
+def policy_names() -> list[str]:
+    """Valid policy names, in registry order (CAOTE variants first)."""
+    return list(POLICIES)
+
+
+def get_policy(name: str) -> Policy:
+    """Look up a policy by name (case-insensitive, ``_`` accepted for ``-``).
+
+    Raises:
+        ValueError: unknown name; the message lists the valid names.
+    """
+    key = str(name).strip().lower().replace("_", "-")
+    try:
+        return POLICIES[key]
+    except KeyError:
+        raise ValueError(
+            f"unknown eviction policy {name!r}; valid policies: {', '.join(policy_names())}"
+        ) from None
