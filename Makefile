@@ -24,9 +24,10 @@ help:
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml scripts/install.sh
+$(STAMP): pyproject.toml scripts/install.sh scripts/system-deps.sh
 	@test -x $(PY) || python3 -m venv $(VENV)
 	scripts/install.sh --python $(PY) --flavor $(FLAVOR) --dev --editable --fetch-model
+	scripts/system-deps.sh
 	@touch $@
 
 serve: setup

