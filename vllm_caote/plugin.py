@@ -26,3 +26,8 @@ def register() -> None:
     from vllm_caote.engine import install
 
     install()
+
+    from vllm_caote import api
+
+    if api.is_api_server_process():  # OpenAI front-end only; a no-op in engine processes
+        api.install()

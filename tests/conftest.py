@@ -1,0 +1,176 @@
+"""Shared fixtures.
+
+``caote_server`` (session scope) starts ONE real vLLM OpenAI server, with this plugin loaded
+through its ``vllm.general_plugins`` entry point, on the embedded SmolLM2 model, and keeps it
+for the whole session. Use it from any test module::
+
+    @pytest.mark.server
+    def test_something(caote_server):
+        requests.get(caote_server.url("/health"))
+
+The server is started with :data:`SERVER_ENV` (a default policy and a default budget, so
+tests can check that defaults apply) and ``--enable-log-requests`` (so tests can read the
+``SamplingParams`` the front-end built from ``caote_server.log_path``).
+
+Set ``VLLM_CAOTE_TEST_SERVER_URL=http://host:port`` to run the tests against a server you
+started yourself (with the same settings) instead; ``log_path`` is then None unless
+``VLLM_CAOTE_TEST_SERVER_LOG`` names its log file.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+SERVED_MODEL = "smollm2"
+MAX_MODEL_LEN = 4096
+STARTUP_TIMEOUT_S = 300.0
+#: The plugin settings the shared server runs with.
+SERVER_ENV = {
+    "VLLM_CAOTE_DEFAULT_POLICY": "caote-snapkv",
+    "VLLM_CAOTE_DEFAULT_BUDGET": "1024",
+}
+
+
+@dataclass
+class CaoteServer:
+    """A running OpenAI server: where it listens and where it logs."""
+
+    base_url: str  # e.g. http://127.0.0.1:41234 (no trailing slash, no /v1)
+    model: str = SERVED_MODEL
+    max_model_len: int = MAX_MODEL_LEN
+    log_path: Path | None = None
+    env: dict[str, str] = field(default_factory=dict)
+    process: subprocess.Popen | None = None
+
+    @property
+    def api_url(self) -> str:
+        """Base URL for the OpenAI client (``.../v1``)."""
+        return self.base_url + "/v1"
+
+    def url(self, path: str) -> str:
+        return self.base_url + path
+
+    def log_text(self) -> str:
+        if self.log_path is None or not self.log_path.exists():
+            return ""
+        return self.log_path.read_text(errors="replace")
+
+    def log_tail(self, lines: int = 80) -> str:
+        return "\n".join(self.log_text().splitlines()[-lines:])
+
+    def alive(self) -> bool:
+        import urllib.request
+
+        if self.process is not None and self.process.poll() is not None:
+            return False
+        try:
+            with urllib.request.urlopen(self.url("/health"), timeout=5) as r:
+                return r.status == 200
+        except OSError:
+            return False
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_healthy(server: CaoteServer, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.process is not None and server.process.poll() is not None:
+            raise RuntimeError(
+                f"vLLM server exited with code {server.process.returncode} during start-up; "
+                f"log tail ({server.log_path}):\n{server.log_tail()}"
+            )
+        if server.alive():
+            return
+        time.sleep(1.0)
+    raise RuntimeError(
+        f"vLLM server not healthy after {timeout:.0f} s; log tail ({server.log_path}):\n"
+        f"{server.log_tail()}"
+    )
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """Stop the server and its engine process (they share the session we created)."""
+    if proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def caote_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CaoteServer]:
+    """One real vLLM OpenAI server (plugin loaded) for the whole test session."""
+    external = os.environ.get("VLLM_CAOTE_TEST_SERVER_URL", "").strip().rstrip("/")
+    if external:
+        log = os.environ.get("VLLM_CAOTE_TEST_SERVER_LOG")
+        server = CaoteServer(
+            base_url=external, log_path=Path(log) if log else None, env=dict(SERVER_ENV)
+        )
+        _wait_healthy(server, 30.0)
+        yield server
+        return
+
+    from vllm_caote.models import model_dir
+
+    model = model_dir()
+    if not (model / "config.json").exists():
+        pytest.skip(f"embedded model missing at {model}; run `python -m vllm_caote.models`")
+
+    port = _free_port()
+    log_path = tmp_path_factory.mktemp("vllm_server") / "server.log"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VLLM_CAOTE_")}
+    env.update(SERVER_ENV)
+    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+    cmd = [
+        sys.executable,
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        str(model),
+        "--served-model-name",
+        SERVED_MODEL,
+        "--enforce-eager",
+        "--gpu-memory-utilization",
+        "0.3",
+        "--no-enable-prefix-caching",
+        "--max-model-len",
+        str(MAX_MODEL_LEN),
+        "--enable-log-requests",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ]
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
+    server = CaoteServer(
+        base_url=f"http://127.0.0.1:{port}", log_path=log_path, env=dict(SERVER_ENV), process=proc
+    )
+    try:
+        _wait_healthy(server, STARTUP_TIMEOUT_S)
+        yield server
+    finally:
+        _stop(proc)

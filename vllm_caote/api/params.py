@@ -1,0 +1,185 @@
+"""Validate and resolve the per-request eviction parameters of an OpenAI request body.
+
+Pure functions with no vLLM import, so they can be unit-tested without a server. The server
+patch (:mod:`vllm_caote.api.server`) calls :func:`resolve` on the parsed JSON body of
+``/v1/completions`` and ``/v1/chat/completions`` and forwards the result through
+``vllm_xargs`` (which vLLM copies into ``SamplingParams.extra_args``).
+
+Rules:
+
+* ``kv_budget`` (int tokens) and ``kv_policy`` (str) may be given top-level or inside
+  ``vllm_xargs``; giving both with different values is an error. ``null`` means "not given".
+* A request's own value wins over the server defaults (``VLLM_CAOTE_DEFAULT_BUDGET`` /
+  ``VLLM_CAOTE_DEFAULT_POLICY``); ``kv_budget: 0`` turns eviction off for that request.
+* The budget must be 0 or an integer in ``[min_budget(block_size), max_model_len]``; bools,
+  floats (even ``2048.0``) and strings are rejected. The policy must name a registered policy.
+* No budget from the request and no server default: nothing is forwarded (stock vLLM).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from vllm_caote.config import BUDGET_KEY, POLICY_KEY
+
+XARGS_KEY = "vllm_xargs"
+_MISSING = object()
+_MAX_SHOWN = 60
+
+
+class EvictionParamError(ValueError):
+    """A bad ``kv_budget`` / ``kv_policy``; ``param`` names the offending field."""
+
+    def __init__(self, message: str, param: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What the running server allows; built once at start-up."""
+
+    min_budget: int
+    max_budget: int  # max_model_len
+    default_budget: int
+    default_policy: str
+    policies: tuple[str, ...]
+
+    def range_text(self) -> str:
+        if self.min_budget > self.max_budget:
+            return "0 (eviction off); this server's max_model_len is below the minimum budget"
+        return f"0 (eviction off) or an integer in [{self.min_budget}, {self.max_budget}]"
+
+
+def _shown(value: Any) -> str:
+    """A short, safe rendering of a client value for an error message."""
+    try:
+        text = repr(value)
+    except ValueError:  # an int past sys.get_int_max_str_digits()
+        return f"an integer of about {value.bit_length() * 0.30103:.0f} digits"
+    return text if len(text) <= _MAX_SHOWN else text[:_MAX_SHOWN] + "...(truncated)"
+
+
+def _describe(value: Any) -> str:
+    """The JSON type and a short rendering of a client value, e.g. ``number 1.5``."""
+    if value is True or value is False:
+        return f"boolean {'true' if value else 'false'}"
+    if isinstance(value, list):
+        return f"array of {len(value)} items"
+    if isinstance(value, dict):
+        return f"object with {len(value)} keys"
+    if isinstance(value, int):
+        return f"integer {_shown(value)}"
+    if isinstance(value, float):
+        return f"number {_shown(value)}"
+    if isinstance(value, str):
+        return f"string {_shown(value)}"
+    return f"{type(value).__name__} {_shown(value)}"
+
+
+def _pick(body: Mapping[str, Any], key: str) -> tuple[Any, str]:
+    """The value of ``key`` from the top level or ``vllm_xargs`` and the name to report."""
+    top = body.get(key, _MISSING)
+    xargs = body.get(XARGS_KEY)
+    inner = xargs.get(key, _MISSING) if isinstance(xargs, dict) else _MISSING
+    if top is None:
+        top = _MISSING
+    if inner is None:
+        inner = _MISSING
+    if top is not _MISSING and inner is not _MISSING:
+        same = type(top) is type(inner) and top == inner
+        if not same:
+            raise EvictionParamError(
+                f"{key} is given both top-level ({_describe(top)}) and in {XARGS_KEY} "
+                f"({_describe(inner)}) with different values; give it once",
+                key,
+            )
+    if top is not _MISSING:
+        return top, key
+    return inner, f"{XARGS_KEY}.{key}"
+
+
+def check_budget(value: Any, param: str, limits: Limits) -> int:
+    """``value`` as a budget in tokens, or :class:`EvictionParamError`."""
+    allowed = limits.range_text()
+    if type(value) is not int:  # bool is an int subclass; reject it too
+        raise EvictionParamError(
+            f"{param} must be an integer number of tokens, got {_describe(value)}; "
+            f"allowed: {allowed}",
+            param,
+        )
+    if value == 0:
+        return 0
+    if value < 0:
+        problem = "must not be negative"
+    elif value < limits.min_budget:
+        problem = (
+            f"is below the minimum budget {limits.min_budget} (sink tokens + window + one block)"
+        )
+    elif value > limits.max_budget:
+        problem = f"is above max_model_len {limits.max_budget}"
+    else:
+        return value
+    raise EvictionParamError(f"{param} {problem}, got {_shown(value)}; allowed: {allowed}", param)
+
+
+def check_policy(value: Any, param: str, policies: Iterable[str]) -> str:
+    """The canonical policy name for ``value``, or :class:`EvictionParamError`.
+
+    Names are matched like :func:`vllm_caote.scoring.get_policy` does (case-insensitive,
+    ``_`` accepted for ``-``).
+    """
+    names = list(policies)
+    valid = ", ".join(names)
+    if not isinstance(value, str):
+        raise EvictionParamError(
+            f"{param} must be a string naming an eviction policy, got {_describe(value)}; "
+            f"valid policies: {valid}",
+            param,
+        )
+    key = value.strip().lower().replace("_", "-")
+    if key not in names:
+        raise EvictionParamError(
+            f"{param} names an unknown eviction policy {_shown(value)}; valid policies: {valid}",
+            param,
+        )
+    return key
+
+
+def resolve(body: Mapping[str, Any], limits: Limits) -> dict[str, Any]:
+    """The ``extra_args`` entries to forward for this request body.
+
+    Returns ``{}`` (stock vLLM), ``{"kv_budget": 0}`` (eviction explicitly off) or
+    ``{"kv_budget": n, "kv_policy": name}``. Raises :class:`EvictionParamError`.
+    """
+    budget, budget_param = _pick(body, BUDGET_KEY)
+    policy, policy_param = _pick(body, POLICY_KEY)
+    if policy is not _MISSING:
+        policy = check_policy(policy, policy_param, limits.policies)
+    given = budget is not _MISSING
+    budget = check_budget(budget, budget_param, limits) if given else limits.default_budget
+    if budget == 0:
+        # An explicit 0 is forwarded, so that no engine-side default can apply to it.
+        return {BUDGET_KEY: 0} if given else {}
+    return {
+        BUDGET_KEY: budget,
+        POLICY_KEY: limits.default_policy if policy is _MISSING else policy,
+    }
+
+
+def rewrite(body: dict[str, Any], params: Mapping[str, Any]) -> dict[str, Any]:
+    """``body`` without the client's eviction keys and with ``params`` in ``vllm_xargs``."""
+    out = {k: v for k, v in body.items() if k not in (BUDGET_KEY, POLICY_KEY)}
+    xargs = body.get(XARGS_KEY)
+    if isinstance(xargs, dict):
+        xargs = {k: v for k, v in xargs.items() if k not in (BUDGET_KEY, POLICY_KEY)}
+    else:
+        xargs = {}
+    xargs.update(params)
+    if xargs:
+        out[XARGS_KEY] = xargs
+    elif XARGS_KEY in out:
+        out[XARGS_KEY] = None
+    return out

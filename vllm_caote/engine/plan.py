@@ -1,0 +1,32 @@
+"""The eviction plan: what the scheduler decides each step and ships to the workers.
+
+The scheduler is the single source of truth. For every scheduled request that has a budget it
+sends one :class:`StepPlan` inside the ``SchedulerOutput`` (attribute :data:`PLAN_ATTR`), so
+workers never keep their own copy of the evicted count and stay correct across preemption.
+
+Cache arithmetic for one request at one step, with ``N`` tokens computed before the step,
+``E`` evicted before the step and ``n`` tokens scheduled now:
+
+* the cache holds ``N - E`` tokens before the step and ``N - E + n`` after writing the step;
+* positions (RoPE) are the true ``N .. N+n-1``; cache slots are ``N-E .. N-E+n-1``;
+* when ``evict_to`` is set, after the attention of each layer the cache is compacted to the
+  first ``evict_to`` slots, and the scheduler frees every block past ``ceil(evict_to / bs)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+PLAN_ATTR = "caote_plan"
+
+
+@dataclass(frozen=True, slots=True)
+class StepPlan:
+    offset: int  # tokens evicted before this step: slot = position - offset
+    evict_to: int | None  # compact this request's cache to this many tokens after the step
+    policy: str
+    reset: bool  # first step of a (re)started sequence: drop any worker-side state
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
