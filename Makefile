@@ -9,11 +9,13 @@ PORT   ?= 8000
 MODEL  ?= $(shell VLLM_CAOTE_HOME=$(VLLM_CAOTE_HOME) python3 -c "import os,pathlib;print(pathlib.Path(os.environ.get('VLLM_CAOTE_HOME') or pathlib.Path.home()/'.cache'/'vllm_caote')/'models'/'SmolLM2-135M-Instruct')")
 SERVED ?= smollm2
 ARGS   ?=
-# Eviction is on by default for `make serve`: requests without their own kv_budget get this one.
-export VLLM_CAOTE_DEFAULT_BUDGET ?= 1024
-export VLLM_CAOTE_DEFAULT_POLICY ?= caote-snapkv
-# vLLM-CPU: KV cache size in GiB (the CPU build ignores --gpu-memory-utilization's meaning).
-export VLLM_CPU_KVCACHE_SPACE ?= 4
+# CPU defaults: eager mode (torch.compile takes minutes on small machines).
+SERVE_FLAGS ?= --enforce-eager --gpu-memory-utilization 0.3
+# Eviction is on by default for `make serve`: requests without their own kv_budget get this one
+# (the environment's VLLM_CAOTE_DEFAULT_BUDGET wins; 0 turns the default off).
+DEFAULT_BUDGET ?= 1024
+# vLLM-CPU: KV cache size in GiB.
+KVCACHE_GIB ?= 4
 PYTEST_ARGS ?=
 
 STAMP := $(VENV)/.vllm-caote-setup
@@ -31,8 +33,10 @@ $(STAMP): pyproject.toml scripts/install.sh scripts/system-deps.sh
 	@touch $@
 
 serve: setup
+	VLLM_CAOTE_DEFAULT_BUDGET=$${VLLM_CAOTE_DEFAULT_BUDGET:-$(DEFAULT_BUDGET)} \
+	VLLM_CPU_KVCACHE_SPACE=$${VLLM_CPU_KVCACHE_SPACE:-$(KVCACHE_GIB)} \
 	$(PY) -m vllm.entrypoints.openai.api_server --model $(MODEL) --served-model-name $(SERVED) \
-	  --host $(HOST) --port $(PORT) --gpu-memory-utilization 0.3 --no-enable-prefix-caching $(ARGS)
+	  --host $(HOST) --port $(PORT) --no-enable-prefix-caching $(SERVE_FLAGS) $(ARGS)
 
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)

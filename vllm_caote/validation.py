@@ -1,11 +1,13 @@
-"""One validator for ``kv_budget`` / ``kv_policy``, used by the HTTP layer and the engine front-end."""
+"""Engine-side validation of ``SamplingParams.extra_args`` (offline ``vllm.LLM`` and any client
+that bypasses the HTTP layer). The rules are the HTTP layer's, :mod:`vllm_caote.api.params`."""
 
 from __future__ import annotations
 
 from typing import Any
 
+from vllm_caote.api.params import EvictionParamError, Limits, check_budget, check_policy
 from vllm_caote.config import BUDGET_KEY, POLICY_KEY, EvictionSettings, settings
-from vllm_caote.scoring import get_policy, policy_names
+from vllm_caote.scoring import policy_names
 
 try:  # vLLM maps VLLMValidationError to HTTP 400 with `param`; offline users get a ValueError.
     from vllm.exceptions import VLLMValidationError as _Base
@@ -16,9 +18,9 @@ except Exception:  # pragma: no cover - vLLM always present in the product
 class EvictionArgsError(_Base, ValueError):  # type: ignore[misc]
     """A bad ``kv_budget`` or ``kv_policy``; ``parameter`` names the field."""
 
-    def __init__(self, message: str, parameter: str, value: Any = None) -> None:
+    def __init__(self, message: str, parameter: str) -> None:
         try:
-            super().__init__(message, parameter=parameter, value=value)
+            super().__init__(message, parameter=parameter)
         except TypeError:  # plain Exception base
             Exception.__init__(self, message)
         self.parameter = parameter
@@ -28,65 +30,34 @@ class EvictionArgsError(_Base, ValueError):  # type: ignore[misc]
         return self.message
 
 
+def limits(block_size: int, max_model_len: int, cfg: EvictionSettings | None = None) -> Limits:
+    cfg = cfg or settings()
+    return Limits(
+        cfg.min_budget(block_size),
+        max_model_len,
+        cfg.default_budget,
+        cfg.default_policy,
+        tuple(policy_names()),
+    )
+
+
 def resolve(
     extra_args: dict[str, Any] | None,
     block_size: int,
     max_model_len: int,
     cfg: EvictionSettings | None = None,
 ) -> tuple[int, str] | None:
-    """Validate and resolve a request's eviction arguments against the server defaults.
-
-    Returns ``(budget, policy)`` when the request is evicted, ``None`` when it runs as stock
-    vLLM (no budget and no default, or ``kv_budget == 0``). Raises :class:`EvictionArgsError`.
-    """
-    cfg = cfg or settings()
+    """``(budget, policy)`` when the request is evicted, ``None`` when it runs as stock vLLM
+    (no budget and no default, or ``kv_budget == 0``). Raises :class:`EvictionArgsError`."""
+    lim = limits(block_size, max_model_len, cfg)
     args = extra_args or {}
-    budget = args.get(BUDGET_KEY, None)
-    policy = args.get(POLICY_KEY, None)
-    if budget is None:
-        budget = cfg.default_budget
-    lo = cfg.min_budget(block_size)
-    if isinstance(budget, bool) or not isinstance(budget, int):
-        raise EvictionArgsError(
-            f"{BUDGET_KEY} must be an integer number of tokens: 0 (no eviction) or "
-            f"{lo}..{max_model_len}; got {budget!r}",
-            BUDGET_KEY,
-            budget,
+    try:
+        budget = args.get(BUDGET_KEY)
+        budget = lim.default_budget if budget is None else check_budget(budget, BUDGET_KEY, lim)
+        policy = args.get(POLICY_KEY)
+        policy = (
+            lim.default_policy if policy is None else check_policy(policy, POLICY_KEY, lim.policies)
         )
-    if policy is not None and not isinstance(policy, str):
-        raise EvictionArgsError(
-            f"{POLICY_KEY} must be a string, one of: {', '.join(policy_names())}; "
-            f"got {policy!r}",
-            POLICY_KEY,
-            policy,
-        )
-    if policy is not None:
-        try:
-            policy = get_policy(policy).name
-        except ValueError:
-            raise EvictionArgsError(
-                f"{POLICY_KEY} {policy!r} is unknown; valid policies: {', '.join(policy_names())}",
-                POLICY_KEY,
-                policy,
-            ) from None
-    if budget == 0:
-        return None
-    if budget < 0:
-        raise EvictionArgsError(
-            f"{BUDGET_KEY} must be >= 0 (0 turns eviction off); got {budget}", BUDGET_KEY, budget
-        )
-    if budget < lo:
-        raise EvictionArgsError(
-            f"{BUDGET_KEY} must be at least {lo} tokens (sinks {cfg.sink_tokens} + observation "
-            f"window {cfg.window} + one block of {block_size}), or 0 to turn eviction off; "
-            f"got {budget}",
-            BUDGET_KEY,
-            budget,
-        )
-    if budget > max_model_len:
-        raise EvictionArgsError(
-            f"{BUDGET_KEY} must be at most max_model_len ({max_model_len}); got {budget}",
-            BUDGET_KEY,
-            budget,
-        )
-    return budget, policy or cfg.default_policy
+    except EvictionParamError as e:
+        raise EvictionArgsError(str(e), e.param) from None
+    return None if budget == 0 else (budget, policy)

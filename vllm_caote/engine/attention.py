@@ -104,15 +104,24 @@ def _compact(ev, work: RowWork, name: str, impl, policy, layout, kv_cache) -> No
     queries = _window_queries(ev, work, name) if policy.needs_queries else None
     ls = ev.request(work.req_id).layers.setdefault(name, _new_layer_state())
     scores, h2o = policy.score_with_state(
-        keys, values, queries=queries, h2o_prev=ls.h2o, sinks=cfg.sink_tokens,
+        keys,
+        values,
+        queries=queries,
+        h2o_prev=ls.h2o,
+        sinks=cfg.sink_tokens,
         scale=getattr(impl, "scale", None),
     )
-    keep_idx = select_keep(scores, work.plan.evict_to, protect_recent=cfg.window,
-                           sinks=cfg.sink_tokens)
+    keep_idx = select_keep(
+        scores, work.plan.evict_to, protect_recent=cfg.window, sinks=cfg.sink_tokens
+    )
     d = keys.shape[-1]
     gather_idx = keep_idx.unsqueeze(-1).expand(-1, -1, d)
-    layout.write(kv_cache, work.block_ids, torch.gather(keys, 1, gather_idx),
-                 torch.gather(values, 1, gather_idx))
+    layout.write(
+        kv_cache,
+        work.block_ids,
+        torch.gather(keys, 1, gather_idx),
+        torch.gather(values, 1, gather_idx),
+    )
     if h2o is not None:
         ls.h2o = torch.gather(h2o, 1, keep_idx.to(h2o.device))
     ev.evicted_this_step.append((work.row, work.plan.evict_to))
@@ -127,8 +136,9 @@ def make_backend(base_path: str, kind: str):
 
     class CaoteImpl(base_impl):  # type: ignore[misc,valid-type]
         def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, *args, **kw):
-            out = super().forward(layer, query, key, value, kv_cache, attn_metadata, output,
-                                  *args, **kw)
+            out = super().forward(
+                layer, query, key, value, kv_cache, attn_metadata, output, *args, **kw
+            )
             if attn_metadata is not None and kv_cache is not None and kv_cache.numel() > 0:
                 after_attention(self, layer, query, kv_cache, kind)
             return out

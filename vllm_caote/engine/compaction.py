@@ -96,9 +96,17 @@ def probe_cpu_layout(isa: str, dtype: torch.dtype, block_size: int, head_size: i
         kv = torch.full((1, 1, bs, 2 * d), -1.0, dtype=dtype)
         k_cache, v_cache = kv.view(1, 1, 2 * bs, d).chunk(2, dim=2)
         src = marks.to(dtype).unsqueeze(1).contiguous()  # [bs, 1, d]
-        ops.cpu_attn_reshape_and_cache(src, src.clone(), k_cache, v_cache,
-                                       torch.arange(bs, dtype=torch.int64), isa,
-                                       k_scale=1.0, v_scale=1.0, kv_cache_dtype="auto")
+        ops.cpu_attn_reshape_and_cache(
+            src,
+            src.clone(),
+            k_cache,
+            v_cache,
+            torch.arange(bs, dtype=torch.int64),
+            isa,
+            k_scale=1.0,
+            v_scale=1.0,
+            kv_cache_dtype="auto",
+        )
         found.append(kv.view(2, bs * d).float())
     perms = []
     for region in (0, 1):

@@ -106,8 +106,18 @@ class WorkerEviction:
             cache_len = computed - plan.offset + n
             nb = cdiv(cache_len, bt0.block_size)
             blocks = torch.from_numpy(bt0.block_table.np[row, :nb].astype(np.int64))
-            rows.append(RowWork(rid, row, int(qsl[row]), int(qsl[row + 1]), cache_len, computed,
-                                blocks.to(r.device), plan))
+            rows.append(
+                RowWork(
+                    rid,
+                    row,
+                    int(qsl[row]),
+                    int(qsl[row + 1]),
+                    cache_len,
+                    computed,
+                    blocks.to(r.device),
+                    plan,
+                )
+            )
         if offsets.any():
             off = torch.from_numpy(offsets).to(r.seq_lens.device)
             r.seq_lens[:num_reqs] -= off.to(r.seq_lens.dtype)
@@ -123,7 +133,9 @@ class WorkerEviction:
         bts = self.runner.input_batch.block_table.block_tables
         for row, keep in self.evicted_this_step:
             for bt in bts:
-                bt.num_blocks_per_row[row] = min(bt.num_blocks_per_row[row], cdiv(keep, bt.block_size))
+                bt.num_blocks_per_row[row] = min(
+                    bt.num_blocks_per_row[row], cdiv(keep, bt.block_size)
+                )
         self.evicted_this_step = []
         self.step = None
 
@@ -174,3 +186,7 @@ def install() -> None:
     GPUModelRunner._update_states = _update_states
     GPUModelRunner._prepare_inputs = _prepare_inputs
     GPUModelRunner.execute_model = execute_model
+
+    from vllm_caote.metrics.engine import install_worker  # eviction timings to the engine core
+
+    install_worker(GPUModelRunner)

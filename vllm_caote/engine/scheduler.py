@@ -74,8 +74,10 @@ class SchedulerEviction:
         if getattr(sched_cfg, "async_scheduling", False):
             # Freed blocks and slot offsets assume the step's output is processed before the
             # next step is scheduled.
-            logger.warning("vllm-caote: async scheduling is on; kv_budget is ignored. "
-                           "Start vLLM with --no-async-scheduling to enable eviction.")
+            logger.warning(
+                "vllm-caote: async scheduling is on; kv_budget is ignored. "
+                "Start vLLM with --no-async-scheduling to enable eviction."
+            )
             self.enabled = False
         # Block-wise prefill: a budgeted request's prompt goes in chunks of at most this many
         # tokens, so it never holds more than budget + one chunk.
@@ -251,3 +253,7 @@ def install() -> None:
     Scheduler.update_from_output = update_from_output
     Scheduler._preempt_request = _preempt_request
     Scheduler._free_request = _free_request
+
+    from vllm_caote.metrics.engine import install_scheduler  # vllm_caote:* metrics payload
+
+    install_scheduler(Scheduler)

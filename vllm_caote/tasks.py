@@ -1,0 +1,67 @@
+"""Long-context tasks on the embedded corpora, shared by the tests, `make eval` and `make bench`."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+from vllm_caote.models import load_essays, load_kjv
+
+NEEDLE = " The secret passkey is {key}. Remember it: {key}. "
+QUESTION = "\n\nWhat is the secret passkey? Answer with the number only."
+
+
+@dataclass(frozen=True)
+class PasskeyCase:
+    prompt: str  # chat-formatted, ready for generation
+    passkey: str
+    context_tokens: int
+    depth: float
+
+
+def _essay_ids(tokenizer) -> list[int]:
+    cache = getattr(tokenizer, "_caote_essay_ids", None)
+    if cache is None:
+        cache = tokenizer.encode(load_essays(), add_special_tokens=False)
+        try:
+            tokenizer._caote_essay_ids = cache
+        except AttributeError:
+            pass
+    return cache
+
+
+def passkey_case(tokenizer, context_tokens: int, depth: float, seed: int = 0) -> PasskeyCase:
+    """A passkey hidden at ``depth`` (0..1) of ``context_tokens`` tokens of essays."""
+    rng = random.Random(f"{seed}-{context_tokens}-{depth}")
+    key = str(rng.randint(10000, 99999))
+    ids = _essay_ids(tokenizer)
+    start = rng.randint(0, max(0, len(ids) - context_tokens - 1))
+    hay = ids[start : start + context_tokens]
+    cut = int(len(hay) * depth)
+    text = tokenizer.decode(hay[:cut]) + NEEDLE.format(key=key) + tokenizer.decode(hay[cut:])
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": text + QUESTION}], tokenize=False, add_generation_prompt=True
+    )
+    return PasskeyCase(prompt, key, context_tokens, depth)
+
+
+def filler_prompt_ids(tokenizer, n_tokens: int, offset: int = 0) -> list[int]:
+    """Exactly ``n_tokens`` token ids of essay text (for capacity and block-bound checks)."""
+    ids = _essay_ids(tokenizer)
+    return ids[offset : offset + n_tokens]
+
+
+def kjv_passages(n_passages: int, min_chars: int, seed: int = 0) -> list[str]:
+    """Contiguous KJV passages of at least ``min_chars`` characters, fixed by ``seed``."""
+    verses = load_kjv()
+    text_of = [v.get("text") or v.get("verse") or "" for v in verses]
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n_passages):
+        i = rng.randint(0, len(verses) - 2000)
+        buf = []
+        while sum(map(len, buf)) < min_chars:
+            buf.append(text_of[i].strip())
+            i += 1
+        out.append(" ".join(buf))
+    return out
