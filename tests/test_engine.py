@@ -88,6 +88,16 @@ def _run_steps(llm, requests, abort_after=None):
     return outputs, peak, prefill_peak
 
 
+def test_plugin_is_loaded_through_its_entry_point(llm):
+    """The engine was built by stock vLLM; the plugin got in through `vllm.general_plugins`."""
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+    assert hasattr(_scheduler(llm), "caote")
+    assert AttentionBackendEnum.CPU_ATTN.get_class().__name__ == "CaoteCPUAttentionBackend"
+    out = llm.generate(["The capital of France is"], _params(8), use_tqdm=False)[0]
+    assert out.outputs[0].text.strip()
+
+
 def test_noop_when_budget_covers_sequence_matches_stock_vllm(llm, tmp_path):
     """Invariant 2 (and 5): budget >= prompt + max_tokens, or no budget, gives stock tokens,
     also when batched with a request that does evict."""
@@ -231,7 +241,9 @@ def test_passkey_survives_eviction(llm):
             [_params(12, budget=budget, policy=policy)] * len(cases),
             use_tqdm=False,
         )
-        results[policy or "full"] = [c.passkey in o.outputs[0].text for c, o in zip(cases, outs, strict=True)]
+        results[policy or "full"] = [
+            c.passkey in o.outputs[0].text for c, o in zip(cases, outs, strict=True)
+        ]
         if budget:
             assert all(o.kv_transfer_params["kv_eviction"]["evicted_tokens"] > 0 for o in outs)
     print("passkey found (depth 0.2/0.5/0.8):", results)

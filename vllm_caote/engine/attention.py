@@ -24,7 +24,7 @@ import time
 import torch
 
 from vllm_caote.engine import compaction
-from vllm_caote.engine.model_runner import RowWork, WorkerEviction, current
+from vllm_caote.engine.model_runner import LayerState, RowWork, WorkerEviction, current
 from vllm_caote.scoring import get_policy, select_keep
 
 logger = logging.getLogger("vllm_caote.engine")
@@ -72,7 +72,7 @@ def after_attention(impl, layer, query: torch.Tensor, kv_cache: torch.Tensor, ki
 
 def _record_queries(ev: WorkerEviction, work: RowWork, name: str, query: torch.Tensor) -> None:
     w = ev.settings.window
-    ls = ev.request(work.req_id).layers.setdefault(name, _new_layer_state())
+    ls = ev.request(work.req_id).layers.setdefault(name, LayerState())
     q = query[work.q_start : work.q_end]  # [n, Hq, d]
     n = q.shape[0]
     if ls.ring is None:
@@ -80,12 +80,6 @@ def _record_queries(ev: WorkerEviction, work: RowWork, name: str, query: torch.T
     m = min(n, w)
     pos = torch.arange(work.seen_before + n - m, work.seen_before + n, device=q.device) % w
     ls.ring[:, pos] = q[n - m :].transpose(0, 1)
-
-
-def _new_layer_state():
-    from vllm_caote.engine.model_runner import LayerState
-
-    return LayerState()
 
 
 def _window_queries(ev: WorkerEviction, work: RowWork, name: str) -> torch.Tensor | None:
@@ -102,7 +96,7 @@ def _compact(ev, work: RowWork, name: str, impl, policy, layout, kv_cache) -> No
     cfg = ev.settings
     keys, values = layout.read(kv_cache, work.block_ids, work.cache_len)
     queries = _window_queries(ev, work, name) if policy.needs_queries else None
-    ls = ev.request(work.req_id).layers.setdefault(name, _new_layer_state())
+    ls = ev.request(work.req_id).layers.setdefault(name, LayerState())
     scores, h2o = policy.score_with_state(
         keys,
         values,
