@@ -1,0 +1,318 @@
+"""Engine-core and worker side of the ``vllm_caote:*`` metrics (see :mod:`vllm_caote.metrics`).
+
+Installed from the engine patches (one call each in ``vllm_caote.engine.scheduler.install`` and
+``vllm_caote.engine.model_runner.install``), so it runs in every vLLM process the plugin runs in:
+
+* :func:`install_worker` wraps ``GPUModelRunner.execute_model`` / ``sample_tokens`` (workers);
+* :func:`install_scheduler` wraps ``Scheduler.update_from_output`` / ``make_stats`` (engine core)
+  and ``StatLoggerManager.record`` (front-end).
+
+Nothing here imports prometheus_client: the front-end exporter is :mod:`.logger`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from typing import Any
+
+from vllm_caote.metrics import OUTPUT_ATTR, PAYLOAD_KEY
+
+logger = logging.getLogger("vllm_caote.metrics")
+
+#: attribute a front-end ``SchedulerStats`` gets once its payload is taken out of
+#: ``kv_connector_stats`` (decoded objects are plain dataclasses: attributes stick)
+STATS_ATTR = "_vllm_caote_metrics"
+#: worker timings not yet handed to an output are capped (pipeline-parallel ranks that never
+#: return outputs would otherwise grow it forever)
+MAX_PENDING = 4096
+PAYLOAD_VERSION = 1
+
+
+def compression_ratio(stats: dict) -> float | None:
+    """Tokens seen / tokens kept of a finished budgeted request (``RequestBudget.stats()``).
+
+    Tokens kept is the request's cache at the end: ``tokens_seen - evicted_tokens``. After a
+    preemption the request is recomputed from token 0 and evicts again, so ``evicted_tokens``
+    counts some tokens twice; the cache is then known to hold at least ``min(seen, budget)``.
+    """
+    seen = int(stats.get("tokens_seen") or 0)
+    if seen <= 0:
+        return None
+    evicted = int(stats.get("evicted_tokens") or 0)
+    budget = int(stats.get("budget") or 0)
+    kept = max(seen - evicted, min(seen, budget) if budget > 0 else 1, 1)
+    return seen / kept
+
+
+def split_timings(durations: list[float], policies: list[str]) -> list[list]:
+    """Per-(layer, request) durations of one step -> ``[[policy, seconds], ...]`` per request.
+
+    The attention backend appends one duration per layer for each evicting request, in the
+    same request order at every layer, so request ``i`` of ``k`` owns ``durations[i::k]``. If
+    the counts disagree (a layer skipped a request), the step's total is split evenly.
+    """
+    if not durations:
+        return []
+    k = len(policies)
+    if k == 0:
+        return [["unknown", float(sum(durations))]]
+    if len(durations) % k == 0:
+        return [[p, float(sum(durations[i::k]))] for i, p in enumerate(policies)]
+    share = float(sum(durations)) / k
+    return [[p, share] for p in policies]
+
+
+# -- worker processes --------------------------------------------------------------------------
+
+
+def _collect_worker(runner, scheduler_output) -> None:
+    """After a forward pass: this step's eviction timings, per evicting request."""
+    ev = runner.__dict__.get("_caote")
+    if ev is None or not ev.eviction_seconds:
+        return
+    durations = list(ev.eviction_seconds)
+    del ev.eviction_seconds[:]
+    from vllm_caote.engine.plan import PLAN_ATTR
+
+    plans = getattr(scheduler_output, PLAN_ATTR, None) or {}
+    policies = [p.policy for p in plans.values() if p.evict_to is not None]
+    pending = runner.__dict__.setdefault("_caote_metrics_pending", [])
+    pending.extend(split_timings(durations, policies))
+    if len(pending) > MAX_PENDING:
+        del pending[: len(pending) - MAX_PENDING]
+
+
+def _attach_worker(runner, output) -> None:
+    """Hand pending timings to the engine core on a real (not shared, not async) output."""
+    pending = runner.__dict__.get("_caote_metrics_pending")
+    if not pending or output is None:
+        return
+    from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT, ModelRunnerOutput
+
+    if output is EMPTY_MODEL_RUNNER_OUTPUT or not isinstance(output, ModelRunnerOutput):
+        return  # keep them for the next step's output
+    setattr(output, OUTPUT_ATTR, list(pending))
+    pending.clear()
+
+
+def install_worker(runner_cls) -> None:
+    """Wrap ``execute_model`` / ``sample_tokens`` of the model runner (idempotent)."""
+    if getattr(runner_cls, "_caote_metrics_patched", False):
+        return
+    runner_cls._caote_metrics_patched = True
+    orig_execute = runner_cls.execute_model
+    orig_sample = runner_cls.sample_tokens
+
+    def execute_model(self, scheduler_output, *args, **kwargs):
+        out = orig_execute(self, scheduler_output, *args, **kwargs)
+        try:
+            _collect_worker(self, scheduler_output)
+            _attach_worker(self, out)
+        except Exception:  # metrics must never break a step
+            logger.exception("vllm-caote metrics: worker hook failed")
+        return out
+
+    def sample_tokens(self, *args, **kwargs):
+        out = orig_sample(self, *args, **kwargs)
+        try:
+            _attach_worker(self, out)
+        except Exception:
+            logger.exception("vllm-caote metrics: worker hook failed")
+        return out
+
+    runner_cls.execute_model = execute_model
+    runner_cls.sample_tokens = sample_tokens
+
+
+# -- engine core -------------------------------------------------------------------------------
+
+
+class EngineMetrics:
+    """Per-scheduler bookkeeping: what the front-end has been sent, what is new since."""
+
+    def __init__(self, scheduler) -> None:
+        self.scheduler = scheduler
+        ev = getattr(scheduler, "caote", None)
+        default = getattr(getattr(ev, "settings", None), "default_policy", None)
+        self.policies: set[str] = {default} if default else set()
+        # cumulative per policy over finished requests (folded in from finished_stats)
+        self.finished_evicted: dict[str, int] = defaultdict(int)
+        self.finished_events: dict[str, int] = defaultdict(int)
+        # cumulative values already shipped
+        self.sent_evicted: dict[str, int] = defaultdict(int)
+        self.sent_events: dict[str, int] = defaultdict(int)
+        self.sent_freed = 0
+        self.ratios: list[list] = []  # [[policy, ratio], ...] not shipped yet
+        self.timings: list[list] = []  # [[policy, seconds], ...] not shipped yet
+
+    def ingest_output(self, model_runner_output) -> None:
+        timings = getattr(model_runner_output, OUTPUT_ATTR, None)
+        if timings:
+            self.timings.extend(timings)
+            del self.timings[:-MAX_PENDING]
+
+    def _drain_finished(self, ev) -> None:
+        finished = list(ev.finished_stats)
+        del ev.finished_stats[:]
+        for st in finished:
+            policy = str(st.get("policy"))
+            self.policies.add(policy)
+            self.finished_evicted[policy] += int(st.get("evicted_tokens") or 0)
+            self.finished_events[policy] += int(st.get("eviction_events") or 0)
+            ratio = compression_ratio(st)
+            if ratio is not None:
+                self.ratios.append([policy, ratio])
+        del self.ratios[:-MAX_PENDING]
+
+    def discard(self) -> None:
+        """No stats consumer (``log_stats`` off): only keep the engine's lists from growing."""
+        ev = getattr(self.scheduler, "caote", None)
+        if ev is not None and ev.finished_stats:
+            del ev.finished_stats[:]
+        self.timings.clear()
+        self.ratios.clear()
+
+    def payload(self) -> dict[str, Any]:
+        """Everything new since the previous call (deltas) plus current gauges."""
+        sched = self.scheduler
+        ev = getattr(sched, "caote", None)
+        live = ev.requests if ev is not None else {}
+        if ev is not None:
+            self._drain_finished(ev)
+
+        evicted = defaultdict(int, self.finished_evicted)
+        events = defaultdict(int, self.finished_events)
+        running_ids = {r.request_id for r in sched.running}
+        running: dict[str, int] = defaultdict(int)
+        managers = sched.kv_cache_manager.coordinator.single_type_managers
+        budgeted_blocks = 0
+        for rid, st in live.items():
+            self.policies.add(st.policy)
+            evicted[st.policy] += st.evicted_total
+            events[st.policy] += st.events
+            if rid in running_ids:
+                running[st.policy] += 1
+            budgeted_blocks += sum(len(m.req_to_blocks.get(rid, ())) for m in managers)
+
+        d_evicted, d_events = {}, {}
+        for p in self.policies:
+            d_evicted[p] = max(evicted[p] - self.sent_evicted[p], 0)
+            d_events[p] = max(events[p] - self.sent_events[p], 0)
+            self.sent_evicted[p] = max(evicted[p], self.sent_evicted[p])
+            self.sent_events[p] = max(events[p], self.sent_events[p])
+        freed = ev.freed_blocks_total if ev is not None else 0
+        d_freed = max(freed - self.sent_freed, 0)
+        self.sent_freed = max(freed, self.sent_freed)
+
+        pool = sched.kv_cache_manager.block_pool
+        total = max(pool.num_gpu_blocks - 1, 0)  # the null block is never usable (as vLLM)
+        used = max(total - pool.get_num_free_blocks(), 0)
+        budgeted_blocks = min(budgeted_blocks, used)
+        timings, self.timings = self.timings, []
+        ratios, self.ratios = self.ratios, []
+        return {
+            "v": PAYLOAD_VERSION,
+            "policies": sorted(self.policies),
+            "blocks_total": total,
+            "blocks_used": used,
+            "blocks_budgeted": budgeted_blocks,
+            "blocks_unbudgeted": used - budgeted_blocks,
+            "running": {p: running.get(p, 0) for p in sorted(self.policies)},
+            "evicted_tokens": d_evicted,
+            "eviction_events": d_events,
+            "blocks_freed": d_freed,
+            "eviction_seconds": timings,
+            "compression_ratio": ratios,
+        }
+
+
+def _engine_metrics(scheduler) -> EngineMetrics:
+    em = scheduler.__dict__.get("_caote_metrics")
+    if em is None:
+        em = scheduler.__dict__["_caote_metrics"] = EngineMetrics(scheduler)
+    return em
+
+
+def attach_payload(stats, payload: dict[str, Any]) -> None:
+    """Put ``payload`` into ``stats.kv_connector_stats`` next to a connector's own stats."""
+    merged = dict(stats.kv_connector_stats or {})
+    merged[PAYLOAD_KEY] = payload
+    stats.kv_connector_stats = merged
+
+
+def take_payload(stats) -> dict[str, Any] | None:
+    """Front-end: our payload from a received ``SchedulerStats`` (removing it from the
+    connector field, which goes back to ``None`` if nothing else was in it)."""
+    if stats is None:
+        return None
+    payload = getattr(stats, STATS_ATTR, None)
+    if payload is not None:
+        return payload
+    kvs = getattr(stats, "kv_connector_stats", None)
+    if not isinstance(kvs, dict) or PAYLOAD_KEY not in kvs:
+        return None
+    payload = kvs.pop(PAYLOAD_KEY)
+    if not kvs:
+        stats.kv_connector_stats = None
+    try:
+        setattr(stats, STATS_ATTR, payload)
+    except AttributeError:  # a slotted stats class: the caller keeps the value
+        pass
+    return payload
+
+
+def install_scheduler(scheduler_cls) -> None:
+    """Engine core: payload in ``make_stats``; front-end: payload out before vLLM's loggers."""
+    if getattr(scheduler_cls, "_caote_metrics_patched", False):
+        return
+    scheduler_cls._caote_metrics_patched = True
+    orig_update = scheduler_cls.update_from_output
+    orig_make_stats = scheduler_cls.make_stats
+
+    def update_from_output(self, scheduler_output, model_runner_output):
+        try:
+            _engine_metrics(self).ingest_output(model_runner_output)
+        except Exception:
+            logger.exception("vllm-caote metrics: reading worker timings failed")
+        return orig_update(self, scheduler_output, model_runner_output)
+
+    def make_stats(self, *args, **kwargs):
+        stats = orig_make_stats(self, *args, **kwargs)
+        try:
+            em = _engine_metrics(self)
+            if stats is None:
+                em.discard()
+            else:
+                attach_payload(stats, em.payload())
+        except Exception:
+            logger.exception("vllm-caote metrics: building the stats payload failed")
+        return stats
+
+    scheduler_cls.update_from_output = update_from_output
+    scheduler_cls.make_stats = make_stats
+    _install_frontend_guard()
+
+
+def _install_frontend_guard() -> None:
+    """Take our payload out of every ``SchedulerStats`` before vLLM's stat loggers see it.
+
+    vLLM's logging and Prometheus loggers hand a non-empty ``kv_connector_stats`` to the KV
+    connector's metrics code, which fails without a connector. The payload stays reachable as
+    an attribute of the stats object for :class:`~vllm_caote.metrics.logger.CaoteStatLogger`.
+    """
+    from vllm.v1.metrics.loggers import StatLoggerManager
+
+    if getattr(StatLoggerManager, "_caote_metrics_patched", False):
+        return
+    StatLoggerManager._caote_metrics_patched = True
+    orig_record = StatLoggerManager.record
+
+    def record(self, scheduler_stats, *args, **kwargs):
+        try:
+            take_payload(scheduler_stats)
+        except Exception:
+            logger.exception("vllm-caote metrics: reading the stats payload failed")
+        return orig_record(self, scheduler_stats, *args, **kwargs)
+
+    StatLoggerManager.record = record
