@@ -30,6 +30,9 @@ $(STAMP): pyproject.toml scripts/install.sh scripts/system-deps.sh
 	@test -x $(PY) || python3 -m venv $(VENV)
 	scripts/install.sh --python $(PY) --flavor $(FLAVOR) --dev --editable --fetch-model
 	scripts/system-deps.sh
+	@# Test-only peer: NVIDIA kvpress's presses, unpacked (not installed: its pins clash with ours).
+	-$(PY) -m pip download -q --no-deps --only-binary :all: kvpress==0.5.5 -d $(VENV)/kvpress-dl \
+	  && $(PY) -m zipfile -e $(VENV)/kvpress-dl/kvpress-0.5.5-py3-none-any.whl $(VENV)/kvpress-src
 	@touch $@
 
 serve: setup
@@ -39,7 +42,8 @@ serve: setup
 	  --host $(HOST) --port $(PORT) --no-enable-prefix-caching $(SERVE_FLAGS) $(ARGS)
 
 test: setup
-	$(PY) -m pytest $(PYTEST_ARGS)
+	CAOTE_KVPRESS_SRC=$(if $(wildcard $(VENV)/kvpress-src/kvpress),$(VENV)/kvpress-src) \
+	  $(PY) -m pytest $(PYTEST_ARGS)
 
 lint: setup
 	$(PY) -m ruff check .
