@@ -10,7 +10,7 @@ Built with Grafana's own SDK (PyPI ``grafana-foundation-sdk``, in the ``dev`` ex
 Every query reads the Prometheus datasource with uid ``prometheus`` (provisioned by
 ``deploy/grafana/provisioning/datasources/prometheus.yml``). ``$model_name`` is a dashboard
 variable (vLLM's ``model_name`` label); ``$__rate_interval`` is Grafana's. The plugin's
-metrics are described in :mod:`vllm_caote.metrics` and ``deploy/grafana/README.md``;
+metrics are described in :mod:`vllm_caote.metrics` and the README's "Metrics and dashboard" section;
 ``tests/test_metrics.py`` evaluates every query here against a real Prometheus.
 """
 
