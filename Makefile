@@ -9,8 +9,10 @@ PORT   ?= 8000
 MODEL  ?= $(shell VLLM_CAOTE_HOME=$(VLLM_CAOTE_HOME) python3 -c "import os,pathlib;print(pathlib.Path(os.environ.get('VLLM_CAOTE_HOME') or pathlib.Path.home()/'.cache'/'vllm_caote')/'models'/'SmolLM2-135M-Instruct')")
 SERVED ?= smollm2
 ARGS   ?=
-# CPU defaults: eager mode (torch.compile takes minutes on small machines).
-SERVE_FLAGS ?= --enforce-eager --gpu-memory-utilization 0.3
+# CPU defaults: eager mode (torch.compile takes minutes on small machines) and fp32 (CPUs
+# without AVX-512 BF16 run bf16 matmuls ~100x slower; see vllm_caote.models.engine_dtype).
+DTYPE ?= $(if $(filter cuda,$(FLAVOR)),auto,float32)
+SERVE_FLAGS ?= --enforce-eager --gpu-memory-utilization 0.3 --dtype $(DTYPE)
 # Eviction is on by default for `make serve`: requests without their own kv_budget get this one
 # (the environment's VLLM_CAOTE_DEFAULT_BUDGET wins; 0 turns the default off).
 DEFAULT_BUDGET ?= 1024

@@ -14,6 +14,8 @@
 #   SERVED_MODEL_NAME          name clients use; default "smollm2" for the embedded model
 #   HOST, PORT                 default 0.0.0.0 and 8000
 #   ENFORCE_EAGER         1 adds --enforce-eager (the CPU image sets it)
+#   DTYPE                      adds --dtype (the CPU image sets float32: bf16 is ~100x slower on
+#                              CPUs without AVX-512 BF16)
 #   GPU_MEMORY_UTILIZATION     adds --gpu-memory-utilization
 #   MAX_MODEL_LEN              adds --max-model-len
 #   PYTHON                     interpreter with vLLM and vllm-caote; default python3
@@ -77,6 +79,7 @@ cmd=("$PY" -m vllm.entrypoints.openai.api_server "${model_args[@]}"
   --host "${HOST:-0.0.0.0}" --port "${PORT:-8000}" --no-enable-prefix-caching)
 [ -n "${SERVED_MODEL_NAME:-}" ] && cmd+=(--served-model-name "$SERVED_MODEL_NAME")
 truthy "${ENFORCE_EAGER:-0}" && cmd+=(--enforce-eager)
+[ -n "${DTYPE:-}" ] && cmd+=(--dtype "$DTYPE")
 [ -n "${GPU_MEMORY_UTILIZATION:-}" ] && cmd+=(--gpu-memory-utilization "$GPU_MEMORY_UTILIZATION")
 [ -n "${MAX_MODEL_LEN:-}" ] && cmd+=(--max-model-len "$MAX_MODEL_LEN")
 cmd+=("$@")

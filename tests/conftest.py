@@ -131,7 +131,7 @@ def caote_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CaoteServ
         yield server
         return
 
-    from vllm_caote.models import model_dir
+    from vllm_caote.models import engine_dtype, model_dir
 
     model = model_dir()
     if not (model / "config.json").exists():
@@ -150,6 +150,8 @@ def caote_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CaoteServ
         str(model),
         "--served-model-name",
         SERVED_MODEL,
+        "--dtype",
+        engine_dtype(),
         "--enforce-eager",
         "--gpu-memory-utilization",
         "0.3",

@@ -12,11 +12,12 @@ if __name__ == "__main__":
     assert os.environ.get("VLLM_CAOTE_DISABLE") == "1"
     from vllm import LLM, SamplingParams
 
-    from vllm_caote.models import model_dir
+    from vllm_caote.models import engine_dtype, model_dir
 
     cases = json.load(open(sys.argv[1]))
     llm = LLM(
         model=str(model_dir()),
+        dtype=engine_dtype(),
         max_model_len=4096,
         enable_prefix_caching=False,
         enforce_eager=True,

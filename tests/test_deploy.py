@@ -251,6 +251,7 @@ def test_entrypoint_env_and_passthrough(tmp_path: Path) -> None:
         GPU_MEMORY_UTILIZATION="0.5",
         MAX_MODEL_LEN="4096",
         SERVED_MODEL_NAME="m",
+        DTYPE="float32",
     )
     assert before == []
     assert _opt(cmd, "--model") == "org/Some Model"
@@ -258,6 +259,7 @@ def test_entrypoint_env_and_passthrough(tmp_path: Path) -> None:
     assert _opt(cmd, "--served-model-name") == "m"
     assert _opt(cmd, "--gpu-memory-utilization") == "0.5"
     assert _opt(cmd, "--max-model-len") == "4096"
+    assert _opt(cmd, "--dtype") == "float32"
     assert "--enforce-eager" in cmd and "--no-enable-prefix-caching" in cmd
     assert cmd[-len(extra) :] == extra, "extra arguments go last, unchanged"
 

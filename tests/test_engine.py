@@ -26,10 +26,11 @@ def llm():
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     from vllm import LLM
 
-    from vllm_caote.models import model_dir
+    from vllm_caote.models import engine_dtype, model_dir
 
     engine = LLM(
         model=str(model_dir()),
+        dtype=engine_dtype(),
         max_model_len=4096,
         enable_prefix_caching=False,
         enforce_eager=True,
