@@ -1,0 +1,498 @@
+"""Load test of a real vLLM OpenAI server with the vllm-caote plugin (loopback only).
+
+    python -m loadtest --start-server                       # starts its own server (make serve)
+    python -m loadtest --url http://127.0.0.1:8000          # a server you started
+    python -m loadtest --start-server --quick
+
+Two parts, each bounded in request count and in time:
+
+* ``mixed``: ``--requests`` streaming completions with long prompts (``--prompt-tokens`` token
+  ids of essay text), at most ``--concurrency`` in flight, budgets cycling through
+  ``--budgets`` (``none`` = ``kv_budget: 0``, the stock path even when the server has a default
+  budget). Reports throughput, TTFT and TPOT p50/p99 (overall and per budget), errors.
+* ``capacity``: the same KV pool with and without ``kv_budget``: ``--cap-requests`` requests of
+  ``--cap-prompt-tokens`` tokens sent at once, first all without a budget, then all with
+  ``--cap-budget``; ``vllm:num_requests_running`` is polled from ``/metrics`` during each phase
+  (``--cap-seconds`` at most, then the remaining requests are cancelled). Meaningful against a
+  server with a small pool: ``--start-server`` passes ``--num-gpu-blocks-override 40``.
+
+Requests go through vLLM's own benchmark client
+(``vllm.benchmarks.lib.endpoint_request_func.async_request_openai_completions``, the one
+``vllm bench serve`` uses), so TTFT/ITL are measured exactly as vLLM's benchmarks measure them.
+``vllm bench serve`` itself is not used: it sends one ``extra_body`` for all requests (no mixed
+budgets) and does not watch ``/metrics`` for concurrency.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import ipaddress
+import json
+import os
+import re
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+DEFAULTS = dict(
+    requests=12,
+    concurrency=4,
+    prompt_tokens=1536,
+    output_tokens=32,
+    cap_requests=8,
+    cap_prompt_tokens=2048,
+    cap_seconds=120.0,
+    duration=600.0,
+)
+QUICK = dict(
+    requests=6,
+    concurrency=3,
+    prompt_tokens=1024,
+    output_tokens=16,
+    cap_requests=6,
+    cap_prompt_tokens=2048,
+    cap_seconds=60.0,
+    duration=300.0,
+)
+RUNNING = re.compile(r"^vllm:num_requests_running\{[^}]*\}\s+([0-9.eE+-]+)", re.M)
+WAITING = re.compile(r"^vllm:num_requests_waiting\{[^}]*\}\s+([0-9.eE+-]+)", re.M)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m loadtest",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--url", help="server base URL, loopback only (e.g. http://127.0.0.1:8000)")
+    g.add_argument(
+        "--start-server",
+        action="store_true",
+        help="start a server with the `make serve` command on a free loopback port",
+    )
+    p.add_argument("--model", default=None, help="--model for --start-server (default SmolLM2)")
+    p.add_argument(
+        "--served-model-name",
+        default=None,
+        help="model name in requests (default: the server's first model)",
+    )
+    p.add_argument(
+        "--server-args",
+        default="--num-gpu-blocks-override 40 --max-model-len 4096 --enforce-eager",
+        help="extra args for --start-server",
+    )
+    p.add_argument("--requests", type=int, default=None)
+    p.add_argument("--concurrency", type=int, default=None)
+    p.add_argument("--prompt-tokens", type=int, default=None)
+    p.add_argument("--output-tokens", type=int, default=None)
+    p.add_argument(
+        "--budgets",
+        default="none,512,1024,164",
+        help="budgets cycled over the mixed requests; 'none' = kv_budget 0",
+    )
+    p.add_argument("--policy", default="caote-snapkv")
+    p.add_argument("--cap-requests", type=int, default=None)
+    p.add_argument("--cap-prompt-tokens", type=int, default=None)
+    p.add_argument("--cap-budget", type=int, default=512)
+    p.add_argument("--cap-seconds", type=float, default=None, help="time limit per phase")
+    p.add_argument("--duration", type=float, default=None, help="time limit of the mixed part")
+    p.add_argument("--parts", default="mixed,capacity")
+    p.add_argument("--out", default="bench/results")
+    p.add_argument("--tag", default="loadtest")
+    p.add_argument("--quick", action="store_true")
+    args = p.parse_args(argv)
+    for k, v in (QUICK if args.quick else DEFAULTS).items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    if not args.url and not args.start_server:
+        p.error("give --url http://127.0.0.1:PORT or --start-server")
+    return args
+
+
+def check_loopback(url: str) -> str:
+    u = urllib.parse.urlparse(url)
+    host = u.hostname or ""
+    ok = host == "localhost"
+    if not ok:
+        try:
+            ok = ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            ok = False
+    if not ok or u.scheme not in ("http", "https"):
+        raise SystemExit(f"refusing {url!r}: the load test only talks to a loopback server")
+    return url.rstrip("/")
+
+
+# --- server -----------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(args, log_path: Path):
+    """The `make serve` command (same flags), plus ``--server-args``, on a free port."""
+    from vllm_caote.eval.common import resolve_model
+    from vllm_caote.models import engine_dtype
+
+    port = _free_port()
+    cmd = [
+        sys.executable,
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        resolve_model(args.model),
+        "--served-model-name",
+        args.served_model_name or "smollm2",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--gpu-memory-utilization",
+        "0.3",
+        "--no-enable-prefix-caching",
+        "--dtype",
+        engine_dtype(),
+        *args.server_args.split(),
+    ]
+    env = dict(os.environ)
+    env.setdefault("VLLM_CAOTE_DEFAULT_BUDGET", "1024")  # as `make serve`
+    env.setdefault("VLLM_CAOTE_DEFAULT_POLICY", "caote-snapkv")
+    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
+    log = open(log_path, "wb")
+    proc = subprocess.Popen(
+        cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"server exited with {proc.returncode}; see {log_path}")
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=5) as r:
+                if r.status == 200:
+                    return proc, url, cmd
+        except OSError:
+            pass
+        time.sleep(2)
+    stop_server(proc)
+    raise SystemExit(f"server not healthy after 600 s; see {log_path}")
+
+
+def stop_server(proc) -> None:
+    if proc is None or proc.poll() is not None:
+        return
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+
+
+# --- client -----------------------------------------------------------------------------------
+
+
+def pct(xs: list[float], q: float) -> float | None:
+    if not xs:
+        return None
+    xs = sorted(xs)
+    k = (len(xs) - 1) * q / 100
+    lo, hi = int(k), min(int(k) + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
+
+
+def _budget_body(budget: int | None, policy: str) -> dict:
+    return {"kv_budget": 0} if budget is None else {"kv_budget": budget, "kv_policy": policy}
+
+
+def _parse_budgets(s: str) -> list[int | None]:
+    return [None if b.strip().lower() in ("none", "0", "") else int(b) for b in s.split(",")]
+
+
+async def _one(session, url, model, ids, out_tokens, budget, policy, pbar=None):
+    from vllm.benchmarks.lib.endpoint_request_func import (
+        RequestFuncInput,
+        async_request_openai_completions,
+    )
+
+    inp = RequestFuncInput(
+        prompt=ids,
+        api_url=url + "/v1/completions",
+        prompt_len=len(ids),
+        output_len=out_tokens,
+        model=model,
+        extra_body=_budget_body(budget, policy),
+        ignore_eos=True,
+    )
+    out = await async_request_openai_completions(inp, session, pbar)
+    return budget, out
+
+
+def _latency_stats(outs) -> dict:
+    ok = [o for o in outs if o.success]
+    ttft = [o.ttft for o in ok]
+    tpot = [
+        (o.latency - o.ttft) / (o.output_tokens - 1)
+        for o in ok
+        if o.output_tokens and o.output_tokens > 1
+    ]
+    return dict(
+        requests=len(outs),
+        ok=len(ok),
+        errors=len(outs) - len(ok),
+        ttft_p50_s=pct(ttft, 50),
+        ttft_p99_s=pct(ttft, 99),
+        tpot_p50_ms=None if not tpot else 1000 * pct(tpot, 50),
+        tpot_p99_ms=None if not tpot else 1000 * pct(tpot, 99),
+        output_tokens=sum(o.output_tokens or 0 for o in ok),
+        prompt_tokens=sum(o.prompt_len or 0 for o in ok),
+    )
+
+
+async def mixed(url, model, tok, args) -> dict:
+    import aiohttp
+    from tqdm import tqdm
+
+    from vllm_caote.tasks import filler_prompt_ids
+
+    budgets = _parse_budgets(args.budgets)
+    sem = asyncio.Semaphore(args.concurrency)
+    pbar = tqdm(total=args.requests, desc="mixed requests")
+    timeout = aiohttp.ClientTimeout(total=args.duration + 60)
+    async with aiohttp.ClientSession(timeout=timeout) as session:
+
+        async def guarded(i):
+            async with sem:
+                ids = filler_prompt_ids(tok, args.prompt_tokens, 1700 * i)
+                return await _one(
+                    session,
+                    url,
+                    model,
+                    ids,
+                    args.output_tokens,
+                    budgets[i % len(budgets)],
+                    args.policy,
+                    pbar,
+                )
+
+        t0 = time.perf_counter()
+        tasks = [asyncio.create_task(guarded(i)) for i in range(args.requests)]
+        done, pending = await asyncio.wait(tasks, timeout=args.duration)
+        for t in pending:
+            t.cancel()
+        wall = time.perf_counter() - t0
+    pbar.close()
+    results = [t.result() for t in done if not t.cancelled() and t.exception() is None]
+    outs = [o for _, o in results]
+    res = dict(
+        _latency_stats(outs),
+        wall_s=wall,
+        cancelled_at_time_limit=len(pending),
+        concurrency=args.concurrency,
+        prompt_tokens_each=args.prompt_tokens,
+        output_tokens_each=args.output_tokens,
+    )
+    res["throughput_req_s"] = res["ok"] / wall
+    res["throughput_out_tok_s"] = res["output_tokens"] / wall
+    res["throughput_total_tok_s"] = (res["output_tokens"] + res["prompt_tokens"]) / wall
+    res["by_budget"] = {
+        str(b or "none"): _latency_stats([o for bb, o in results if bb == b]) for b in budgets
+    }
+    res["error_samples"] = [o.error[-300:] for o in outs if not o.success][:3]
+    return res
+
+
+def _metrics(url: str) -> tuple[float, float]:
+    with urllib.request.urlopen(url + "/metrics", timeout=5) as r:
+        text = r.read().decode()
+    run = sum(float(m) for m in RUNNING.findall(text))
+    wait = sum(float(m) for m in WAITING.findall(text))
+    return run, wait
+
+
+async def capacity(url, model, tok, args) -> dict:
+    import aiohttp
+
+    from vllm_caote.tasks import filler_prompt_ids
+
+    res = {}
+    for mode, budget in (("stock", None), ("budgeted", args.cap_budget)):
+        samples = []
+        async with aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=args.cap_seconds + 60)
+        ) as session:
+            tasks = [
+                asyncio.create_task(
+                    _one(
+                        session,
+                        url,
+                        model,
+                        filler_prompt_ids(tok, args.cap_prompt_tokens, 2300 * i),
+                        args.output_tokens,
+                        budget,
+                        args.policy,
+                    )
+                )
+                for i in range(args.cap_requests)
+            ]
+            t0 = time.perf_counter()
+            while time.perf_counter() - t0 < args.cap_seconds and not all(t.done() for t in tasks):
+                run, wait = await asyncio.to_thread(_metrics, url)
+                samples.append((round(time.perf_counter() - t0, 2), run, wait))
+                await asyncio.sleep(0.25)
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        # let the server notice the disconnects and drain before the next phase
+        t1 = time.perf_counter()
+        while time.perf_counter() - t1 < 120:
+            run, wait = await asyncio.to_thread(_metrics, url)
+            if run == 0 and wait == 0:
+                break
+            await asyncio.sleep(1)
+        done = sum(1 for t in tasks if t.done() and not t.cancelled())
+        res[mode] = dict(
+            max_running=max((s[1] for s in samples), default=0),
+            mean_running=statistics.fmean(s[1] for s in samples) if samples else 0,
+            max_waiting=max((s[2] for s in samples), default=0),
+            completed=done,
+            samples=samples,
+            budget=budget,
+        )
+    res["ratio_max_running"] = res["budgeted"]["max_running"] / max(1, res["stock"]["max_running"])
+    res.update(
+        requests=args.cap_requests,
+        prompt_tokens=args.cap_prompt_tokens,
+        seconds_per_phase=args.cap_seconds,
+    )
+    return res
+
+
+def render_md(r: dict) -> str:
+    lines = [
+        "# vllm-caote load test (real OpenAI server, streaming completions)",
+        "",
+        f"Command: `{r['command']}`",
+        "",
+    ]
+    if r.get("server_cmd"):
+        lines += [f"Server: `{' '.join(r['server_cmd'])}` (env {json.dumps(r['server_env'])})", ""]
+    m = r.get("mixed")
+    if m:
+
+        def f(x, fmt):
+            return "-" if x is None else format(x, fmt)
+
+        lines += [
+            "## Mixed budgets",
+            "",
+            f"{m['requests']} requests ({m['prompt_tokens_each']} prompt tokens, "
+            f"{m['output_tokens_each']} output tokens, ignore_eos), concurrency "
+            f"{m['concurrency']}, budgets `{r['budgets']}` (policy {r['policy']}); "
+            f"wall {m['wall_s']:.0f} s; {m['errors']} errors, "
+            f"{m['cancelled_at_time_limit']} cancelled at the time limit.",
+            "",
+            f"Throughput: {m['throughput_req_s']:.3f} req/s, "
+            f"{m['throughput_out_tok_s']:.2f} output tok/s, "
+            f"{m['throughput_total_tok_s']:.1f} total tok/s.",
+            "",
+            "| budget | ok | errors | TTFT p50 (s) | TTFT p99 (s) | TPOT p50 (ms) | "
+            "TPOT p99 (ms) |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        rows = [("all", m)] + list(m["by_budget"].items())
+        for name, s in rows:
+            lines.append(
+                f"| {name} | {s['ok']} | {s['errors']} | {f(s['ttft_p50_s'], '.2f')} | "
+                f"{f(s['ttft_p99_s'], '.2f')} | {f(s['tpot_p50_ms'], '.1f')} | "
+                f"{f(s['tpot_p99_ms'], '.1f')} |"
+            )
+        lines.append("")
+    c = r.get("capacity")
+    if c:
+        lines += [
+            "## Capacity (same KV pool)",
+            "",
+            f"{c['requests']} requests of {c['prompt_tokens']} prompt tokens sent at once; "
+            f"`vllm:num_requests_running` polled from /metrics every 0.25 s for at most "
+            f"{c['seconds_per_phase']:.0f} s per phase.",
+            "",
+            "| | no kv_budget | kv_budget " + str(c["budgeted"]["budget"]) + " | ratio |",
+            "|---|---|---|---|",
+            f"| max running | {c['stock']['max_running']:.0f} | "
+            f"{c['budgeted']['max_running']:.0f} | **{c['ratio_max_running']:.2f}x** |",
+            f"| mean running | {c['stock']['mean_running']:.2f} | "
+            f"{c['budgeted']['mean_running']:.2f} | |",
+            f"| max waiting | {c['stock']['max_waiting']:.0f} | "
+            f"{c['budgeted']['max_waiting']:.0f} | |",
+            "",
+        ]
+    return "\n".join(lines)
+
+
+async def _run(args, url) -> dict:
+    from transformers import AutoTokenizer
+
+    from vllm_caote.eval.common import resolve_model
+
+    with urllib.request.urlopen(url + "/v1/models", timeout=10) as r:
+        served = json.load(r)["data"]
+    model = args.served_model_name or served[0]["id"]
+    tok_src = args.model or served[0].get("root") or resolve_model(None)
+    tok = AutoTokenizer.from_pretrained(tok_src)
+    res: dict = {}
+    parts = args.parts.split(",")
+    if "mixed" in parts:
+        res["mixed"] = await mixed(url, model, tok, args)
+    if "capacity" in parts:
+        res["capacity"] = await capacity(url, model, tok, args)
+    return res
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    proc, server_cmd = None, None
+    try:
+        if args.start_server:
+            proc, url, server_cmd = start_server(args, out / f"{args.tag}_server.log")
+        else:
+            url = check_loopback(args.url)
+        t0 = time.perf_counter()
+        res = asyncio.run(_run(args, url))
+    finally:
+        stop_server(proc)
+    res.update(
+        command="python -m loadtest " + " ".join(argv or sys.argv[1:]),
+        server_cmd=server_cmd,
+        budgets=args.budgets,
+        policy=args.policy,
+        server_env={
+            k: os.environ.get(k, d)
+            for k, d in (
+                ("VLLM_CAOTE_DEFAULT_BUDGET", "1024"),
+                ("VLLM_CAOTE_DEFAULT_POLICY", "caote-snapkv"),
+                ("VLLM_CPU_KVCACHE_SPACE", "4"),
+            )
+        }
+        if server_cmd
+        else None,
+        wall_s=time.perf_counter() - t0,
+    )
+    (out / f"{args.tag}.json").write_text(json.dumps(res, indent=1, default=str))
+    md = render_md(res)
+    (out / f"{args.tag}.md").write_text(md)
+    print(md)
+    return 0

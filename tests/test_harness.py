@@ -1,0 +1,145 @@
+"""The eval / bench / load-test harnesses' own logic (no engine): statistics, budget grids,
+target checks and report rendering. The numbers they produce come from real runs
+(`make eval`, `make bench`, `make loadtest`); these tests keep the bookkeeping honest."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from vllm_caote.eval import FULL, budget_grid, render_md, summarize, targets
+from vllm_caote.eval.common import wilson
+
+
+def test_wilson_interval_known_values():
+    # Wilson 95% for 0/10, 5/10, 10/10 (textbook values)
+    lo, hi = wilson(0, 10)
+    assert lo == 0.0 and hi == pytest.approx(0.2775, abs=1e-3)
+    lo, hi = wilson(5, 10)
+    assert lo == pytest.approx(0.2366, abs=1e-3) and hi == pytest.approx(0.7634, abs=1e-3)
+    lo, hi = wilson(10, 10)
+    assert lo == pytest.approx(0.7225, abs=1e-3) and hi == pytest.approx(1.0)
+    assert wilson(0, 0) == (0.0, 1.0)
+
+
+def test_budget_grid_clamps_to_engine_minimum_and_adds_full_cache():
+    grid = budget_grid([1024, 4096], [0.125, 0.5], min_budget=164)
+    assert grid[1024] == [
+        ("0.125", 0.125, 164, True),  # 128 < 164
+        ("0.5", 0.5, 512, False),
+        (FULL, 1.0, None, False),
+    ]
+    assert grid[4096][0] == ("0.125", 0.125, 512, False)
+
+
+def _pk(policy, label, correct, n=4):
+    return [
+        dict(
+            task="passkey",
+            policy=policy,
+            budget_label=label,
+            budget=None if label == FULL else 256,
+            clamped=False,
+            context=1024,
+            correct=i < correct,
+            kv_eviction=None if label == FULL else {"evicted_tokens": 700},
+        )
+        for i in range(n)
+    ]
+
+
+def _ppl(policy, label, nll):
+    return [
+        dict(
+            task="ppl",
+            policy=policy,
+            budget_label=label,
+            budget=None if label == FULL else 256,
+            clamped=False,
+            context=1024,
+            nll_sum=nll * 1023,
+            nll_n=1023,
+            nll_tail_sum=nll * 512,
+            nll_tail_n=512,
+            kv_eviction=None,
+        )
+    ]
+
+
+def test_summary_targets_and_report():
+    rows = (
+        _pk(FULL, FULL, 4)
+        + _pk("caote-snapkv", "0.25", 4)
+        + _pk("snapkv", "0.25", 3)
+        + _pk("caote-h2o", "0.25", 1)
+        + _pk("h2o", "0.25", 2)
+        + _ppl(FULL, FULL, 2.0)
+        + _ppl("caote-snapkv", "0.25", 2.1)
+        + _ppl("snapkv", "0.25", 2.2)
+    )
+    s = summarize(rows)
+    cell = s["passkey"]["snapkv"]["0.25"]
+    assert (cell["correct"], cell["n"], cell["accuracy"]) == (3, 4, 0.75)
+    assert cell["ci95"][0] < 0.75 < cell["ci95"][1]
+    assert cell["mean_evicted_tokens"] == 700
+    assert s["ppl"]["snapkv"]["0.25"]["ppl"] == pytest.approx(math.exp(2.2))
+
+    t = targets(s, ["0.25", FULL])
+    best = t["passkey_25pct_best_caote"]
+    assert best["policy"] == "caote-snapkv" and best["gap_points"] == 0 and best["met"]
+    by_pair = {(r["caote"], r["base"]): r for r in t["caote_vs_base"]}
+    assert by_pair[("caote-snapkv", "snapkv")]["passkey_met"] is True
+    assert by_pair[("caote-snapkv", "snapkv")]["ppl_met"] is True
+    assert by_pair[("caote-h2o", "h2o")]["passkey_met"] is False  # 25% < 50%: reported, not hidden
+
+    result = dict(
+        config=dict(
+            model="/m/SmolLM2",
+            command="python -m vllm_caote.eval --quick",
+            contexts=[1024],
+            depths=[0.5],
+            samples=4,
+            ppl_passages=1,
+            budget_tokens={"1024": {"0.25": 256}},
+            budget_labels=["0.25", FULL],
+            min_budget=68,
+            clamped=[],
+            policies=["caote-snapkv", "snapkv", "caote-h2o", "h2o"],
+            prefill_chunk=512,
+            block_size=32,
+        ),
+        summary=s,
+        targets=t,
+        wall_s=1.0,
+        notes=[],
+    )
+    md = render_md(result)
+    assert "| caote-snapkv | 100% [" in md
+    assert "| snapkv | 75% [" in md
+    assert "caote-h2o vs h2o @ 0.25: passkey 25% vs 50% (<)" in md
+    assert "**met**" in md
+
+
+def test_loadtest_helpers():
+    from loadtest import _parse_budgets, check_loopback, pct
+
+    assert _parse_budgets("none,512,0") == [None, 512, None]
+    assert pct([1, 2, 3, 4], 50) == 2.5 and pct([], 50) is None
+    assert pct([5.0], 99) == 5.0
+    assert check_loopback("http://127.0.0.1:8000/") == "http://127.0.0.1:8000"
+    assert check_loopback("http://localhost:1") == "http://localhost:1"
+    with pytest.raises(SystemExit, match="loopback"):
+        check_loopback("http://10.0.0.1:8000")
+
+
+def test_bench_decode_variants_bracket_the_sequence():
+    from vllm_caote.bench import decode_variants
+
+    class A:
+        decode_prompt, decode_tokens = 300, 136
+
+    v = decode_variants(A, min_budget=164, bs=128)
+    assert v["stock"] is None
+    assert v["no_evict"] >= 300 + 136  # covers the whole sequence: nothing is evicted
+    assert v["evicting"] == 164 < 300  # forces evictions

@@ -1,0 +1,428 @@
+"""Engine benchmark of the plugin against stock vLLM, in one run (``make bench``).
+
+    python -m vllm_caote.bench            # default settings
+    python -m vllm_caote.bench --quick    # smaller: fewer requests, fewer decode tokens
+
+One in-process engine (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) with a shrunk KV pool
+(``num_gpu_blocks_override``, default 40 blocks). Requests without ``kv_budget`` take vLLM's own
+path (the plugin does nothing for them), so "stock" and "budgeted" run on the same engine.
+
+(a) capacity: N concurrent requests with prompts ~4x the budget (2048 tokens, budget 512);
+    after every ``engine.step()`` read ``len(scheduler.running)``; max and mean running,
+    budgeted vs stock, and their ratio. Each phase is bounded (``--capacity-steps``): once the
+    scheduler has admitted what fits, running it to completion adds nothing to the measurement.
+(b) decode overhead: B requests x T decode tokens at equal batch; per-output-token time of pure
+    decode steps (every running request past its prompt), three variants: stock (no budget),
+    ``budget >= sequence`` (hooks active, nothing evicted) and a budget that forces decode
+    evictions. Median of ``--repeats`` runs; ratio to stock.
+(c) eviction cost per evicted block: (i) the extra time of the steps that evicted over the
+    median non-evicting step, per block evicted in them; (ii) the decode-time difference between
+    the evicting and the no-eviction variant, divided by the blocks evicted while decoding.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from tqdm import tqdm
+
+from vllm_caote.eval.common import (
+    block_size_of,
+    environment,
+    make_llm,
+    min_budget_of,
+    sampling,
+    scheduler_of,
+)
+
+# decode: after a 300-token prompt the evicting budget (engine minimum, keep = 2 blocks) leaves
+# 256 tokens; the cache reaches keep + one block after 128 more tokens, so 136 decode tokens give
+# one decode eviction per request (128 would stop just short of it).
+DEFAULTS = dict(
+    cap_requests=8,
+    cap_prompt=2048,
+    cap_budget=512,
+    cap_max_tokens=16,
+    cap_steps=8,
+    batch=4,
+    decode_tokens=136,
+    decode_prompt=300,
+    repeats=3,
+)
+QUICK = dict(
+    cap_requests=6,
+    cap_prompt=2048,
+    cap_budget=512,
+    cap_max_tokens=8,
+    cap_steps=5,
+    batch=4,
+    decode_tokens=136,
+    decode_prompt=300,
+    repeats=3,
+)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m vllm_caote.bench",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--model", default=None, help="local HF folder or hub id (default: SmolLM2)")
+    p.add_argument("--blocks", type=int, default=40, help="num_gpu_blocks_override (KV pool)")
+    p.add_argument("--policy", default="caote-snapkv")
+    p.add_argument("--cap-requests", type=int, default=None)
+    p.add_argument("--cap-prompt", type=int, default=None, help="capacity prompt tokens")
+    p.add_argument("--cap-budget", type=int, default=None)
+    p.add_argument("--cap-max-tokens", type=int, default=None)
+    p.add_argument(
+        "--cap-steps",
+        type=int,
+        default=None,
+        help="engine steps per capacity phase before the rest is aborted",
+    )
+    p.add_argument("--batch", type=int, default=None, help="decode batch size")
+    p.add_argument("--decode-tokens", type=int, default=None)
+    p.add_argument("--decode-prompt", type=int, default=None, help="decode prompt tokens")
+    p.add_argument("--repeats", type=int, default=None)
+    p.add_argument("--out", default="bench/results")
+    p.add_argument("--tag", default="bench")
+    p.add_argument("--quick", action="store_true")
+    args = p.parse_args(argv)
+    for k, v in (QUICK if args.quick else DEFAULTS).items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    return args
+
+
+class Driver:
+    """Adds requests to the in-process engine and steps it, timing every step."""
+
+    def __init__(self, llm):
+        self.llm = llm
+        self.engine = llm.llm_engine
+        self.sched = scheduler_of(llm)
+        self.n = 0
+
+    def add(self, prompt_ids, params) -> str:
+        self.n += 1
+        rid = f"bench-{self.n}"
+        self.engine.add_request(rid, {"prompt_token_ids": prompt_ids}, params)
+        return rid
+
+    def events(self) -> dict[str, int]:
+        return {rid: st.events for rid, st in self.sched.caote.requests.items()}
+
+    def blocks_evicted(self) -> dict[str, int]:
+        return {rid: st.evicted_total for rid, st in self.sched.caote.requests.items()}
+
+    def run(self, max_steps: int | None = None, on_step=None) -> dict:
+        """Step until done (or ``max_steps``; the rest is aborted). Returns per-step records."""
+        steps, finished = [], {}
+        while self.engine.has_unfinished_requests():
+            running = list(self.sched.running)
+            decode_only = (
+                bool(running)
+                and not self.sched.waiting
+                and all(r.num_computed_tokens >= r.num_prompt_tokens for r in running)
+            )
+            ev_before = self.blocks_evicted()
+            t0 = time.perf_counter()
+            outs = self.engine.step()
+            dt = time.perf_counter() - t0
+            ev_after = self.blocks_evicted()
+            for o in outs:
+                if o.finished:
+                    finished[o.request_id] = o
+                    ev_after.pop(o.request_id, None)
+            evicted = sum(max(0, ev_after.get(r, 0) - v) for r, v in ev_before.items())
+            rec = dict(
+                dt=dt,
+                running=len(self.sched.running),
+                waiting=len(self.sched.waiting),
+                batch=len(running),
+                decode_only=decode_only,
+                evicted_tokens=evicted,
+                free_blocks=self.sched.kv_cache_manager.block_pool.get_num_free_blocks(),
+            )
+            steps.append(rec)
+            if on_step:
+                on_step(rec)
+            if max_steps is not None and len(steps) >= max_steps:
+                left = [r.request_id for r in list(self.sched.running) + list(self.sched.waiting)]
+                if left:
+                    self.engine.abort_request(left)
+                    while self.engine.has_unfinished_requests():
+                        self.engine.step()
+                break
+        return dict(steps=steps, finished=finished)
+
+
+def capacity(llm, args, bar) -> dict:
+    from vllm_caote.tasks import filler_prompt_ids
+
+    tok = llm.get_tokenizer()
+    res = {}
+    for mode in ("stock", "budgeted"):
+        d = Driver(llm)
+        for i in range(args.cap_requests):
+            ids = filler_prompt_ids(tok, args.cap_prompt, 2500 * i)
+            budget = args.cap_budget if mode == "budgeted" else None
+            d.add(
+                ids,
+                sampling(
+                    args.cap_max_tokens, budget, args.policy if budget else None, ignore_eos=True
+                ),
+            )
+        t0 = time.perf_counter()
+        out = d.run(args.cap_steps, on_step=lambda r: bar.update(1))
+        running = [s["running"] for s in out["steps"]]
+        res[mode] = dict(
+            max_running=max(running),
+            mean_running=statistics.fmean(running),
+            steps=len(running),
+            wall_s=time.perf_counter() - t0,
+            finished=len(out["finished"]),
+            min_free_blocks=min(s["free_blocks"] for s in out["steps"]),
+            running_per_step=running,
+        )
+    res["ratio_max_running"] = res["budgeted"]["max_running"] / max(1, res["stock"]["max_running"])
+    return res
+
+
+def decode_variants(args, min_budget: int, bs: int) -> dict:
+    seq = args.decode_prompt + args.decode_tokens
+    # The evicting budget: the engine minimum (keep = ceil(B/bs) blocks); decode evicts a block
+    # every time the cache reaches keep + bs.
+    return {
+        "stock": None,
+        "no_evict": max(seq + bs, min_budget),  # budget >= sequence: hooks on, nothing evicted
+        "evicting": min_budget,
+    }
+
+
+def decode(llm, args, bar, min_budget: int, bs: int) -> dict:
+    from vllm_caote.tasks import filler_prompt_ids
+
+    tok = llm.get_tokenizer()
+    variants = decode_variants(args, min_budget, bs)
+    runs: dict = {k: [] for k in variants}
+    for _rep in range(args.repeats):
+        for name, budget in variants.items():
+            d = Driver(llm)
+            for i in range(args.batch):
+                ids = filler_prompt_ids(tok, args.decode_prompt, 40000 + 3000 * i)
+                d.add(
+                    ids,
+                    sampling(
+                        args.decode_tokens, budget, args.policy if budget else None, ignore_eos=True
+                    ),
+                )
+            out = d.run(on_step=lambda r: bar.update(1))
+            full = [s for s in out["steps"] if s["decode_only"] and s["batch"] == args.batch]
+            ev = [s for s in full if s["evicted_tokens"] > 0]
+            plain = [s for s in full if s["evicted_tokens"] == 0]
+            decode_time = sum(s["dt"] for s in full)
+            tokens = args.batch * len(full)
+            stats = [
+                o.kv_transfer_params.get("kv_eviction") if o.kv_transfer_params else None
+                for o in out["finished"].values()
+            ]
+            runs[name].append(
+                dict(
+                    per_token_ms=1000 * decode_time / tokens,
+                    decode_steps=len(full),
+                    decode_time_s=decode_time,
+                    median_plain_step_ms=1000 * statistics.median(s["dt"] for s in plain),
+                    evict_steps=len(ev),
+                    evict_steps_time_s=sum(s["dt"] for s in ev),
+                    decode_evicted_tokens=sum(s["evicted_tokens"] for s in full),
+                    total_evicted_tokens=sum(s["evicted_tokens"] for s in stats if s),
+                )
+            )
+    res: dict = {"variants": {k: v for k, v in variants.items()}, "runs": runs}
+    med = {k: statistics.median(r["per_token_ms"] for r in v) for k, v in runs.items()}
+    res["per_token_ms_median"] = med
+    res["overhead_no_evict"] = med["no_evict"] / med["stock"] - 1
+    res["overhead_evicting"] = med["evicting"] / med["stock"] - 1
+    # (c) eviction cost per evicted block
+    per_block_i, per_block_ii = [], []
+    for r_ev, r_ne in zip(runs["evicting"], runs["no_evict"], strict=True):
+        blocks = r_ev["decode_evicted_tokens"] / bs
+        if blocks and r_ev["evict_steps"]:
+            extra = (
+                r_ev["evict_steps_time_s"]
+                - r_ev["evict_steps"] * r_ev["median_plain_step_ms"] / 1000
+            )
+            per_block_i.append(1000 * extra / blocks)
+            per_block_ii.append(1000 * (r_ev["decode_time_s"] - r_ne["decode_time_s"]) / blocks)
+    res["evict_cost_ms_per_block_steps"] = statistics.median(per_block_i) if per_block_i else None
+    res["evict_cost_ms_per_block_diff"] = statistics.median(per_block_ii) if per_block_ii else None
+    return res
+
+
+def render_md(r: dict) -> str:
+    c, d, cfg = r["capacity"], r["decode"], r["config"]
+    ms = d["per_token_ms_median"]
+    lines = [
+        f"# vllm-caote engine benchmark ({Path(cfg['model']).name})",
+        "",
+        f"Command: `{cfg['command']}`",
+        "",
+        f"In-process vLLM {r['environment']['vllm']} (CPU: {r['environment']['cpu_count']} "
+        f"cores, shared with other jobs), KV pool {cfg['blocks']} blocks x {cfg['block_size']} "
+        f"tokens, policy `{cfg['policy']}`. Wall time {r['wall_s']:.0f} s.",
+        "",
+        "## (a) Capacity: max requests running at once in the same KV pool",
+        "",
+        f"{cfg['cap_requests']} requests of {cfg['cap_prompt']} prompt tokens, "
+        f"{cfg['cap_max_tokens']} output tokens; budget {cfg['cap_budget']} (prompt = "
+        f"{cfg['cap_prompt'] / cfg['cap_budget']:.0f}x budget); first {cfg['cap_steps']} engine "
+        "steps per phase, `len(scheduler.running)` after every step.",
+        "",
+        "| | stock vLLM | kv_budget | ratio |",
+        "|---|---|---|---|",
+        f"| max running | {c['stock']['max_running']} | {c['budgeted']['max_running']} | "
+        f"**{c['ratio_max_running']:.2f}x** |",
+        f"| mean running | {c['stock']['mean_running']:.2f} | {c['budgeted']['mean_running']:.2f}"
+        f" | {c['budgeted']['mean_running'] / max(c['stock']['mean_running'], 1e-9):.2f}x |",
+        f"| min free blocks | {c['stock']['min_free_blocks']} | "
+        f"{c['budgeted']['min_free_blocks']} | |",
+        "",
+        "## (b) Decode time per output token",
+        "",
+        f"{cfg['batch']} requests x {cfg['decode_tokens']} decode tokens, prompt "
+        f"{cfg['decode_prompt']} tokens; pure-decode steps only; median of {cfg['repeats']} runs.",
+        "",
+        "| variant | kv_budget | ms / output token | vs stock | evicted tokens while decoding |",
+        "|---|---|---|---|---|",
+    ]
+    for k, label in (
+        ("stock", "stock vLLM"),
+        ("no_evict", "budget >= sequence (hooks only)"),
+        ("evicting", "budget forcing decode evictions"),
+    ):
+        ev = statistics.median(x["decode_evicted_tokens"] for x in d["runs"][k])
+        rel = ms[k] / ms["stock"] - 1
+        lines.append(
+            f"| {label} | {d['variants'][k] or '-'} | {ms[k]:.2f} | {rel:+.1%} | {ev:.0f} |"
+        )
+    c1, c2 = d["evict_cost_ms_per_block_steps"], d["evict_cost_ms_per_block_diff"]
+    lines += [
+        "",
+        "## (c) Eviction cost",
+        "",
+        f"- extra time of evicting steps over the median plain step: "
+        f"{'n/a' if c1 is None else f'{c1:.2f} ms'} per evicted block "
+        f"({cfg['block_size']} tokens, all layers)",
+        f"- decode-time difference evicting vs no-eviction / blocks evicted: "
+        f"{'n/a' if c2 is None else f'{c2:.2f} ms'} per block (includes the shorter cache "
+        "the evicting variant attends over, so it can be lower or negative)",
+        "",
+        "## Targets",
+        "",
+        f"- capacity >= 3x: **{'met' if c['ratio_max_running'] >= 3 else 'not met'}** "
+        f"({c['ratio_max_running']:.2f}x)",
+        f"- decode overhead <= 10% (evicting budget): "
+        f"**{'met' if d['overhead_evicting'] <= 0.10 else 'not met'}** "
+        f"({d['overhead_evicting']:+.1%}); hooks only: {d['overhead_no_evict']:+.1%}",
+        "",
+    ]
+    if r.get("notes"):
+        lines += ["## Notes", ""] + [f"- {n}" for n in r["notes"]] + [""]
+    return "\n".join(lines)
+
+
+def plot(r: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    c, d = r["capacity"], r["decode"]
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for mode, style in (("stock", "--"), ("budgeted", "-")):
+        a1.plot(
+            c[mode]["running_per_step"],
+            style,
+            marker=".",
+            label=f"{mode} (max {c[mode]['max_running']})",
+        )
+    a1.set_xlabel("engine step")
+    a1.set_ylabel("requests running")
+    a1.set_title(
+        f"capacity, {r['config']['blocks']}-block pool, {r['config']['cap_prompt']}-token prompts"
+    )
+    a1.legend()
+    a1.grid(alpha=0.3)
+    names = ["stock", "no_evict", "evicting"]
+    vals = [d["per_token_ms_median"][k] for k in names]
+    spread = [[x["per_token_ms"] for x in d["runs"][k]] for k in names]
+    a2.bar(["stock", "budget>=seq", "evicting"], vals, color=["grey", "tab:blue", "tab:orange"])
+    for i, s in enumerate(spread):
+        a2.plot([i] * len(s), s, "k.", alpha=0.6)
+    a2.set_ylabel("ms per output token (decode)")
+    a2.set_title(f"decode, batch {r['config']['batch']}, median of {r['config']['repeats']}")
+    a2.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    max_len = max(4096, args.cap_prompt + args.cap_max_tokens + 256)
+    llm = make_llm(args.model, max_model_len=max_len, num_gpu_blocks_override=args.blocks)
+    bs, min_b = block_size_of(llm), min_budget_of(llm)
+    if args.cap_budget < min_b:
+        print(f"--cap-budget {args.cap_budget} < engine minimum {min_b}; clamped", file=sys.stderr)
+        args.cap_budget = min_b
+    est = 2 * args.cap_steps + args.repeats * 3 * (args.decode_tokens + 2)
+    with tqdm(total=est, desc="bench steps", unit="step") as bar:
+        bar.set_postfix_str("capacity")
+        cap = capacity(llm, args, bar)
+        bar.set_postfix_str("decode")
+        dec = decode(llm, args, bar, min_b, bs)
+    cfg = {k: v for k, v in vars(args).items() if k not in ("out", "tag")}
+    cfg.update(
+        model=str(llm.llm_engine.model_config.model),
+        block_size=bs,
+        min_budget=min_b,
+        pool_tokens=args.blocks * bs,
+        command="python -m vllm_caote.bench " + " ".join(argv or sys.argv[1:]),
+    )
+    notes = [
+        "Per-token times come from the wall time of engine.step() calls in which every "
+        "running request was decoding (prefill steps excluded).",
+        "The evicting variant attends over a smaller cache (<= keep + one block) than stock, "
+        "which partly offsets the cost of scoring and compaction.",
+        f"Stock vLLM admits a request only if its whole prompt fits the pool "
+        f"({args.blocks * bs} tokens); with kv_budget the plugin caps the admission need at "
+        "keep + one prefill chunk.",
+    ]
+    result = dict(
+        config=cfg,
+        environment=environment(),
+        capacity=cap,
+        decode=dec,
+        notes=notes,
+        wall_s=time.perf_counter() - t0,
+    )
+    plot(result, out_dir / f"{args.tag}.png")
+    (out_dir / f"{args.tag}.json").write_text(json.dumps(result, indent=1, default=str))
+    md = render_md(result)
+    (out_dir / f"{args.tag}.md").write_text(md)
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,113 @@
+"""Helpers shared by ``python -m vllm_caote.eval`` and ``python -m vllm_caote.bench``."""
+
+from __future__ import annotations
+
+import math
+import os
+import platform
+import subprocess
+from pathlib import Path
+
+
+def wilson(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """Wilson score 95% interval for ``k`` successes out of ``n``."""
+    if n == 0:
+        return (0.0, 1.0)
+    p = k / n
+    den = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / den
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def resolve_model(model: str | None) -> str:
+    """``None`` -> the embedded SmolLM2 folder; otherwise a local folder or a hub id."""
+    if model:
+        return model
+    from vllm_caote.models import fetch_model
+
+    return str(fetch_model())
+
+
+def make_llm(
+    model: str | None, max_model_len: int = 4096, kv_space_gib: str | None = None, **kwargs
+):
+    """An in-process vLLM engine with the plugin loaded (engine core in this process, so the
+    scheduler can be read directly)."""
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    if kv_space_gib is not None:
+        os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(kv_space_gib)
+    else:
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+    from vllm import LLM
+
+    from vllm_caote.models import engine_dtype
+
+    params = dict(
+        dtype=engine_dtype(),
+        model=resolve_model(model),
+        max_model_len=max_model_len,
+        enable_prefix_caching=False,
+        enforce_eager=True,
+        gpu_memory_utilization=0.3,
+        distributed_executor_backend="uni",
+    )
+    params.update(kwargs)
+    return LLM(**params)
+
+
+def scheduler_of(llm):
+    return llm.llm_engine.engine_core.engine_core.scheduler
+
+
+def block_size_of(llm) -> int:
+    return scheduler_of(llm).cache_config.block_size
+
+
+def min_budget_of(llm) -> int:
+    from vllm_caote.config import settings
+
+    return settings().min_budget(block_size_of(llm))
+
+
+def environment() -> dict:
+    """What the numbers were measured on."""
+    import torch
+    import vllm
+
+    try:
+        rev = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            cwd=Path(__file__).parent,
+            timeout=10,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        rev = ""
+    return {
+        "vllm": vllm.__version__,
+        "torch": torch.__version__,
+        "cuda": torch.cuda.is_available(),
+        "cpu_count": os.cpu_count(),
+        "platform": platform.platform(),
+        "git_rev": rev,
+        "env": {
+            k: v for k, v in os.environ.items() if k.startswith(("VLLM_CAOTE_", "VLLM_CPU_KVCACHE"))
+        },
+    }
+
+
+def sampling(max_tokens: int, budget: int | None = None, policy: str | None = None, **kw):
+    from vllm import SamplingParams
+
+    extra = {}
+    if budget is not None:
+        extra["kv_budget"] = int(budget)
+        if policy is not None:
+            extra["kv_policy"] = policy
+    return SamplingParams(temperature=0.0, max_tokens=max_tokens, extra_args=extra or None, **kw)
+
+
+def stats_of(output) -> dict | None:
+    return (output.kv_transfer_params or {}).get("kv_eviction")
