@@ -26,6 +26,10 @@ class PagedLayout:
     kind: str  # "regions" (CPU_ATTN) or "channels" (FLASH_ATTN / TRITON_ATTN)
     key_perm: torch.Tensor | None = None  # [bs*d] flat offset in the key region of (t, c)
     value_perm: torch.Tensor | None = None
+    # what each region's permutation amounts to: "tokens" ([bs, d], plain), "channels"
+    # ([d, bs], transposed) or "perm" (anything else: gathered through the permutation)
+    key_order: str = "perm"
+    value_order: str = "perm"
 
     def _regions(self, kv_cache: torch.Tensor):
         nb, h, bs, d2 = kv_cache.shape
@@ -41,10 +45,19 @@ class PagedLayout:
             return flat[..., : d2 // 2], flat[..., d2 // 2 :]
         kr, vr, bs, d = self._regions(kv_cache)
         out = []
-        for region, perm in ((kr, self.key_perm), (vr, self.value_perm)):
-            blocks = region.index_select(0, block_ids)[:, :, perm.to(region.device)]
-            h = blocks.shape[1]
-            out.append(blocks.view(-1, h, bs, d).permute(1, 0, 2, 3).reshape(h, -1, d)[:, :length])
+        for region, perm, order in (
+            (kr, self.key_perm, self.key_order),
+            (vr, self.value_perm, self.value_order),
+        ):
+            blocks = region.index_select(0, block_ids)  # [nb, H, bs*d] in kernel order
+            nb, h = blocks.shape[:2]
+            if order == "tokens":
+                tok = blocks.view(nb, h, bs, d)
+            elif order == "channels":
+                tok = blocks.view(nb, h, d, bs).transpose(-1, -2)
+            else:
+                tok = blocks[:, :, perm.to(region.device)].view(nb, h, bs, d)
+            out.append(tok.permute(1, 0, 2, 3).reshape(h, -1, d)[:, :length])
         return out[0], out[1]
 
     def write(self, kv_cache: torch.Tensor, block_ids: torch.Tensor, keys, values) -> None:
@@ -58,19 +71,28 @@ class PagedLayout:
         nb = -(-k // bs)
         ids = block_ids[:nb]
         if self.kind == "channels":
-            cur = kv_cache.index_select(0, ids)  # [nb, H, bs, 2d]
-            new = torch.cat([keys, values], dim=-1).to(cur.dtype)
-            cur.permute(1, 0, 2, 3).reshape(h, -1, 2 * d)[:, :k] = new
-            kv_cache.index_copy_(0, ids, cur)
+            # whole blocks [nb, H, bs, 2d] rewritten; the padding past K is never read
+            tok = keys.new_zeros(h, nb * bs, 2 * d, dtype=kv_cache.dtype)
+            tok[:, :k, :d] = keys
+            tok[:, :k, d:] = values
+            kv_cache.index_copy_(0, ids, tok.view(h, nb, bs, 2 * d).permute(1, 0, 2, 3))
             return
         kr, vr, _, _ = self._regions(kv_cache)
-        for region, perm, src in ((kr, self.key_perm, keys), (vr, self.value_perm, values)):
-            perm = perm.to(region.device)
-            cur = region.index_select(0, ids)  # [nb, H, bs*d] in kernel order
-            logical = cur[:, :, perm].view(nb, h, bs, d).permute(1, 0, 2, 3).reshape(h, -1, d)
-            logical[:, :k] = src.to(cur.dtype)
-            packed = torch.empty_like(cur)
-            packed[:, :, perm] = logical.view(h, nb, bs * d).permute(1, 0, 2)
+        for region, perm, order, src in (
+            (kr, self.key_perm, self.key_order, keys),
+            (vr, self.value_perm, self.value_order, values),
+        ):
+            # whole blocks are rewritten without being read: the padding past K is never read
+            tok = src.new_zeros(h, nb * bs, d, dtype=region.dtype)
+            tok[:, :k] = src
+            tok = tok.view(h, nb, bs, d).permute(1, 0, 2, 3)  # [nb, H, bs, d]
+            if order == "tokens":
+                packed = tok.reshape(nb, h, bs * d)
+            elif order == "channels":
+                packed = tok.transpose(-1, -2).reshape(nb, h, bs * d)
+            else:
+                packed = torch.empty(nb, h, bs * d, dtype=region.dtype, device=region.device)
+                packed[:, :, perm.to(region.device)] = tok.reshape(nb, h, bs * d)
             region.index_copy_(0, ids, packed)
 
 
@@ -118,6 +140,15 @@ def probe_cpu_layout(isa: str, dtype: torch.dtype, block_size: int, head_size: i
         perm = torch.empty(bs * d, dtype=torch.long)
         perm[logical] = torch.arange(bs * d)
         perms.append(perm)  # perm[t*d + c] = flat offset
-    layout = PagedLayout("regions", perms[0], perms[1])
+    t_idx, c_idx = torch.arange(bs).view(bs, 1), torch.arange(d).view(1, d)
+    orders = []
+    for perm in perms:
+        if torch.equal(perm.view(bs, d), t_idx * d + c_idx):
+            orders.append("tokens")
+        elif torch.equal(perm.view(bs, d), c_idx * bs + t_idx):
+            orders.append("channels")
+        else:
+            orders.append("perm")
+    layout = PagedLayout("regions", perms[0], perms[1], orders[0], orders[1])
     _CPU_LAYOUTS[key] = layout
     return layout
