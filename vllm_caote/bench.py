@@ -52,7 +52,7 @@ DEFAULTS = dict(
     batch=4,
     decode_tokens=136,
     decode_prompt=300,
-    repeats=3,
+    repeats=5,
 )
 QUICK = dict(
     cap_requests=6,
@@ -299,8 +299,9 @@ def render_md(r: dict) -> str:
         f"{cfg['batch']} requests x {cfg['decode_tokens']} decode tokens, prompt "
         f"{cfg['decode_prompt']} tokens; pure-decode steps only; median of {cfg['repeats']} runs.",
         "",
-        "| variant | kv_budget | ms / output token | vs stock | evicted tokens while decoding |",
-        "|---|---|---|---|---|",
+        "| variant | kv_budget | ms / output token (median) | vs stock | runs (ms) | "
+        "evicted tokens while decoding |",
+        "|---|---|---|---|---|---|",
     ]
     for k, label in (
         ("stock", "stock vLLM"),
@@ -309,8 +310,10 @@ def render_md(r: dict) -> str:
     ):
         ev = statistics.median(x["decode_evicted_tokens"] for x in d["runs"][k])
         rel = ms[k] / ms["stock"] - 1
+        runs = ", ".join(f"{x['per_token_ms']:.1f}" for x in d["runs"][k])
         lines.append(
-            f"| {label} | {d['variants'][k] or '-'} | {ms[k]:.2f} | {rel:+.1%} | {ev:.0f} |"
+            f"| {label} | {d['variants'][k] or '-'} | {ms[k]:.2f} | {rel:+.1%} | {runs} | "
+            f"{ev:.0f} |"
         )
     c1, c2 = d["evict_cost_ms_per_block_steps"], d["evict_cost_ms_per_block_diff"]
     lines += [

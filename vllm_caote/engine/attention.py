@@ -78,8 +78,12 @@ def _record_queries(ev: WorkerEviction, work: RowWork, name: str, query: torch.T
     if ls.ring is None:
         ls.ring = q.new_zeros(q.shape[1], w, q.shape[2])
     m = min(n, w)
-    pos = torch.arange(work.seen_before + n - m, work.seen_before + n, device=q.device) % w
-    ls.ring[:, pos] = q[n - m :].transpose(0, 1)
+    newest = q[n - m :].transpose(0, 1)  # [Hq, m, d]
+    start = (work.seen_before + n - m) % w  # ring slot of the oldest of them
+    first = min(m, w - start)  # slices, not index tensors: this runs per layer, per step
+    ls.ring[:, start : start + first] = newest[:, :first]
+    if first < m:
+        ls.ring[:, : m - first] = newest[:, first:]
 
 
 def _window_queries(ev: WorkerEviction, work: RowWork, name: str) -> torch.Tensor | None:

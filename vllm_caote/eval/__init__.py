@@ -562,6 +562,22 @@ def render_md(result: dict) -> str:
     return "\n".join(lines)
 
 
+_FAMILY_COLOR = {
+    "snapkv": "tab:blue",
+    "h2o": "tab:orange",
+    "tova": "tab:green",
+    "keydiff": "tab:purple",
+    "streaming": "tab:gray",
+}
+
+
+def _line_style(policy: str) -> dict:
+    """One colour per base method; solid = CAOTE, dash-dot = FastCAOTE, dashed = the base."""
+    base = policy.rsplit("-", 1)[-1]
+    ls = "-" if policy.startswith("caote-") else "-." if policy.startswith("fast-") else "--"
+    return dict(color=_FAMILY_COLOR.get(base, "black"), ls=ls)
+
+
 def plot(result: dict, out_dir: Path, stem: str) -> list[str]:
     import matplotlib
 
@@ -585,8 +601,7 @@ def plot(result: dict, out_dir: Path, stem: str) -> list[str]:
             if pol not in tab:
                 continue
             ys = [tab[pol].get(lb, {}).get(key) for lb in labels]
-            style = "-" if "caote" in pol else "--"
-            ax.plot(xs, ys, style, marker="o", label=pol)
+            ax.plot(xs, ys, marker="o", ms=4, label=pol, **_line_style(pol))
         full = tab.get(FULL, {}).get(FULL)
         if full:
             ax.axhline(full[key], color="black", lw=1.2, ls=":", label="full cache")
@@ -594,8 +609,6 @@ def plot(result: dict, out_dir: Path, stem: str) -> list[str]:
         ax.set_xticks(xs, [f"{x:g}" for x in xs])
         ax.set_xlabel("KV budget (fraction of context)")
         ax.set_ylabel(ylabel)
-        if task == "ppl":
-            ax.set_yscale("log")
         ax.set_title(f"{ylabel} vs budget, {Path(cfg['model']).name}, ctx {cfg['contexts']}")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, ncol=2)
