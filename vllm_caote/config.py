@@ -34,7 +34,7 @@ class EvictionSettings:
     default_policy: str
     sink_tokens: int  # never evicted: the first tokens of the sequence (attention sinks)
     window: int  # observation window: the last queries scored against, never evicted
-    prefill_chunk: int  # block-wise prefill chunk, in tokens (0 = vLLM's own chunking)
+    prefill_chunk: int  # block-wise prefill chunk, in tokens (0 = evict once after the prompt)
 
     def min_budget(self, block_size: int) -> int:
         """Smallest sensible budget: sinks + observation window + one block."""

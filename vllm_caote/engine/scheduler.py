@@ -80,8 +80,10 @@ class SchedulerEviction:
             )
             self.enabled = False
         # Block-wise prefill: a budgeted request's prompt goes in chunks of at most this many
-        # tokens, so it never holds more than budget + one chunk.
-        self.chunk = max(self.settings.prefill_chunk, self.block_size)
+        # tokens, so it never holds more than budget + one chunk. None (setting 0): the whole
+        # prompt is cached, then evicted once with the prompt's last queries (SnapKV's setting).
+        chunk = self.settings.prefill_chunk
+        self.chunk: int | None = max(chunk, self.block_size) if chunk > 0 else None
         coordinator = scheduler.kv_cache_manager.coordinator
         coordinator._caote = self
 
@@ -99,7 +101,11 @@ class SchedulerEviction:
 
     def cap_chunk(self, request, num_new_tokens: int) -> int:
         """Block-wise prefill: at most one chunk of a budgeted request's prompt per step."""
-        if request.request_id in self.requests and num_new_tokens > self.chunk:
+        if (
+            self.chunk is not None
+            and request.request_id in self.requests
+            and num_new_tokens > self.chunk
+        ):
             return self.chunk
         return num_new_tokens
 
@@ -115,8 +121,8 @@ class SchedulerEviction:
         st = self.requests.get(request_id)
         if st is None:
             return num_tokens
-        cap = st.keep + self.chunk
-        return min(max(num_tokens - st.evicted, 0), cap)
+        need = max(num_tokens - st.evicted, 0)
+        return need if self.chunk is None else min(need, st.keep + self.chunk)
 
     # -- per step ------------------------------------------------------------------------------
 
@@ -136,6 +142,8 @@ class SchedulerEviction:
             prefilling = computed_before < request.num_prompt_tokens
             threshold = st.keep if prefilling else st.keep + bs
             evict_to = st.keep if (cache_after > st.keep and cache_after >= threshold) else None
+            if self.chunk is None and request.num_computed_tokens < request.num_prompt_tokens:
+                evict_to = None  # one-shot prefill eviction: wait for the whole prompt
             blocks = self._held_blocks(req_id)
             st.peak_blocks = max(st.peak_blocks, blocks)
             st.peak_tokens = max(st.peak_tokens, cache_after)
