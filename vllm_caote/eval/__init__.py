@@ -216,49 +216,70 @@ def _cells(policies, budgets):
                 yield (pol, label, frac, tokens, clamped)
 
 
+class _Batch:
+    """The requests of one task, sent to the engine in ONE ``llm.generate`` call (each
+    carries its own ``kv_policy``/``kv_budget`` in ``extra_args``)."""
+
+    def __init__(self, task: str):
+        self.task = task
+        self.prompts: list = []
+        self.params: list = []
+        self.meta: list[dict] = []
+
+    def add(self, prompt, cell, max_tokens: int, meta: dict, **sampling_kw) -> None:
+        pol, label, frac, tokens, clamped = cell
+        self.prompts.append(prompt)
+        self.params.append(
+            sampling(max_tokens, tokens, None if pol == FULL else pol, **sampling_kw)
+        )
+        self.meta.append(
+            dict(
+                meta,
+                task=self.task,
+                policy=pol,
+                budget_label=label,
+                budget_frac=frac,
+                budget=tokens,
+                clamped=clamped,
+            )
+        )
+
+    def run(self, llm, finish) -> list[dict]:
+        """Generate, then one row per request: ``finish(meta, output)`` plus common fields."""
+        t0 = time.perf_counter()
+        outs = llm.generate(self.prompts, self.params, use_tqdm=_bar(self.task))
+        wall = time.perf_counter() - t0
+        rows = [
+            dict(
+                m,
+                **finish(m, o),
+                prompt_tokens=len(o.prompt_token_ids),
+                kv_eviction=stats_of(o),
+            )
+            for m, o in zip(self.meta, outs, strict=True)
+        ]
+        print(f"{self.task}: {len(rows)} requests in {wall:.0f} s", file=sys.stderr)
+        return rows
+
+
 def run_passkey(llm, args, grid, policies) -> list[dict]:
     from vllm_caote.tasks import passkey_case
 
     tok = llm.get_tokenizer()
-    prompts, params, meta = [], [], []
+    batch = _Batch("passkey")
     for ctx in _ints(args.contexts):
         for depth in _floats(args.depths):
             for s in range(args.samples):
                 case = passkey_case(tok, ctx, depth, seed=args.seed * 1000 + s)
-                for pol, label, frac, tokens, clamped in _cells(policies, grid[ctx]):
-                    prompts.append(case.prompt)
-                    params.append(sampling(12, tokens, None if pol == FULL else pol))
-                    meta.append(
-                        dict(
-                            task="passkey",
-                            context=ctx,
-                            depth=depth,
-                            sample=s,
-                            policy=pol,
-                            budget_label=label,
-                            budget_frac=frac,
-                            budget=tokens,
-                            clamped=clamped,
-                            passkey=case.passkey,
-                        )
-                    )
-    t0 = time.perf_counter()
-    outs = llm.generate(prompts, params, use_tqdm=_bar("passkey"))
-    wall = time.perf_counter() - t0
-    rows = []
-    for m, o in zip(meta, outs, strict=True):
+                meta = dict(context=ctx, depth=depth, sample=s, passkey=case.passkey)
+                for cell in _cells(policies, grid[ctx]):
+                    batch.add(case.prompt, cell, 12, meta)
+
+    def finish(m, o):
         text = o.outputs[0].text
-        rows.append(
-            dict(
-                m,
-                answer=text,
-                correct=m["passkey"] in text,
-                prompt_tokens=len(o.prompt_token_ids),
-                kv_eviction=stats_of(o),
-            )
-        )
-    print(f"passkey: {len(rows)} requests in {wall:.0f} s", file=sys.stderr)
-    return rows
+        return dict(answer=text, correct=m["passkey"] in text)
+
+    return batch.run(llm, finish)
 
 
 def _passages(tok, ctx: int, n: int, seed: int) -> list[list[int]]:
@@ -279,95 +300,50 @@ def run_longbench(llm, args, fractions, min_budget, policies, max_context) -> li
     from vllm_caote.models import home
 
     tok = llm.get_tokenizer()
-    prompts, params, meta = [], [], []
+    batch = _Batch("longbench")
     for subset in [s for s in args.longbench_subsets.split(",") if s]:
         recs = longbench.load(subset, args.longbench_dir, args.longbench_limit, home() / "hub")
         for rec in recs:
             prompt, ctx_tokens = longbench.build_prompt(tok, rec, max_context)
             n = len(tok.encode(prompt, add_special_tokens=False))
-            cells = [(f"{f:g}", f, max(int(round(f * n)), min_budget)) for f in fractions]
-            cells = [(lb, f, t, int(round(f * n)) < min_budget) for lb, f, t in cells]
+            cells = [
+                (f"{f:g}", f, max(int(round(f * n)), min_budget), int(round(f * n)) < min_budget)
+                for f in fractions
+            ]
             cells.append((FULL, 1.0, None, False))
-            for pol, label, frac, tokens, clamped in _cells(policies, cells):
-                prompts.append(prompt)
-                params.append(sampling(32, tokens, None if pol == FULL else pol))
-                meta.append(
-                    dict(
-                        task="longbench",
-                        dataset=subset,
-                        id=rec["id"],
-                        context=ctx_tokens,
-                        policy=pol,
-                        budget_label=label,
-                        budget_frac=frac,
-                        budget=tokens,
-                        clamped=clamped,
-                        answers=rec["answers"],
-                    )
-                )
-    t0 = time.perf_counter()
-    outs = llm.generate(prompts, params, use_tqdm=_bar("longbench"))
-    wall = time.perf_counter() - t0
-    rows = []
-    for m, o in zip(meta, outs, strict=True):
+            meta = dict(dataset=subset, id=rec["id"], context=ctx_tokens, answers=rec["answers"])
+            for cell in _cells(policies, cells):
+                batch.add(prompt, cell, 32, meta)
+
+    def finish(m, o):
         text = o.outputs[0].text
-        rows.append(
-            dict(
-                m,
-                answer=text,
-                f1=longbench.qa_f1(text, m["answers"]),
-                prompt_tokens=len(o.prompt_token_ids),
-                kv_eviction=stats_of(o),
-            )
-        )
-    print(f"longbench: {len(rows)} requests in {wall:.0f} s", file=sys.stderr)
-    return rows
+        return dict(answer=text, f1=longbench.qa_f1(text, m["answers"]))
+
+    return batch.run(llm, finish)
 
 
 def run_ppl(llm, args, grid, policies, chunk: int) -> list[dict]:
     tok = llm.get_tokenizer()
-    prompts, params, meta = [], [], []
+    batch = _Batch("ppl")
     for ctx in _ints(args.contexts):
         for i, ids in enumerate(_passages(tok, ctx, args.ppl_passages, args.seed)):
-            for pol, label, frac, tokens, clamped in _cells(policies, grid[ctx]):
-                prompts.append({"prompt_token_ids": ids})
-                params.append(sampling(1, tokens, None if pol == FULL else pol, prompt_logprobs=0))
-                meta.append(
-                    dict(
-                        task="ppl",
-                        context=ctx,
-                        passage=i,
-                        policy=pol,
-                        budget_label=label,
-                        budget_frac=frac,
-                        budget=tokens,
-                        clamped=clamped,
-                    )
-                )
-    t0 = time.perf_counter()
-    outs = llm.generate(prompts, params, use_tqdm=_bar("ppl"))
-    wall = time.perf_counter() - t0
-    rows = []
-    for m, p, o in zip(meta, prompts, outs, strict=True):
-        ids = p["prompt_token_ids"]
-        nll = []
-        for pos in range(1, len(ids)):
-            lp = o.prompt_logprobs[pos]
-            nll.append(-lp[ids[pos]].logprob)
+            for cell in _cells(policies, grid[ctx]):
+                batch.add({"prompt_token_ids": ids}, cell, 1, dict(context=ctx, passage=i),
+                          prompt_logprobs=0)  # fmt: skip
+
+    def finish(m, o):
+        ids = o.prompt_token_ids
+        nll = [-o.prompt_logprobs[pos][ids[pos]].logprob for pos in range(1, len(ids))]
         tail = nll[chunk - 1 :] if chunk else []  # positions >= chunk
-        rows.append(
-            dict(
-                m,
-                tokens=len(ids),
-                nll_sum=sum(nll),
-                nll_n=len(nll),
-                nll_tail_sum=sum(tail),
-                nll_tail_n=len(tail),
-                kv_eviction=stats_of(o),
-            )
+        return dict(
+            tokens=len(ids),
+            nll_sum=sum(nll),
+            nll_n=len(nll),
+            nll_tail_sum=sum(tail),
+            nll_tail_n=len(tail),
         )
-    print(f"ppl: {len(rows)} requests in {wall:.0f} s", file=sys.stderr)
-    return rows
+
+    return batch.run(llm, finish)
 
 
 def summarize(rows: list[dict]) -> dict:
