@@ -22,20 +22,10 @@ BUDGET = 164  # the minimum on vLLM-CPU: 4 sinks + 32 window + one 128-token blo
 
 @pytest.fixture(scope="module")
 def llm():
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # engine core in this process
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    from vllm import LLM
+    from vllm_caote.eval.common import make_llm  # engine core in this process
 
-    from vllm_caote.models import engine_dtype, model_dir
-
-    engine = LLM(
-        model=str(model_dir()),
-        dtype=engine_dtype(),
-        max_model_len=4096,
-        enable_prefix_caching=False,
-        enforce_eager=True,
-        gpu_memory_utilization=0.3,
-        distributed_executor_backend="uni",
+    engine = make_llm(
+        None, max_model_len=4096, kv_space_gib=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")
     )
     yield engine
     del engine
