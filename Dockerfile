@@ -31,10 +31,10 @@ RUN --mount=type=cache,target=/root/.cache/pip \
     && chown "${APP_UID}:${APP_UID}" /data
 
 # /data holds the fetched embedded model and the Hugging Face cache; mount a volume there.
-ENV VLLM_CAOTE_HOME=/data/vllm_caote \
+ENV CAOTE_HOME=/data/vllm_caote \
     HF_HOME=/data/huggingface \
-    VLLM_CAOTE_DEFAULT_BUDGET=1024 \
-    VLLM_CAOTE_DEFAULT_POLICY=caote-snapkv \
+    CAOTE_DEFAULT_BUDGET=1024 \
+    CAOTE_DEFAULT_POLICY=caote-snapkv \
     PORT=8000
 VOLUME ["/data"]
 USER ${APP_UID}:${APP_UID}

@@ -6,7 +6,7 @@ FLAVOR ?= cpu
 HOST   ?= 127.0.0.1
 PORT   ?= 8000
 # MODEL: a local Hugging Face folder or a hub id; default the embedded SmolLM2 model.
-MODEL  ?= $(shell VLLM_CAOTE_HOME=$(VLLM_CAOTE_HOME) python3 -c "import os,pathlib;print(pathlib.Path(os.environ.get('VLLM_CAOTE_HOME') or pathlib.Path.home()/'.cache'/'vllm_caote')/'models'/'SmolLM2-135M-Instruct')")
+MODEL  ?= $(shell CAOTE_HOME=$(CAOTE_HOME) python3 -c "import os,pathlib;print(pathlib.Path(os.environ.get('CAOTE_HOME') or pathlib.Path.home()/'.cache'/'vllm_caote')/'models'/'SmolLM2-135M-Instruct')")
 SERVED ?= smollm2
 ARGS   ?=
 # CPU defaults: eager mode (torch.compile takes minutes on small machines) and fp32 (CPUs
@@ -14,7 +14,7 @@ ARGS   ?=
 DTYPE ?= $(if $(filter cuda,$(FLAVOR)),auto,float32)
 SERVE_FLAGS ?= --enforce-eager --gpu-memory-utilization 0.3 --dtype $(DTYPE)
 # Eviction is on by default for `make serve`: requests without their own kv_budget get this one
-# (the environment's VLLM_CAOTE_DEFAULT_BUDGET wins; 0 turns the default off).
+# (the environment's CAOTE_DEFAULT_BUDGET wins; 0 turns the default off).
 DEFAULT_BUDGET ?= 1024
 # vLLM-CPU: KV cache size in GiB.
 KVCACHE_GIB ?= 4
@@ -38,7 +38,7 @@ $(STAMP): pyproject.toml scripts/install.sh scripts/system-deps.sh
 	@touch $@
 
 serve: setup
-	VLLM_CAOTE_DEFAULT_BUDGET=$${VLLM_CAOTE_DEFAULT_BUDGET:-$(DEFAULT_BUDGET)} \
+	CAOTE_DEFAULT_BUDGET=$${CAOTE_DEFAULT_BUDGET:-$(DEFAULT_BUDGET)} \
 	VLLM_CPU_KVCACHE_SPACE=$${VLLM_CPU_KVCACHE_SPACE:-$(KVCACHE_GIB)} \
 	$(PY) -m vllm.entrypoints.openai.api_server --model $(MODEL) --served-model-name $(SERVED) \
 	  --host $(HOST) --port $(PORT) --no-enable-prefix-caching $(SERVE_FLAGS) $(ARGS)

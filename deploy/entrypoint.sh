@@ -10,7 +10,7 @@
 #
 # Environment (all optional):
 #   MODEL                      local folder or hub id; unset = the embedded SmolLM2 model, fetched
-#                              on first start into $VLLM_CAOTE_HOME (a volume in the images)
+#                              on first start into $CAOTE_HOME (a volume in the images)
 #   SERVED_MODEL_NAME          name clients use; default "smollm2" for the embedded model
 #   HOST, PORT                 default 0.0.0.0 and 8000
 #   ENFORCE_EAGER         1 adds --enforce-eager (the CPU image sets it)
@@ -19,7 +19,7 @@
 #   GPU_MEMORY_UTILIZATION     adds --gpu-memory-utilization
 #   MAX_MODEL_LEN              adds --max-model-len
 #   PYTHON                     interpreter with vLLM and vllm-caote; default python3
-#   VLLM_CAOTE_DEFAULT_BUDGET, VLLM_CAOTE_DEFAULT_POLICY, VLLM_CAOTE_HOME, VLLM_CPU_KVCACHE_SPACE
+#   CAOTE_DEFAULT_BUDGET, CAOTE_DEFAULT_POLICY, CAOTE_HOME, VLLM_CPU_KVCACHE_SPACE
 #                              read by the plugin / vLLM themselves
 set -euo pipefail
 
@@ -41,9 +41,9 @@ for arg in "$@"; do
   case "$arg" in
     --model | --model=*) user_model=1 ;;
     --enable-prefix-caching | --enable-prefix-caching=[Tt]rue | --enable-prefix-caching=1)
-      if ! truthy "${VLLM_CAOTE_DISABLE:-0}"; then
+      if ! truthy "${CAOTE_DISABLE:-0}"; then
         echo "entrypoint: $arg conflicts with KV eviction; vllm-caote needs prefix caching off" \
-          "(set VLLM_CAOTE_DISABLE=1 to run stock vLLM)" >&2
+          "(set CAOTE_DISABLE=1 to run stock vLLM)" >&2
         exit 2
       fi
       ;;
@@ -61,7 +61,7 @@ if [ "$user_model" = 0 ]; then
         echo "fetch: ${fetch[*]}"
       else
         echo "entrypoint: fetching the embedded model into $MODEL (first start)" >&2
-        caote_home="$(dirname "$(dirname "$MODEL")")" # $VLLM_CAOTE_HOME/models/<name>
+        caote_home="$(dirname "$(dirname "$MODEL")")" # $CAOTE_HOME/models/<name>
         mkdir -p "$caote_home"
         if command -v flock >/dev/null 2>&1; then
           # Replicas sharing one volume: one fetches, the others wait and find it done.
@@ -90,6 +90,6 @@ if [ "$DRY_RUN" = 1 ]; then
   printf '\n'
   exit 0
 fi
-echo "entrypoint: kv budget=${VLLM_CAOTE_DEFAULT_BUDGET:-0} policy=${VLLM_CAOTE_DEFAULT_POLICY:-default}" \
+echo "entrypoint: kv budget=${CAOTE_DEFAULT_BUDGET:-0} policy=${CAOTE_DEFAULT_POLICY:-default}" \
   "model=${MODEL:-(from args)}" >&2
 exec "${cmd[@]}"

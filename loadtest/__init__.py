@@ -166,8 +166,8 @@ def start_server(args, log_path: Path):
         *args.server_args.split(),
     ]
     env = dict(os.environ)
-    env.setdefault("VLLM_CAOTE_DEFAULT_BUDGET", "1024")  # as `make serve`
-    env.setdefault("VLLM_CAOTE_DEFAULT_POLICY", "caote-snapkv")
+    env.setdefault("CAOTE_DEFAULT_BUDGET", "1024")  # as `make serve`
+    env.setdefault("CAOTE_DEFAULT_POLICY", "caote-snapkv")
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
     log = open(log_path, "wb")
     proc = subprocess.Popen(
@@ -480,8 +480,8 @@ def main(argv=None) -> int:
         server_env={
             k: os.environ.get(k, d)
             for k, d in (
-                ("VLLM_CAOTE_DEFAULT_BUDGET", "1024"),
-                ("VLLM_CAOTE_DEFAULT_POLICY", "caote-snapkv"),
+                ("CAOTE_DEFAULT_BUDGET", "1024"),
+                ("CAOTE_DEFAULT_POLICY", "caote-snapkv"),
                 ("VLLM_CPU_KVCACHE_SPACE", "4"),
             )
         }

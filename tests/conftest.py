@@ -8,17 +8,20 @@ for the whole session. Use it from any test module::
     def test_something(caote_server):
         requests.get(caote_server.url("/health"))
 
-The server is started with :data:`SERVER_ENV` (a default policy and a default budget, so
-tests can check that defaults apply) and ``--enable-log-requests`` (so tests can read the
-``SamplingParams`` the front-end built from ``caote_server.log_path``).
+The server is started with stock vLLM flags only (prefix caching and async scheduling left at
+vLLM's defaults: the plugin configures itself), with :data:`SERVER_CONFIG` passed through
+vLLM's ``--additional-config`` (a default policy and a default budget, so tests can check that
+defaults apply) and ``--enable-log-requests`` (so tests can read the ``SamplingParams`` the
+front-end built from ``caote_server.log_path``).
 
-Set ``VLLM_CAOTE_TEST_SERVER_URL=http://host:port`` to run the tests against a server you
+Set ``CAOTE_TEST_SERVER_URL=http://host:port`` to run the tests against a server you
 started yourself (with the same settings) instead; ``log_path`` is then None unless
-``VLLM_CAOTE_TEST_SERVER_LOG`` names its log file.
+``CAOTE_TEST_SERVER_LOG`` names its log file.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -34,11 +37,8 @@ import pytest
 SERVED_MODEL = "smollm2"
 MAX_MODEL_LEN = 4096
 STARTUP_TIMEOUT_S = 300.0
-#: The plugin settings the shared server runs with.
-SERVER_ENV = {
-    "VLLM_CAOTE_DEFAULT_POLICY": "caote-snapkv",
-    "VLLM_CAOTE_DEFAULT_BUDGET": "1024",
-}
+#: The plugin settings the shared server runs with (``--additional-config``).
+SERVER_CONFIG = {"kv_eviction": {"default_policy": "caote-snapkv", "default_budget": 1024}}
 
 
 @dataclass
@@ -121,12 +121,10 @@ def _stop(proc: subprocess.Popen) -> None:
 @pytest.fixture(scope="session")
 def caote_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CaoteServer]:
     """One real vLLM OpenAI server (plugin loaded) for the whole test session."""
-    external = os.environ.get("VLLM_CAOTE_TEST_SERVER_URL", "").strip().rstrip("/")
+    external = os.environ.get("CAOTE_TEST_SERVER_URL", "").strip().rstrip("/")
     if external:
-        log = os.environ.get("VLLM_CAOTE_TEST_SERVER_LOG")
-        server = CaoteServer(
-            base_url=external, log_path=Path(log) if log else None, env=dict(SERVER_ENV)
-        )
+        log = os.environ.get("CAOTE_TEST_SERVER_LOG")
+        server = CaoteServer(base_url=external, log_path=Path(log) if log else None)
         _wait_healthy(server, 30.0)
         yield server
         return
@@ -139,8 +137,7 @@ def caote_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CaoteServ
 
     port = _free_port()
     log_path = tmp_path_factory.mktemp("vllm_server") / "server.log"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("VLLM_CAOTE_")}
-    env.update(SERVER_ENV)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CAOTE_")}
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     cmd = [
         sys.executable,
@@ -155,7 +152,8 @@ def caote_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CaoteServ
         "--enforce-eager",
         "--gpu-memory-utilization",
         "0.3",
-        "--no-enable-prefix-caching",
+        "--additional-config",
+        json.dumps(SERVER_CONFIG),
         "--max-model-len",
         str(MAX_MODEL_LEN),
         "--enable-log-requests",
@@ -168,9 +166,7 @@ def caote_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CaoteServ
         proc = subprocess.Popen(
             cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
         )
-    server = CaoteServer(
-        base_url=f"http://127.0.0.1:{port}", log_path=log_path, env=dict(SERVER_ENV), process=proc
-    )
+    server = CaoteServer(base_url=f"http://127.0.0.1:{port}", log_path=log_path, process=proc)
     try:
         _wait_healthy(server, STARTUP_TIMEOUT_S)
         yield server

@@ -1,6 +1,6 @@
 """Greedy generations from stock vLLM (plugin disabled), for the no-op invariant.
 
-Run as a script in its own process: ``VLLM_CAOTE_DISABLE=1 python tests/stock_generate.py IN OUT``
+Run as a script in its own process: ``CAOTE_DISABLE=1 python tests/stock_generate.py IN OUT``
 where IN is a JSON list of {"prompt_token_ids": [...], "max_tokens": n}.
 """
 
@@ -9,7 +9,7 @@ import os
 import sys
 
 if __name__ == "__main__":
-    assert os.environ.get("VLLM_CAOTE_DISABLE") == "1"
+    assert os.environ.get("CAOTE_DISABLE") == "1"
     from vllm import LLM, SamplingParams
 
     from vllm_caote.models import engine_dtype, model_dir

@@ -2,8 +2,8 @@
 
 Unit tests of :mod:`vllm_caote.api.params` run without a server. Everything marked
 ``server`` talks to the one real vLLM OpenAI server of the session (``caote_server`` in
-``conftest.py``), started with ``VLLM_CAOTE_DEFAULT_POLICY=caote-snapkv`` and
-``VLLM_CAOTE_DEFAULT_BUDGET=1024``. Tests named ``test_stats_*`` read the statistics the
+``conftest.py``), started with ``CAOTE_DEFAULT_POLICY=caote-snapkv`` and
+``CAOTE_DEFAULT_BUDGET=1024``. Tests named ``test_stats_*`` read the statistics the
 engine reports, so they need the engine patches of :mod:`vllm_caote.engine`.
 """
 
@@ -259,7 +259,7 @@ def _extra(obj: Any) -> dict[str, Any]:
 def _logged_extra_args(server, request_id: str, timeout: float = 15.0) -> dict[str, Any] | None:
     """``SamplingParams.extra_args`` the front-end built for ``request_id`` (from the log)."""
     if server.log_path is None:
-        pytest.skip("server log not available (external server without VLLM_CAOTE_TEST_SERVER_LOG)")
+        pytest.skip("server log not available (external server without CAOTE_TEST_SERVER_LOG)")
     pat = re.compile(
         r"Received request \S*"
         + re.escape(request_id)
@@ -297,13 +297,13 @@ def client(caote_server):
 def test_policies_endpoint(info):
     from vllm_caote.config import settings
 
-    s = settings()
+    s = settings()  # the shared server runs with the default sinks / window
     assert info["policies"] == policy_names()
     assert info["default_policy"] == DEFAULT_POLICY
     assert info["default_budget"] == DEFAULT_BUDGET
     assert isinstance(info["block_size"], int) and info["block_size"] > 0
-    assert info["sink_tokens"] == s.sink_tokens and info["window"] == s.window
-    assert info["min_budget"] == s.sink_tokens + s.window + info["block_size"]
+    assert info["sink_tokens"] == s.sinks and info["window"] == s.window
+    assert info["min_budget"] == s.sinks + s.window + info["block_size"]
     assert info["max_model_len"] == 4096
 
 

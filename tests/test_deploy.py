@@ -128,7 +128,7 @@ def test_cpu_dockerfile_recipe() -> None:
     runs = " ".join(a for k, a in ins if k == "RUN")
     assert re.search(r"scripts/install\.sh --python \S+ --flavor cpu --fetch-model", runs), runs
     env = " ".join(a for k, a in ins if k == "ENV")
-    for want in ("ENFORCE_EAGER=1", "VLLM_CPU_KVCACHE_SPACE=", "VLLM_CAOTE_HOME="):
+    for want in ("ENFORCE_EAGER=1", "VLLM_CPU_KVCACHE_SPACE=", "CAOTE_HOME="):
         assert want in env
     _common_image_checks(ins)
 
@@ -221,8 +221,8 @@ def _opt(cmd: list[str], flag: str) -> str | None:
 
 
 def test_entrypoint_default_model_dry_run(tmp_path: Path) -> None:
-    """MODEL unset: the embedded model under $VLLM_CAOTE_HOME, fetched first (not in dry run)."""
-    cmd, before = _dry_run(VLLM_CAOTE_HOME=str(tmp_path))
+    """MODEL unset: the embedded model under $CAOTE_HOME, fetched first (not in dry run)."""
+    cmd, before = _dry_run(CAOTE_HOME=str(tmp_path))
     model = tmp_path / "models" / "SmolLM2-135M-Instruct"
     assert cmd[:3] == [sys.executable, "-m", "vllm.entrypoints.openai.api_server"]
     assert _opt(cmd, "--model") == str(model)
@@ -237,7 +237,7 @@ def test_entrypoint_default_model_dry_run(tmp_path: Path) -> None:
 
     (model).mkdir(parents=True)
     (model / ".complete").write_text("x\n")
-    _, before = _dry_run(VLLM_CAOTE_HOME=str(tmp_path))
+    _, before = _dry_run(CAOTE_HOME=str(tmp_path))
     assert before == [], "an already fetched model is not fetched again"
 
 
@@ -264,7 +264,7 @@ def test_entrypoint_env_and_passthrough(tmp_path: Path) -> None:
     assert cmd[-len(extra) :] == extra, "extra arguments go last, unchanged"
 
     # A --model among the extra arguments replaces the default one (and nothing is fetched).
-    cmd, before = _dry_run("--model", "/m", VLLM_CAOTE_HOME=str(tmp_path))
+    cmd, before = _dry_run("--model", "/m", CAOTE_HOME=str(tmp_path))
     assert cmd.count("--model") == 1 and _opt(cmd, "--model") == "/m" and before == []
 
 
@@ -272,7 +272,7 @@ def test_entrypoint_refuses_prefix_caching() -> None:
     proc = _run_entrypoint("--dry-run", "--enable-prefix-caching", env={"MODEL": "x"})
     assert proc.returncode == 2 and "prefix caching" in proc.stderr
     proc = _run_entrypoint(
-        "--dry-run", "--enable-prefix-caching", env={"MODEL": "x", "VLLM_CAOTE_DISABLE": "1"}
+        "--dry-run", "--enable-prefix-caching", env={"MODEL": "x", "CAOTE_DISABLE": "1"}
     )
     assert proc.returncode == 0
 
@@ -288,7 +288,7 @@ import json, os, sys
 args = sys.argv[1:]
 with open({str(log)!r}, "a") as f:
     f.write(json.dumps(args) + "\\n")
-model = os.path.join(os.environ["VLLM_CAOTE_HOME"], "models", "SmolLM2-135M-Instruct")
+model = os.path.join(os.environ["CAOTE_HOME"], "models", "SmolLM2-135M-Instruct")
 if args == ["-m", "vllm_caote.models", "path"]:
     print(model)
 elif args == ["-m", "vllm_caote.models", "fetch", "model"]:
@@ -297,7 +297,7 @@ elif args == ["-m", "vllm_caote.models", "fetch", "model"]:
 """
     )
     stub.chmod(0o755)
-    env = {"VLLM_CAOTE_HOME": str(home), "VLLM_CAOTE_DEFAULT_BUDGET": "512"}
+    env = {"CAOTE_HOME": str(home), "CAOTE_DEFAULT_BUDGET": "512"}
     for _ in range(2):  # first start fetches, the second finds the model
         proc = _run_entrypoint("--tensor-parallel-size", "1", env=env, python=str(stub))
         assert proc.returncode == 0, proc.stderr
@@ -393,8 +393,8 @@ def test_compose_services_and_paths() -> None:
         assert any(v.endswith(":/data") for v in svc["volumes"])
         env = {k: _interpolate_defaults(str(v)) for k, v in svc["environment"].items()}
         assert env["MODEL"] == ""  # unset: the embedded model
-        assert int(env["VLLM_CAOTE_DEFAULT_BUDGET"]) > 0
-        assert env["VLLM_CAOTE_DEFAULT_POLICY"] == "caote-snapkv"
+        assert int(env["CAOTE_DEFAULT_BUDGET"]) > 0
+        assert env["CAOTE_DEFAULT_POLICY"] == "caote-snapkv"
     gpu = services["vllm-gpu"]["deploy"]["resources"]["reservations"]["devices"][0]
     assert gpu["driver"] == "nvidia" and "gpu" in gpu["capabilities"]
     assert "VLLM_CPU_KVCACHE_SPACE" in services["vllm-cpu"]["environment"]
@@ -535,12 +535,12 @@ def test_k8s_manifests_structure() -> None:
 
     assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
     env = {e["name"]: e.get("value") for e in container["env"]}
-    assert int(env["VLLM_CAOTE_DEFAULT_BUDGET"]) > 0
-    assert env["VLLM_CAOTE_DEFAULT_POLICY"] == "caote-snapkv"
+    assert int(env["CAOTE_DEFAULT_BUDGET"]) > 0
+    assert env["CAOTE_DEFAULT_POLICY"] == "caote-snapkv"
     assert int(env["PORT"]) == PORT
     mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
     volumes = {v["name"] for v in pod["spec"]["volumes"]}
-    assert mounts["/data"] in volumes and env["VLLM_CAOTE_HOME"].startswith("/data/")
+    assert mounts["/data"] in volumes and env["CAOTE_HOME"].startswith("/data/")
     # the image's entry point adds --no-enable-prefix-caching; nothing may turn it back on
     assert "--enable-prefix-caching" not in container.get("args", [])
     assert "command" not in container, "keep the image's entry point"
@@ -626,11 +626,11 @@ def test_production_stack_values() -> None:
     assert model["repository"] == "vllm-caote" and model["tag"] == "cuda"
     assert model["initContainer"]["image"] == f"{model['repository']}:{model['tag']}"
     env = {e["name"]: e["value"] for e in model["env"]}
-    assert int(env["VLLM_CAOTE_DEFAULT_BUDGET"]) > 0
-    assert env["VLLM_CAOTE_DEFAULT_POLICY"] == "caote-snapkv"
+    assert int(env["CAOTE_DEFAULT_BUDGET"]) > 0
+    assert env["CAOTE_DEFAULT_POLICY"] == "caote-snapkv"
     # the init container fetches into the claim the chart mounts at /data, where modelURL points
     init_env = {e["name"]: e["value"] for e in model["initContainer"]["env"]}
-    assert model["modelURL"] == init_env["VLLM_CAOTE_HOME"] + "/models/SmolLM2-135M-Instruct"
+    assert model["modelURL"] == init_env["CAOTE_HOME"] + "/models/SmolLM2-135M-Instruct"
     assert model["initContainer"]["mountPvcStorage"] and model["pvcStorage"]
     assert engine["securityContext"]["runAsUser"] == APP_UID
     assert engine["serviceMonitor"]["enabled"] is True

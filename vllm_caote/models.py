@@ -7,7 +7,7 @@ verifies its checksum, and (for the model) dequantizes the GGUF once into a Hugg
 that vLLM loads. Every step is idempotent: a finished artifact is marked by a ``.complete``
 stamp and is never rebuilt.
 
-Location: ``$VLLM_CAOTE_HOME`` or ``~/.cache/vllm_caote``.
+Location: ``$CAOTE_HOME`` or ``~/.cache/vllm_caote``.
 
     python -m vllm_caote.models fetch          # model + corpora
     python -m vllm_caote.models path           # print the model folder (for --model)
@@ -67,7 +67,7 @@ class FetchError(RuntimeError):
 
 
 def home() -> Path:
-    return Path(os.environ.get("VLLM_CAOTE_HOME", Path.home() / ".cache" / "vllm_caote"))
+    return Path(os.environ.get("CAOTE_HOME", Path.home() / ".cache" / "vllm_caote"))
 
 
 def engine_dtype() -> str:
@@ -75,9 +75,9 @@ def engine_dtype() -> str:
 
     The embedded checkpoint is bf16, but x86 CPUs without AVX-512 BF16 / AMX run torch's bf16
     matmuls about 100x slower than fp32 (1.2 vs 130 GFLOP/s measured on the 2-core AVX2 CI box),
-    which makes a 2k-token prefill take a minute instead of seconds. ``VLLM_CAOTE_DTYPE`` wins.
+    which makes a 2k-token prefill take a minute instead of seconds. ``CAOTE_DTYPE`` wins.
     """
-    env = os.environ.get("VLLM_CAOTE_DTYPE", "").strip()
+    env = os.environ.get("CAOTE_DTYPE", "").strip()
     if env:
         return env
     import torch

@@ -1,16 +1,19 @@
 """Validate and resolve the per-request eviction parameters of an OpenAI request body.
 
-Pure functions with no vLLM import, so they can be unit-tested without a server. The server
-patch (:mod:`vllm_caote.api.server`) calls :func:`resolve` on the parsed JSON body of
-``/v1/completions`` and ``/v1/chat/completions`` and forwards the result through
-``vllm_xargs`` (which vLLM copies into ``SamplingParams.extra_args``).
+The one vocabulary of request parameters, shared by the HTTP layer and the engine: pure
+functions, unit-tested without a server. The server middleware (:mod:`vllm_caote.api.server`)
+calls :func:`resolve` on the parsed JSON body of ``/v1/completions``, ``/v1/chat/completions``
+and ``/v1/responses`` and forwards the result through ``vllm_xargs`` (which vLLM copies into
+``SamplingParams.extra_args``); the engine (:mod:`vllm_caote.engine.input_processor`) calls
+the same :func:`resolve` on ``extra_args`` with :meth:`Limits.for_engine`'s limits, which carry
+no default budget (the server default is applied by the HTTP layer only).
 
 Rules:
 
 * ``kv_budget`` (int tokens) and ``kv_policy`` (str) may be given top-level or inside
   ``vllm_xargs``; giving both with different values is an error. ``null`` means "not given".
-* A request's own value wins over the server defaults (``VLLM_CAOTE_DEFAULT_BUDGET`` /
-  ``VLLM_CAOTE_DEFAULT_POLICY``); ``kv_budget: 0`` turns eviction off for that request.
+* A request's own value wins over the server defaults (``kv_eviction.default_budget`` /
+  ``default_policy``); ``kv_budget: 0`` turns eviction off for that request.
 * The budget must be 0 or an integer in ``[min_budget(block_size), max_model_len]``; bools,
   floats (even ``2048.0``) and strings are rejected. The policy must name a registered policy.
 * No budget from the request and no server default: nothing is forwarded (stock vLLM).
@@ -29,12 +32,25 @@ _MISSING = object()
 _MAX_SHOWN = 60
 
 
-class EvictionParamError(ValueError):
+try:  # vLLM maps VLLMValidationError to HTTP 400 naming `parameter`; offline: a ValueError
+    from vllm.exceptions import VLLMValidationError as _Base
+except ImportError:  # pragma: no cover - unit tests of this module without vLLM
+    _Base = ValueError  # type: ignore[assignment,misc]
+
+
+class EvictionParamError(_Base, ValueError):  # type: ignore[misc]
     """A bad ``kv_budget`` / ``kv_policy``; ``param`` names the offending field."""
 
     def __init__(self, message: str, param: str) -> None:
-        super().__init__(message)
+        try:
+            super().__init__(message, parameter=param)
+        except TypeError:  # plain ValueError base
+            ValueError.__init__(self, message)
         self.param = param
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
 
 
 @dataclass(frozen=True)
@@ -46,6 +62,20 @@ class Limits:
     default_budget: int
     default_policy: str
     policies: tuple[str, ...]
+
+    @classmethod
+    def for_engine(cls, block_size: int, max_model_len: int, s, with_default: bool = True):
+        """The limits of an engine with ``block_size`` / ``max_model_len`` and settings ``s``
+        (:class:`vllm_caote.config.EvictionSettings`)."""
+        from vllm_caote.scoring import policy_names
+
+        return cls(
+            min_budget=s.min_budget(block_size),
+            max_budget=max_model_len,
+            default_budget=s.default_budget if with_default else 0,
+            default_policy=s.default_policy,
+            policies=tuple(policy_names()),
+        )
 
     def range_text(self) -> str:
         if self.min_budget > self.max_budget:

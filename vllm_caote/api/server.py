@@ -40,17 +40,14 @@ import sys
 from collections.abc import AsyncGenerator, Awaitable, Callable, MutableMapping
 from typing import Any
 
-from vllm_caote.config import BUDGET_KEY, settings
-from vllm_caote.scoring import get_policy
-from vllm_caote.scoring.registry import policy_names
+from vllm_caote.config import BUDGET_KEY, STATS_KEY, settings
 
 from .params import XARGS_KEY, EvictionParamError, Limits, check_budget, resolve, rewrite
 
 logger = logging.getLogger("vllm_caote.api")
 
-STATS_KEY = "kv_eviction"
 POLICIES_PATH = "/v1/kv_eviction/policies"
-_GENERATE_PATHS = frozenset({"/v1/completions", "/v1/chat/completions"})
+_GENERATE_PATHS = frozenset({"/v1/completions", "/v1/chat/completions", "/v1/responses"})
 # Bodies without these bytes cannot name our keys (b"\\u" catches escaped key names).
 _MARKERS = (b"kv_budget", b"kv_policy", b"\\u")
 _APP_MODULE = "vllm.entrypoints.launchers.app"
@@ -130,19 +127,12 @@ class Runtime:
         self.info: dict[str, Any] = {}
 
     def configure(self, vllm_config: Any) -> None:
-        s = settings()
+        s = settings(vllm_config)
         block_size = int(vllm_config.cache_config.block_size)
-        max_model_len = int(vllm_config.model_config.max_model_len)
-        limits = Limits(
-            min_budget=s.min_budget(block_size),
-            max_budget=max_model_len,
-            default_budget=s.default_budget,
-            default_policy=get_policy(s.default_policy).name,
-            policies=tuple(policy_names()),
-        )
+        limits = Limits.for_engine(block_size, int(vllm_config.model_config.max_model_len), s)
         if s.default_budget:
             try:
-                check_budget(s.default_budget, "VLLM_CAOTE_DEFAULT_BUDGET", limits)
+                check_budget(s.default_budget, "kv_eviction.default_budget", limits)
             except EvictionParamError as e:
                 raise ValueError(f"vllm-caote: bad server default: {e}") from None
         self.limits = limits
@@ -153,7 +143,8 @@ class Runtime:
             "min_budget": limits.min_budget,
             "max_model_len": limits.max_budget,
             "block_size": block_size,
-            "sink_tokens": s.sink_tokens,
+            "sink_tokens": s.sinks,
+            "prefill_chunk": s.prefill_chunk,
             "window": s.window,
         }
         logger.info(

@@ -1,33 +1,12 @@
-"""Patches to vLLM's V1 engine, one module per patched component.
+"""Per-request KV eviction inside vLLM's V1 engine.
 
-* :mod:`.scheduler`         ``Scheduler``: eviction decisions, block release, stats
-* :mod:`.kv_cache_manager`  ``KVCacheCoordinator``: blocks for the compacted cache only
-* :mod:`.model_runner`      ``GPUModelRunner`` (and ``CPUModelRunner``): slots vs. positions
-* :mod:`.attention`         attention-backend plugin: score and compact after the kernel
-* :mod:`.input_processor`   ``InputProcessor``: validate ``kv_budget`` / ``kv_policy``
+* :mod:`.scheduler`         ``CaoteScheduler``: eviction decisions, confirmed block release
+* :mod:`.kv_cache_manager`  the KV cache manager's view of budgeted requests
+* :mod:`.worker`            ``CaoteCPUWorker`` / ``CaoteGPUWorker``: the runner with eviction
+* :mod:`.model_runner`      slots vs. positions, per-step context, the compaction report
+* :mod:`.attention`         attention backends: score and compact after the stock kernel
+* :mod:`.compaction`        backend-agnostic reads and in-place writes of the paged cache
+* :mod:`.input_processor`   engine-side validation of ``kv_budget`` / ``kv_policy``
+
+How they are selected and what they touch in vLLM: :mod:`vllm_caote.compat`.
 """
-
-from __future__ import annotations
-
-_INSTALLED = False
-
-
-def install() -> None:
-    """Install every engine patch (idempotent)."""
-    global _INSTALLED
-    if _INSTALLED:
-        return
-    _INSTALLED = True
-    from vllm_caote.engine import (
-        attention,
-        input_processor,
-        kv_cache_manager,
-        model_runner,
-        scheduler,
-    )
-
-    scheduler.install()
-    kv_cache_manager.install()
-    model_runner.install()
-    attention.install()
-    input_processor.install()

@@ -42,7 +42,11 @@ def _layout(impl, layer, kv_cache: torch.Tensor, kind: str) -> compaction.PagedL
     if lay is None:
         if kind == "regions":
             lay = compaction.probe_cpu_layout(
-                layer.isa, kv_cache.dtype, kv_cache.shape[2], kv_cache.shape[3] // 2
+                layer.isa,
+                kv_cache.dtype,
+                kv_cache.shape[2],
+                kv_cache.shape[3] // 2,
+                str(getattr(impl, "kv_cache_dtype", "auto")),
             )
         else:
             lay = compaction.channels_layout()
@@ -56,18 +60,52 @@ def after_attention(impl, layer, query: torch.Tensor, kv_cache: torch.Tensor, ki
         return
     if query.shape[0] < ev.step.num_tokens:  # a dummy / profiling pass, not our batch
         return
+    ev.step.layers_seen += 1
     name = getattr(layer, "layer_name", None) or str(id(layer))
     layout = None
     for work in ev.step.rows:
-        policy = get_policy(work.plan.policy)
-        if policy.needs_queries:
-            _record_queries(ev, work, name, query)
-        if work.plan.evict_to is None:
+        if work.error is not None:
             continue
-        layout = layout or _layout(impl, layer, kv_cache, kind)
-        t0 = time.perf_counter()
-        _compact(ev, work, name, impl, policy, layout, kv_cache)
-        ev.eviction_seconds.append(time.perf_counter() - t0)
+        # Contained: a failure here costs this request its eviction (the scheduler recomputes
+        # it without), never the engine or another request.
+        try:
+            policy = get_policy(work.plan.policy)
+            layout = layout or _layout(impl, layer, kv_cache, kind)
+            cache = None
+            if policy.stateful:
+                cache = _read(layout, kv_cache, work, impl, layer)
+                _advance_h2o(ev, work, name, impl, policy, query, cache[2])
+            elif policy.needs_queries:
+                _record_queries(ev, work, name, query)
+            if work.plan.evict_to is None:
+                continue
+            if ev.skip_compaction is not None and ev.skip_compaction(work.req_id):
+                continue
+            t0 = time.perf_counter()
+            _compact(ev, work, name, impl, layer, policy, layout, kv_cache, cache)
+            ev.eviction_seconds.append(time.perf_counter() - t0)
+            work.layers_compacted += 1
+        except Exception as e:  # noqa: BLE001 - contained per request, reported to the scheduler
+            work.error = f"{type(e).__name__} in layer {name}: {e}"
+            logger.exception("vllm-caote: eviction of request %s failed", work.req_id)
+
+
+def _read(layout, kv_cache, work: RowWork, impl, layer):
+    """The request's cache as stored and dequantised for scoring: ``(raw_k, raw_v, k, v)``,
+    each ``[Hkv, n, d]``."""
+    raw_k, raw_v = layout.read(kv_cache, work.block_ids, work.cache_len)
+    return (
+        raw_k,
+        raw_v,
+        *compaction.dequantize(raw_k, raw_v, str(getattr(impl, "kv_cache_dtype", "auto")), layer),
+    )
+
+
+def _advance_h2o(ev, work: RowWork, name: str, impl, policy, query, keys) -> None:
+    """H2O's running sum, advanced by this step's queries: each query counts exactly once."""
+    ls = ev.request(work.req_id).layers.setdefault(name, LayerState())
+    q = query[work.q_start : work.q_end].transpose(0, 1)  # [Hq, n, d]
+    ls.h2o = policy.advance(q, keys, ls.h2o, scale=getattr(impl, "scale", None))
 
 
 def _record_queries(ev: WorkerEviction, work: RowWork, name: str, query: torch.Tensor) -> None:
@@ -96,33 +134,34 @@ def _window_queries(ev: WorkerEviction, work: RowWork, name: str) -> torch.Tenso
     return ls.ring[:, order]
 
 
-def _compact(ev, work: RowWork, name: str, impl, policy, layout, kv_cache) -> None:
+def _compact(ev, work: RowWork, name: str, impl, layer, policy, layout, kv_cache, cache) -> None:
     cfg = ev.settings
-    keys, values = layout.read(kv_cache, work.block_ids, work.cache_len)
-    queries = _window_queries(ev, work, name) if policy.needs_queries else None
+    raw_keys, raw_values, keys, values = cache or _read(layout, kv_cache, work, impl, layer)
     ls = ev.request(work.req_id).layers.setdefault(name, LayerState())
-    scores, h2o = policy.score_with_state(
-        keys,
-        values,
-        queries=queries,
-        h2o_prev=ls.h2o,
-        sinks=cfg.sink_tokens,
-        scale=getattr(impl, "scale", None),
-    )
-    keep_idx = select_keep(
-        scores, work.plan.evict_to, protect_recent=cfg.window, sinks=cfg.sink_tokens
-    )
-    d = keys.shape[-1]
+    if policy.stateful:
+        scores = policy.score_from_state(values, ls.h2o)
+    else:
+        queries = _window_queries(ev, work, name) if policy.needs_queries else None
+        scores, _ = policy.score_with_state(
+            keys, values, queries=queries, sinks=cfg.sinks, scale=getattr(impl, "scale", None)
+        )
+    keep_idx = select_keep(scores, work.plan.evict_to, protect_recent=cfg.window, sinks=cfg.sinks)
+    d = raw_keys.shape[-1]
     gather_idx = keep_idx.unsqueeze(-1).expand(-1, -1, d)
+    # the stored (possibly quantised) bytes move; nothing is re-quantised
     layout.write(
         kv_cache,
         work.block_ids,
-        torch.gather(keys, 1, gather_idx),
-        torch.gather(values, 1, gather_idx),
+        torch.gather(raw_keys, 1, gather_idx),
+        torch.gather(raw_values, 1, gather_idx),
     )
-    if h2o is not None:
-        ls.h2o = torch.gather(h2o, 1, keep_idx.to(h2o.device))
-    ev.evicted_this_step.append((work.row, work.plan.evict_to))
+    if ls.h2o is not None:
+        ls.h2o = torch.gather(ls.h2o, 1, keep_idx.to(ls.h2o.device))
+
+
+def is_caote_impl(impl) -> bool:
+    """True for attention impls built by :func:`make_backend` (the eviction hook runs)."""
+    return bool(getattr(type(impl), "_caote_hook", False))
 
 
 def make_backend(base_path: str, kind: str):
@@ -133,6 +172,8 @@ def make_backend(base_path: str, kind: str):
     base_impl = base.get_impl_cls()
 
     class CaoteImpl(base_impl):  # type: ignore[misc,valid-type]
+        _caote_hook = True
+
         def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, *args, **kw):
             out = super().forward(
                 layer, query, key, value, kv_cache, attn_metadata, output, *args, **kw

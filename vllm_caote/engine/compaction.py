@@ -102,40 +102,76 @@ def channels_layout() -> PagedLayout:
 
 _CPU_LAYOUTS: dict[tuple, PagedLayout] = {}
 
+#: ``--kv-cache-dtype`` values whose cache holds fp8 bytes (stored as uint8), and their format
+FP8_FORMATS = {
+    "fp8": torch.float8_e4m3fn,
+    "fp8_e4m3": torch.float8_e4m3fn,
+    "fp8_e5m2": torch.float8_e5m2,
+}
 
-def probe_cpu_layout(isa: str, dtype: torch.dtype, block_size: int, head_size: int) -> PagedLayout:
-    """Learn CPU_ATTN's in-block packing from the real kernel (cached per configuration)."""
-    key = (isa, dtype, block_size, head_size)
+
+def dequantize(keys: torch.Tensor, values: torch.Tensor, kv_cache_dtype: str, layer):
+    """Keys and values as scoring reads them: the stored tensors, or for an fp8 cache (uint8
+    bytes) the fp8 values times the layer's per-tensor scales, in float32."""
+    if not keys.is_floating_point() or keys.element_size() == 1:
+        fmt = FP8_FORMATS.get(kv_cache_dtype)
+        if fmt is None:
+            raise NotImplementedError(
+                f"KV cache dtype {kv_cache_dtype!r} ({keys.dtype}) cannot be scored"
+            )
+        k_scale = float(getattr(layer, "_k_scale_float", 1.0))
+        v_scale = float(getattr(layer, "_v_scale_float", 1.0))
+        keys = keys.contiguous().view(fmt).float() * k_scale
+        values = values.contiguous().view(fmt).float() * v_scale
+    return keys, values
+
+
+def probe_cpu_layout(
+    isa: str,
+    dtype: torch.dtype,
+    block_size: int,
+    head_size: int,
+    kv_cache_dtype: str = "auto",
+) -> PagedLayout:
+    """Learn CPU_ATTN's in-block packing from the real kernel (cached per configuration).
+
+    One-hot writes through vLLM's own ``cpu_attn_reshape_and_cache``: token ``t`` alone set to
+    1.0 marks the bytes of token ``t``; channel ``c`` alone marks those of channel ``c``. This
+    needs no value to survive the cache's number format, so it works for fp8 caches too.
+    """
+    key = (isa, dtype, block_size, head_size, kv_cache_dtype)
     if key in _CPU_LAYOUTS:
         return _CPU_LAYOUTS[key]
     from vllm import _custom_ops as ops
 
     bs, d = block_size, head_size
-    t_idx = torch.arange(bs).view(bs, 1).expand(bs, d)
-    c_idx = torch.arange(d).view(1, d).expand(bs, d)
-    found = []
-    for marks in (t_idx, c_idx):
-        kv = torch.full((1, 1, bs, 2 * d), -1.0, dtype=dtype)
+    src_dtype = torch.float32 if dtype == torch.uint8 else dtype
+    token_at = torch.full((2, bs * d), -1, dtype=torch.long)
+    channel_at = torch.full((2, bs * d), -1, dtype=torch.long)
+
+    def write(src: torch.Tensor) -> torch.Tensor:
+        kv = torch.zeros((1, 1, bs, 2 * d), dtype=dtype)
         k_cache, v_cache = kv.view(1, 1, 2 * bs, d).chunk(2, dim=2)
-        src = marks.to(dtype).unsqueeze(1).contiguous()  # [bs, 1, d]
         ops.cpu_attn_reshape_and_cache(
-            src,
-            src.clone(),
-            k_cache,
-            v_cache,
-            torch.arange(bs, dtype=torch.int64),
-            isa,
-            k_scale=1.0,
-            v_scale=1.0,
-            kv_cache_dtype="auto",
-        )
-        found.append(kv.view(2, bs * d).float())
+            src, src.clone(), k_cache, v_cache, torch.arange(bs, dtype=torch.int64), isa,
+            k_scale=1.0, v_scale=1.0, kv_cache_dtype=kv_cache_dtype,
+        )  # fmt: skip
+        return kv.view(2, bs * d) != 0
+
+    for t in range(bs):
+        src = torch.zeros(bs, 1, d, dtype=src_dtype)
+        src[t] = 1.0
+        token_at[write(src)] = t
+    for c in range(d):
+        src = torch.zeros(bs, 1, d, dtype=src_dtype)
+        src[:, :, c] = 1.0
+        channel_at[write(src)] = c
     perms = []
     for region in (0, 1):
-        t_at = found[0][region].long()  # token stored at each flat offset
-        c_at = found[1][region].long()
-        logical = t_at * d + c_at  # logical (t, c) index stored at each flat offset
-        if not torch.equal(torch.sort(logical).values, torch.arange(bs * d)):
+        logical = token_at[region] * d + channel_at[region]  # (t, c) stored at each offset
+        if (token_at[region] < 0).any() or not torch.equal(
+            torch.sort(logical).values, torch.arange(bs * d)
+        ):
             raise RuntimeError(f"CPU KV cache packing for isa={isa} is not a permutation")
         perm = torch.empty(bs * d, dtype=torch.long)
         perm[logical] = torch.arange(bs * d)

@@ -1,42 +1,51 @@
-"""Front-end validation of ``kv_budget`` / ``kv_policy`` (API-server / LLM process).
+"""Engine-side validation of ``kv_budget`` / ``kv_policy`` (API-server / ``LLM`` process).
 
-Wraps ``vllm.v1.engine.input_processor.InputProcessor.process_inputs``: a bad value raises
-:class:`~vllm_caote.validation.EvictionArgsError` (a ``ValueError`` and vLLM's
-``VLLMValidationError``, so the OpenAI server answers HTTP 400 naming the field) before the
-request reaches the engine; a good one is resolved against the server defaults and written,
-explicitly, into the engine request's own copy of ``SamplingParams.extra_args``.
+Wraps ``InputProcessor.process_inputs`` (a registered patch, ``vllm_caote.compat``): a bad
+value raises :class:`~vllm_caote.api.params.EvictionParamError` (vLLM's
+``VLLMValidationError``, so the OpenAI server answers HTTP 400 naming the field; offline, a
+``ValueError``) before the request reaches the engine. A good one is written, resolved, into the
+engine request's own copy of ``SamplingParams.extra_args``. The server-wide default budget is
+not applied here: that is the HTTP layer's job (beam search builds its own parameters, so a
+default applied here would reach every beam step with no way to opt out).
 """
 
 from __future__ import annotations
 
-from vllm_caote.config import BUDGET_KEY, POLICY_KEY
-from vllm_caote.validation import resolve
+from vllm_caote.api.params import Limits, resolve
+from vllm_caote.config import BUDGET_KEY, POLICY_KEY, settings
 
 
 def install() -> None:
     from vllm.sampling_params import SamplingParams
     from vllm.v1.engine.input_processor import InputProcessor
 
-    if getattr(InputProcessor, "_caote_patched", False):
+    original = InputProcessor.process_inputs
+    if getattr(original, "_caote_wrapped", False):
         return
-    InputProcessor._caote_patched = True
-    orig = InputProcessor.process_inputs
 
     def process_inputs(self, request_id, prompt, params, *args, **kwargs):
         resolved = None
         if isinstance(params, SamplingParams):
-            resolved = resolve(
-                params.extra_args, self.cache_config.block_size, self.model_config.max_model_len
-            )
-        out = orig(self, request_id, prompt, params, *args, **kwargs)
+            limits = self.__dict__.get("_caote_limits")
+            if limits is None:
+                limits = self.__dict__["_caote_limits"] = Limits.for_engine(
+                    self.cache_config.block_size,
+                    self.model_config.max_model_len,
+                    settings(self.vllm_config),
+                    with_default=False,
+                )
+            resolved = resolve(params.extra_args or {}, limits)
+        out = original(self, request_id, prompt, params, *args, **kwargs)
         sp = getattr(out, "sampling_params", None)
-        if isinstance(params, SamplingParams) and sp is not None:
-            extra = dict(sp.extra_args or {})
-            extra.pop(BUDGET_KEY, None)
-            extra.pop(POLICY_KEY, None)
-            if resolved is not None:
-                extra[BUDGET_KEY], extra[POLICY_KEY] = resolved
+        if resolved is not None and sp is not None:
+            extra = {
+                k: v for k, v in (sp.extra_args or {}).items() if k not in (BUDGET_KEY, POLICY_KEY)
+            }
+            if resolved.get(BUDGET_KEY):
+                extra.update(resolved)
             sp.extra_args = extra or None
         return out
 
+    process_inputs._caote_wrapped = True  # type: ignore[attr-defined]
+    process_inputs.__wrapped__ = original  # type: ignore[attr-defined]
     InputProcessor.process_inputs = process_inputs

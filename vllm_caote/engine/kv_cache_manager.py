@@ -1,40 +1,128 @@
-"""Block accounting for evicted requests (engine-core process).
+"""The KV cache manager as an evicting request sees it (engine-core process).
 
-Wraps ``vllm.v1.core.kv_cache_coordinator.KVCacheCoordinator.get_num_blocks_to_allocate`` and
-``allocate_new_blocks``. vLLM sizes a request's block list from its computed-token count; a
-request that evicted ``E`` tokens only needs blocks for ``num_tokens - E`` (its compacted cache),
-so both calls see that count instead. Unbudgeted requests pass through unchanged.
+Invariants, for every request the scheduler marks as budgeted:
+
+* its block list backs its *compacted* cache: ``num_tokens - evicted`` tokens, never its
+  history (the coordinator's ``get_num_blocks_to_allocate`` / ``allocate_new_blocks``);
+* none of its blocks is ever registered in the prefix cache (compaction rewrites their
+  content, so any hash would lie), and it reads no prefix-cache hits (so all of its blocks are
+  its own and compaction never writes into a block another request or the cache holds);
+* :meth:`trim` is the only way its list shrinks before it finishes, and the
+  trimmed blocks go straight back to the pool.
+
+Unbudgeted requests see vLLM's manager unchanged, prefix caching included.
+
+vLLM's ``Scheduler`` builds its ``KVCacheManager`` (and the manager its coordinator) itself,
+with no config hook to choose the class, so :func:`adopt` gives the two instances of one
+scheduler a direct subclass of their own class (``__class__`` assignment: no new instance, no
+global patch); see
+``vllm_caote.compat.CONTACTS``.
 """
 
 from __future__ import annotations
 
+from typing import Protocol
 
-def install() -> None:
-    from vllm.v1.core.kv_cache_coordinator import KVCacheCoordinator
 
-    if getattr(KVCacheCoordinator, "_caote_patched", False):
-        return
-    KVCacheCoordinator._caote_patched = True
-    orig_count = KVCacheCoordinator.get_num_blocks_to_allocate
-    orig_alloc = KVCacheCoordinator.allocate_new_blocks
+class BlockBudgets(Protocol):
+    """What the coordinator needs to know about budgeted requests (the scheduler's state)."""
 
-    def get_num_blocks_to_allocate(self, request_id, num_tokens, *args, **kwargs):
-        ev = getattr(self, "_caote", None)
-        if ev is not None and request_id in ev.requests:
-            if kwargs.get("apply_admission_cap"):
-                num_tokens = ev.admission_tokens(request_id, num_tokens)
-            else:
-                num_tokens = ev.tokens_for_blocks(request_id, num_tokens)
-            if "num_tokens_main_model" in kwargs:
-                kwargs["num_tokens_main_model"] = min(kwargs["num_tokens_main_model"], num_tokens)
-        return orig_count(self, request_id, num_tokens, *args, **kwargs)
+    def is_budgeted(self, request_id: str) -> bool: ...
 
-    def allocate_new_blocks(self, request_id, num_tokens, num_tokens_main_model, *args, **kw):
-        ev = getattr(self, "_caote", None)
-        if ev is not None and request_id in ev.requests:
-            num_tokens = ev.tokens_for_blocks(request_id, num_tokens)
-            num_tokens_main_model = min(num_tokens_main_model, num_tokens)
-        return orig_alloc(self, request_id, num_tokens, num_tokens_main_model, *args, **kw)
+    def tokens_for_blocks(self, request_id: str, num_tokens: int) -> int: ...
 
-    KVCacheCoordinator.get_num_blocks_to_allocate = get_num_blocks_to_allocate
-    KVCacheCoordinator.allocate_new_blocks = allocate_new_blocks
+    def admission_tokens(self, request_id: str, num_tokens: int) -> int: ...
+
+
+def coordinator_class(base: type) -> type:
+    """``base`` (a vLLM KV-cache coordinator class) for budgeted requests: blocks back their
+    compacted cache, and are never registered in the prefix cache."""
+
+    class CaoteCoordinator(base):  # type: ignore[misc,valid-type]
+        caote_budgets: BlockBudgets | None = None
+
+        def get_num_blocks_to_allocate(self, request_id, num_tokens, *args, **kwargs):
+            b = self.caote_budgets
+            if b is not None and b.is_budgeted(request_id):
+                if kwargs.get("apply_admission_cap"):
+                    num_tokens = b.admission_tokens(request_id, num_tokens)
+                else:
+                    num_tokens = b.tokens_for_blocks(request_id, num_tokens)
+                if "num_tokens_main_model" in kwargs:
+                    kwargs["num_tokens_main_model"] = min(
+                        kwargs["num_tokens_main_model"], num_tokens
+                    )
+            return super().get_num_blocks_to_allocate(request_id, num_tokens, *args, **kwargs)
+
+        def allocate_new_blocks(self, request_id, num_tokens, num_tokens_main_model, *a, **kw):
+            b = self.caote_budgets
+            if b is not None and b.is_budgeted(request_id):
+                num_tokens = b.tokens_for_blocks(request_id, num_tokens)
+                num_tokens_main_model = min(num_tokens_main_model, num_tokens)
+            return super().allocate_new_blocks(
+                request_id, num_tokens, num_tokens_main_model, *a, **kw
+            )
+
+        def cache_blocks(self, request, num_computed_tokens):
+            b = self.caote_budgets
+            if b is not None and b.is_budgeted(request.request_id):
+                return None  # compaction rewrites these blocks: a content hash would lie
+            return super().cache_blocks(request, num_computed_tokens)
+
+    return CaoteCoordinator
+
+
+def manager_class(base: type) -> type:
+    """``base`` (vLLM's ``KVCacheManager``) with the two operations eviction needs."""
+
+    class CaoteKVCacheManager(base):  # type: ignore[misc,valid-type]
+        def num_held_blocks(self, request_id: str) -> int:
+            """Blocks the request holds (the largest count over KV-cache groups)."""
+            managers = self.coordinator.single_type_managers
+            return max((len(m.req_to_blocks.get(request_id, ())) for m in managers), default=0)
+
+        def trim(self, request_id: str, keep_blocks: int) -> int:
+            """Give every block past the first ``keep_blocks`` of the request back to the pool.
+
+            Only for budgeted requests (exclusive, uncached blocks). Returns the count freed.
+            """
+            freed = 0
+            for m in self.coordinator.single_type_managers:
+                blocks = m.req_to_blocks.get(request_id)
+                if not blocks or len(blocks) <= keep_blocks:
+                    continue
+                tail = blocks[keep_blocks:]
+                del blocks[keep_blocks:]
+                if request_id in m.num_cached_block:
+                    m.num_cached_block[request_id] = min(
+                        m.num_cached_block[request_id], keep_blocks
+                    )
+                self.block_pool.free_blocks(reversed(tail))
+                freed += len(tail)
+            return freed
+
+    return CaoteKVCacheManager
+
+
+_CLASSES: dict[tuple, type] = {}
+
+
+def _swap(obj, factory) -> None:
+    base = type(obj)
+    key = (factory.__name__, base)
+    if key not in _CLASSES:
+        cls = factory(base)
+        cls.__name__ = cls.__qualname__ = f"Caote{base.__name__}"
+        _CLASSES[key] = cls
+    obj.__class__ = _CLASSES[key]
+
+
+def adopt(kv_cache_manager, budgets: BlockBudgets):
+    """Make one scheduler's manager and coordinator eviction-aware; returns the manager."""
+    coordinator = kv_cache_manager.coordinator
+    if not type(coordinator).__name__.startswith("Caote"):
+        _swap(coordinator, coordinator_class)
+    coordinator.caote_budgets = budgets
+    if not hasattr(kv_cache_manager, "trim"):
+        _swap(kv_cache_manager, manager_class)
+    return kv_cache_manager

@@ -1,13 +1,16 @@
-"""Worker side of eviction: input preparation and per-step context (worker processes).
+"""Worker side of eviction: input preparation, per-step context and the handshake.
 
-Wraps ``vllm.v1.worker.gpu_model_runner.GPUModelRunner`` (``CPUModelRunner`` subclasses it, so
-one patch serves both):
+:func:`runner_class` subclasses vLLM's V1 ``GPUModelRunner`` (or ``CPUModelRunner``, itself a
+subclass); the plugin's workers (:mod:`vllm_caote.engine.worker`) build the runner with it.
 
-* ``_update_states``  drop worker state of finished / restarted requests;
-* ``_prepare_inputs`` positions stay the true token indices (RoPE), while cache slots and
-                      ``seq_lens`` count the compacted cache: ``slot = position - offset``;
-* ``execute_model``   after the forward pass, shrink the block-table rows of requests that
-                      compacted, mirroring the blocks the scheduler frees.
+* ``_update_states``   drop worker state of finished / restarted requests;
+* ``_prepare_inputs``  positions stay the true token indices (RoPE), while cache slots and
+                       ``seq_lens`` count the compacted cache: ``slot = position - offset``;
+* ``execute_model``    after the forward pass, shrink the block-table rows of requests whose
+                       compaction succeeded in every layer, and write the step's report;
+* ``sample_tokens``    hand the report (and eviction timings) to the scheduler on the step's
+                       ``ModelRunnerOutput`` (:data:`~vllm_caote.engine.plan.REPORT_ATTR`);
+* ``initialize_kv_cache``  refuse, at startup, layers eviction cannot compact correctly.
 
 The per-step context (:class:`StepContext`) is what the attention backend reads to score and
 compact each layer (:mod:`vllm_caote.engine.attention`).
@@ -15,13 +18,17 @@ compact each layer (:mod:`vllm_caote.engine.attention`).
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from vllm_caote.config import settings
-from vllm_caote.engine.plan import PLAN_ATTR, StepPlan, cdiv
+from vllm_caote.engine.plan import PLAN_ATTR, REPORT_ATTR, StepPlan, cdiv
+
+logger = logging.getLogger("vllm.vllm_caote.engine")
 
 
 @dataclass
@@ -32,7 +39,6 @@ class LayerState:
 
 @dataclass
 class RequestState:
-    seen: int = 0  # tokens whose queries went through the ring (true count)
     layers: dict[str, LayerState] = field(default_factory=dict)
 
 
@@ -48,12 +54,15 @@ class RowWork:
     seen_before: int  # true token count before this step
     block_ids: torch.Tensor  # [ceil(cache_len / bs)] long, on the cache's device
     plan: StepPlan
+    layers_compacted: int = 0
+    error: str | None = None  # set by the first layer that failed; later layers skip the row
 
 
 @dataclass
 class StepContext:
     num_tokens: int
     rows: list[RowWork]
+    layers_seen: int = 0  # attention layers that ran the eviction hook on this batch
 
 
 class WorkerEviction:
@@ -61,13 +70,20 @@ class WorkerEviction:
 
     def __init__(self, runner) -> None:
         self.runner = runner
-        self.settings = settings()
+        self.settings = settings(runner.vllm_config)
         self.requests: dict[str, RequestState] = {}
         self.plans: dict[str, StepPlan] = {}
         self.step: StepContext | None = None
-        self.evicted_this_step: list[tuple[int, int]] = []  # (row, keep_tokens)
+        self.num_kv_layers = 0  # attention layers with a KV cache (set at KV-cache init)
+        self.kv_cache_dtype = str(runner.cache_config.cache_dtype)
+        # Report for the next ModelRunnerOutput: {"compacted": {...}, "failed": {...}}.
+        self.report: dict[str, dict] = {"compacted": {}, "failed": {}}
         # Time spent scoring + compacting, drained by the metrics hook.
         self.eviction_seconds: list[float] = []
+        self.step_policies: list[str] = []
+        #: Fault-injection seam (tests): requests for which it returns True skip compaction,
+        #: as a worker that cannot compact would. The scheduler must then not free blocks.
+        self.skip_compaction: Callable[[str], bool] | None = None
 
     def request(self, req_id: str) -> RequestState:
         st = self.requests.get(req_id)
@@ -85,7 +101,6 @@ class WorkerEviction:
 
     def prepare_inputs(self, num_scheduled_tokens: np.ndarray) -> None:
         self.step = None
-        self.evicted_this_step = []
         if not self.plans:
             return
         r = self.runner
@@ -108,16 +123,10 @@ class WorkerEviction:
             blocks = torch.from_numpy(bt0.block_table.np[row, :nb].astype(np.int64))
             rows.append(
                 RowWork(
-                    rid,
-                    row,
-                    int(qsl[row]),
-                    int(qsl[row + 1]),
-                    cache_len,
-                    computed,
-                    blocks.to(r.device),
-                    plan,
+                    rid, row, int(qsl[row]), int(qsl[row + 1]), cache_len, computed,
+                    blocks.to(r.device), plan,
                 )
-            )
+            )  # fmt: skip
         if offsets.any():
             off = torch.from_numpy(offsets).to(r.seq_lens.device)
             r.seq_lens[:num_reqs] -= off.to(r.seq_lens.dtype)
@@ -129,15 +138,42 @@ class WorkerEviction:
         self.step = StepContext(total, rows) if rows else None
 
     def finish_step(self) -> None:
-        """Block-table rows shrink with the compacted cache (the scheduler frees the tail)."""
+        """Confirm the compactions done in every layer; block-table rows shrink with them."""
+        step, self.step = self.step, None
+        if step is None:
+            return
         bts = self.runner.input_batch.block_table.block_tables
-        for row, keep in self.evicted_this_step:
-            for bt in bts:
-                bt.num_blocks_per_row[row] = min(
-                    bt.num_blocks_per_row[row], cdiv(keep, bt.block_size)
+        for work in step.rows:
+            keep = work.plan.evict_to
+            if keep is None:
+                continue
+            if work.error is None and (
+                step.layers_seen != self.num_kv_layers or work.layers_compacted != step.layers_seen
+            ):
+                work.error = (
+                    f"compacted in {work.layers_compacted} of {self.num_kv_layers} attention "
+                    "layers (a layer that ran without the plugin's backend hook: CUDA graph "
+                    "replay, micro-batching or an unwrapped backend)"
                 )
-        self.evicted_this_step = []
-        self.step = None
+            if work.error is not None:
+                self.report["failed"][work.req_id] = work.error
+                continue
+            self.report["compacted"][work.req_id] = keep
+            for bt in bts:
+                bt.num_blocks_per_row[work.row] = min(
+                    bt.num_blocks_per_row[work.row], cdiv(keep, bt.block_size)
+                )
+
+    def attach_report(self, output) -> None:
+        """Put the pending report on a real ``ModelRunnerOutput`` (not a shared empty one)."""
+        if output is None or not (self.report["compacted"] or self.report["failed"]):
+            return
+        from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT, ModelRunnerOutput
+
+        if output is EMPTY_MODEL_RUNNER_OUTPUT or not isinstance(output, ModelRunnerOutput):
+            return
+        setattr(output, REPORT_ATTR, self.report)
+        self.report = {"compacted": {}, "failed": {}}
 
 
 _ACTIVE: list[WorkerEviction] = []
@@ -148,45 +184,101 @@ def current() -> WorkerEviction | None:
     return _ACTIVE[-1] if _ACTIVE else None
 
 
-def install() -> None:
-    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+def runner_class(base: type) -> type:
+    """``base`` (vLLM's V1 ``GPUModelRunner`` or a subclass such as ``CPUModelRunner``) with
+    the eviction hooks. A direct subclass holding no state until first used, so a built runner
+    can also be given it by ``__class__`` assignment."""
 
-    if getattr(GPUModelRunner, "_caote_patched", False):
-        return
-    GPUModelRunner._caote_patched = True
-    orig_update = GPUModelRunner._update_states
-    orig_prepare = GPUModelRunner._prepare_inputs
-    orig_execute = GPUModelRunner.execute_model
+    class CaoteModelRunner(base):  # type: ignore[misc,valid-type]
+        _caote_runner = True
 
-    def _state(self) -> WorkerEviction:
-        st = self.__dict__.get("_caote")
-        if st is None:
-            st = self.__dict__["_caote"] = WorkerEviction(self)
-        return st
+        @property
+        def caote(self) -> WorkerEviction:
+            st = self.__dict__.get("_caote")
+            if st is None:
+                st = self.__dict__["_caote"] = WorkerEviction(self)
+            return st
 
-    def _update_states(self, scheduler_output):
-        _state(self).update_states(scheduler_output)
-        return orig_update(self, scheduler_output)
+        def initialize_kv_cache(self, kv_cache_config, *args, **kwargs):
+            out = super().initialize_kv_cache(kv_cache_config, *args, **kwargs)
+            self.caote.num_kv_layers = check_attention_layers(self, kv_cache_config)
+            return out
 
-    def _prepare_inputs(self, scheduler_output, num_scheduled_tokens, *args, **kwargs):
-        out = orig_prepare(self, scheduler_output, num_scheduled_tokens, *args, **kwargs)
-        _state(self).prepare_inputs(num_scheduled_tokens)
-        return out
+        def _update_states(self, scheduler_output):
+            self.caote.update_states(scheduler_output)
+            return super()._update_states(scheduler_output)
 
-    def execute_model(self, scheduler_output, *args, **kwargs):
-        st = _state(self)
-        st.plans = {}
-        _ACTIVE.append(st)
-        try:
-            return orig_execute(self, scheduler_output, *args, **kwargs)
-        finally:
-            _ACTIVE.pop()
-            st.finish_step()
+        def _prepare_inputs(self, scheduler_output, num_scheduled_tokens, *args, **kwargs):
+            out = super()._prepare_inputs(scheduler_output, num_scheduled_tokens, *args, **kwargs)
+            self.caote.prepare_inputs(num_scheduled_tokens)
+            return out
 
-    GPUModelRunner._update_states = _update_states
-    GPUModelRunner._prepare_inputs = _prepare_inputs
-    GPUModelRunner.execute_model = execute_model
+        def execute_model(self, scheduler_output, *args, **kwargs):
+            from vllm_caote.metrics.engine import collect_worker_timings
 
-    from vllm_caote.metrics.engine import install_worker  # eviction timings to the engine core
+            st = self.caote
+            st.plans = {}
+            _ACTIVE.append(st)
+            try:
+                out = super().execute_model(scheduler_output, *args, **kwargs)
+            finally:
+                _ACTIVE.pop()
+                st.finish_step()
+            collect_worker_timings(self, scheduler_output)
+            self._caote_attach(out)
+            return out
 
-    install_worker(GPUModelRunner)
+        def sample_tokens(self, *args, **kwargs):
+            out = super().sample_tokens(*args, **kwargs)
+            self._caote_attach(out)
+            return out
+
+        def _caote_attach(self, out) -> None:
+            from vllm_caote.metrics.engine import attach_worker_timings
+
+            self.caote.attach_report(out)
+            attach_worker_timings(self, out)
+
+    CaoteModelRunner.__name__ = CaoteModelRunner.__qualname__ = f"Caote{base.__name__}"
+    return CaoteModelRunner
+
+
+class UnsupportedLayerError(RuntimeError):
+    """An attention layer eviction cannot compact correctly; the message names it."""
+
+
+def check_attention_layers(runner, kv_cache_config) -> int:
+    """Every KV-cache layer must run the plugin's attention hook on a plain, unshared cache.
+
+    Returns the number of such layers (each must confirm a compaction before blocks are freed).
+    """
+    from vllm_caote.engine.attention import is_caote_impl
+
+    ctx = runner.vllm_config.compilation_config.static_forward_context
+    names = [n for g in kv_cache_config.kv_cache_groups for n in g.layer_names]
+    for name in names:
+        layer = ctx.get(name)
+        impl = getattr(layer, "impl", None)
+        if impl is None:
+            continue
+        if getattr(layer, "kv_sharing_target_layer_name", None) or getattr(
+            impl, "kv_sharing_target_layer_name", None
+        ):
+            raise UnsupportedLayerError(
+                f"vllm-caote: layer {name} shares another layer's KV cache (KV sharing); "
+                "KV eviction does not support it. Serve this model without the plugin "
+                "(CAOTE_DISABLE=1)."
+            )
+        if getattr(impl, "alibi_slopes", None) is not None:
+            raise UnsupportedLayerError(
+                f"vllm-caote: layer {name} uses ALiBi position biases, which are computed from "
+                "cache indices; compaction would shift them. Serve this model without the "
+                "plugin (CAOTE_DISABLE=1)."
+            )
+        if not is_caote_impl(impl):
+            raise UnsupportedLayerError(
+                f"vllm-caote: layer {name} runs attention backend {type(impl).__name__}, which "
+                "the plugin does not wrap (supported: CPU_ATTN, FLASH_ATTN, TRITON_ATTN). Pick "
+                "one with --attention-backend, or serve without the plugin (CAOTE_DISABLE=1)."
+            )
+    return len(names)

@@ -10,7 +10,8 @@ Cache arithmetic for one request at one step, with ``N`` tokens computed before 
 * the cache holds ``N - E`` tokens before the step and ``N - E + n`` after writing the step;
 * positions (RoPE) are the true ``N .. N+n-1``; cache slots are ``N-E .. N-E+n-1``;
 * when ``evict_to`` is set, after the attention of each layer the cache is compacted to the
-  first ``evict_to`` slots, and the scheduler frees every block past ``ceil(evict_to / bs)``.
+  first ``evict_to`` slots; once the worker reports it done in every layer, the scheduler frees
+  every block past ``ceil(evict_to / bs)``.
 """
 
 from __future__ import annotations
@@ -18,6 +19,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 PLAN_ATTR = "caote_plan"
+#: attribute of the step's ``ModelRunnerOutput`` (worker -> scheduler): the handshake
+#: ``{"compacted": {req_id: tokens kept}, "failed": {req_id: reason}}``. The scheduler frees
+#: blocks only for evictions listed under "compacted" with the planned size.
+REPORT_ATTR = "caote_eviction_report"
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,19 +1,19 @@
 """Scheduler side of eviction (engine-core process).
 
-Wraps ``vllm.v1.core.sched.scheduler.Scheduler``:
+:class:`CaoteScheduler` is vLLM's ``Scheduler`` with eviction added; the plugin selects it
+through vLLM's own ``scheduler_config.scheduler_cls`` (:mod:`vllm_caote.configure`). It owns
+:class:`SchedulerEviction`, the single source of truth of every budgeted request: how many of
+its tokens are evicted, when it evicts next, which blocks it gives back.
 
-* ``__init__``           attach a :class:`SchedulerEviction`;
-* ``_reserve_prefill_lookahead``  (the last cut every prefill chunk size passes through) cap a
-                         budgeted request's chunk at ``VLLM_CAOTE_PREFILL_CHUNK`` tokens;
-* ``add_request``        read ``kv_budget``/``kv_policy`` from ``SamplingParams.extra_args``;
-* ``schedule``           decide, per scheduled budgeted request, whether it evicts after this
-                         step, and ship the :class:`~vllm_caote.engine.plan.StepPlan` to workers;
-* ``update_from_output`` give the blocks emptied by this step's eviction back to the pool;
-* ``_preempt_request``   a preempted request restarts from token 0: nothing is evicted any more;
-* ``_free_request``      report per-request eviction stats through ``kv_transfer_params``.
+Invariants kept here, for a request with budget ``B`` and block size ``bs``:
 
-Invariant kept here: a request with budget ``B`` holds at most ``ceil(B/bs) + 1`` blocks while
-decoding and ``ceil(B/bs) + ceil(chunk/bs)`` while a prefill chunk is in flight.
+* it holds at most ``ceil(B/bs) + 1`` blocks while decoding, and at most
+  ``ceil(B/bs) + ceil(chunk/bs)`` while a block-wise prefill chunk is in flight;
+* blocks are given back only for evictions the worker *confirmed* (the step's
+  :data:`~vllm_caote.engine.plan.REPORT_ATTR`). A planned eviction that was not confirmed
+  (a worker that skipped it, or failed in scoring/compaction) leaves the cache in an unknown
+  state: the request is recomputed from token 0 without eviction, and its stats say why.
+  Nothing else in the batch is touched, and the engine keeps serving.
 """
 
 from __future__ import annotations
@@ -22,12 +22,18 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-from vllm_caote.config import settings
-from vllm_caote.engine.plan import PLAN_ATTR, StepPlan, cdiv
+from vllm.v1.core.sched.scheduler import Scheduler
+from vllm.v1.request import RequestStatus
 
-logger = logging.getLogger("vllm_caote.engine")
+from vllm_caote.config import BUDGET_KEY, POLICY_KEY, STATS_KEY, settings
+from vllm_caote.engine.kv_cache_manager import adopt
+from vllm_caote.engine.plan import PLAN_ATTR, REPORT_ATTR, StepPlan, cdiv
 
-STATS_KEY = "kv_eviction"
+logger = logging.getLogger("vllm.vllm_caote.engine")
+
+
+class UnsupportedModelError(RuntimeError):
+    """The model's KV cache cannot be evicted; the message names the feature."""
 
 
 @dataclass
@@ -43,11 +49,11 @@ class RequestBudget:
     peak_blocks: int = 0
     peak_tokens: int = 0
     tokens_seen: int = 0
-    free_after_step: int | None = None  # blocks to keep once the in-flight step is done
+    error: str | None = None  # set when eviction failed and the request ran without it
     started: float = field(default_factory=time.monotonic)
 
     def stats(self) -> dict:
-        return {
+        out = {
             "budget": self.budget,
             "policy": self.policy,
             "evicted_tokens": self.evicted_total,
@@ -56,6 +62,36 @@ class RequestBudget:
             "peak_tokens": self.peak_tokens,
             "tokens_seen": self.tokens_seen,
         }
+        if self.error is not None:
+            out["error"] = self.error
+        return out
+
+
+def check_kv_cache_config(kv_cache_config) -> None:
+    """Eviction compacts one full-attention block table per request; refuse anything else."""
+    from vllm.v1.kv_cache_interface import FullAttentionSpec, MLAAttentionSpec
+
+    groups = kv_cache_config.kv_cache_groups
+    if len(groups) > 1:
+        kinds = sorted({type(g.kv_cache_spec).__name__ for g in groups})
+        raise UnsupportedModelError(
+            f"vllm-caote: this model has {len(groups)} KV-cache groups ({', '.join(kinds)}: "
+            "sliding-window / hybrid attention); KV eviction supports one full-attention group. "
+            "Serve it without the plugin (CAOTE_DISABLE=1)."
+        )
+    for g in groups:
+        spec = g.kv_cache_spec
+        if isinstance(spec, MLAAttentionSpec):
+            raise UnsupportedModelError(
+                "vllm-caote: multi-head latent attention (MLA) KV caches are not supported by "
+                "KV eviction. Serve this model without the plugin (CAOTE_DISABLE=1)."
+            )
+        if type(spec) is not FullAttentionSpec:
+            raise UnsupportedModelError(
+                f"vllm-caote: KV-cache spec {type(spec).__name__} (sliding-window, chunked-local "
+                "or sink attention) is not supported by KV eviction; only full attention is. "
+                "Serve this model without the plugin (CAOTE_DISABLE=1)."
+            )
 
 
 class SchedulerEviction:
@@ -63,41 +99,54 @@ class SchedulerEviction:
 
     def __init__(self, scheduler) -> None:
         self.scheduler = scheduler
-        self.settings = settings()
+        self.settings = settings(scheduler.vllm_config)
         self.block_size = scheduler.cache_config.block_size
         self.requests: dict[str, RequestBudget] = {}
-        self.enabled = True
         # Hooks for metrics (vllm_caote.metrics): finished requests' stats.
         self.finished_stats: list[dict] = []
         self.freed_blocks_total = 0
-        sched_cfg = scheduler.scheduler_config
-        if getattr(sched_cfg, "async_scheduling", False):
-            # Freed blocks and slot offsets assume the step's output is processed before the
-            # next step is scheduled.
-            logger.warning(
-                "vllm-caote: async scheduling is on; kv_budget is ignored. "
-                "Start vLLM with --no-async-scheduling to enable eviction."
-            )
-            self.enabled = False
+        # requests whose eviction failed: recomputed without it, stats kept until they finish
+        self.fallen_back: dict[str, RequestBudget] = {}
         # Block-wise prefill: a budgeted request's prompt goes in chunks of at most this many
         # tokens, so it never holds more than budget + one chunk. None (setting 0): the whole
         # prompt is cached, then evicted once with the prompt's last queries (SnapKV's setting).
         chunk = self.settings.prefill_chunk
         self.chunk: int | None = max(chunk, self.block_size) if chunk > 0 else None
-        coordinator = scheduler.kv_cache_manager.coordinator
-        coordinator._caote = self
+        self.kv = adopt(scheduler.kv_cache_manager, self)
+
+    # -- BlockBudgets (asked by the KV cache coordinator) --------------------------------------
+
+    def is_budgeted(self, request_id: str) -> bool:
+        return request_id in self.requests
+
+    def tokens_for_blocks(self, request_id: str, num_tokens: int) -> int:
+        """Token count the KV manager must back with blocks: the compacted cache, not history."""
+        st = self.requests.get(request_id)
+        return num_tokens if st is None else max(num_tokens - st.evicted, 0)
+
+    def admission_tokens(self, request_id: str, num_tokens: int) -> int:
+        """Full-sequence admission check: a budgeted request never needs more than this."""
+        st = self.requests.get(request_id)
+        if st is None:
+            return num_tokens
+        need = max(num_tokens - st.evicted, 0)
+        return need if self.chunk is None else min(need, st.keep + self.chunk)
 
     # -- request lifecycle ---------------------------------------------------------------------
 
     def add(self, request) -> None:
-        if not self.enabled or request.sampling_params is None:
-            return
+        """A new request: budgeted if its (validated) ``extra_args`` carry a budget."""
+        if request.sampling_params is None or request.request_id in self.requests:
+            return  # a streaming-input session update keeps the state it has
         args = request.sampling_params.extra_args or {}
-        budget, policy = args.get("kv_budget"), args.get("kv_policy")
+        budget, policy = args.get(BUDGET_KEY), args.get(POLICY_KEY)
         if not budget:
             return
         keep = cdiv(int(budget), self.block_size) * self.block_size
-        self.requests[request.request_id] = RequestBudget(int(budget), keep, str(policy))
+        policy = str(policy or self.settings.default_policy)
+        self.requests[request.request_id] = RequestBudget(int(budget), keep, policy)
+        # Its blocks are compacted in place: they must be its own, never prefix-cache hits.
+        request.skip_reading_prefix_cache = True
 
     def cap_chunk(self, request, num_new_tokens: int) -> int:
         """Block-wise prefill: at most one chunk of a budgeted request's prompt per step."""
@@ -109,24 +158,8 @@ class SchedulerEviction:
             return self.chunk
         return num_new_tokens
 
-    def tokens_for_blocks(self, request_id: str, num_tokens: int) -> int:
-        """Token count the KV manager must back with blocks: the compacted cache, not history."""
-        st = self.requests.get(request_id)
-        if st is None:
-            return num_tokens
-        return max(num_tokens - st.evicted, 0)
-
-    def admission_tokens(self, request_id: str, num_tokens: int) -> int:
-        """Full-sequence admission check: a budgeted request never needs more than this."""
-        st = self.requests.get(request_id)
-        if st is None:
-            return num_tokens
-        need = max(num_tokens - st.evicted, 0)
-        return need if self.chunk is None else min(need, st.keep + self.chunk)
-
-    # -- per step ------------------------------------------------------------------------------
-
     def plan(self, scheduler_output) -> None:
+        """Decide, per scheduled budgeted request, whether it evicts after this step."""
         plans: dict[str, StepPlan] = {}
         sched = self.scheduler
         bs = self.block_size
@@ -144,8 +177,7 @@ class SchedulerEviction:
             evict_to = st.keep if (cache_after > st.keep and cache_after >= threshold) else None
             if self.chunk is None and request.num_computed_tokens < request.num_prompt_tokens:
                 evict_to = None  # one-shot prefill eviction: wait for the whole prompt
-            blocks = self._held_blocks(req_id)
-            st.peak_blocks = max(st.peak_blocks, blocks)
+            st.peak_blocks = max(st.peak_blocks, self.kv.num_held_blocks(req_id))
             st.peak_tokens = max(st.peak_tokens, cache_after)
             st.tokens_seen = max(st.tokens_seen, request.num_computed_tokens)
             plans[req_id] = StepPlan(st.evicted, evict_to, st.policy, computed_before == 0)
@@ -154,94 +186,112 @@ class SchedulerEviction:
                 st.evicted += dropped
                 st.evicted_total += dropped
                 st.events += 1
-                st.free_after_step = cdiv(evict_to, bs)
         setattr(scheduler_output, PLAN_ATTR, plans)
 
-    def release(self, scheduler_output) -> None:
-        """After a step ran: return the blocks its compaction emptied to the pool."""
+    def release(self, scheduler_output, model_runner_output) -> dict[str, str]:
+        """After a step ran: give back the blocks of every *confirmed* compaction.
+
+        Returns ``{request_id: reason}`` for planned evictions the worker did not confirm.
+        """
         plans = getattr(scheduler_output, PLAN_ATTR, None) or {}
+        report = getattr(model_runner_output, REPORT_ATTR, None) or {}
+        compacted = report.get("compacted", {})
+        failed_reasons = report.get("failed", {})
+        failed: dict[str, str] = {}
         for req_id, p in plans.items():
-            st = self.requests.get(req_id)
-            if p.evict_to is None or st is None or st.free_after_step is None:
+            if p.evict_to is None or req_id not in self.requests:
                 continue
-            self._trim(req_id, st.free_after_step)
-            st.free_after_step = None
+            if compacted.get(req_id) == p.evict_to:
+                self.freed_blocks_total += self.kv.trim(req_id, cdiv(p.evict_to, self.block_size))
+            else:
+                failed[req_id] = failed_reasons.get(
+                    req_id, "the worker did not confirm the planned compaction"
+                )
+        return failed
+
+    def fall_back(self, request, reason: str) -> None:
+        """Eviction failed mid-way: recompute the request from token 0 without eviction."""
+        st = self.requests.pop(request.request_id, None)
+        if st is None:
+            return
+        st.error = f"eviction failed, request recomputed without eviction: {reason}"
+        self.fallen_back[request.request_id] = st
+        logger.error("vllm-caote: request %s: %s", request.request_id, st.error)
 
     def preempted(self, request) -> None:
         st = self.requests.get(request.request_id)
         if st is not None:
             st.evicted = 0
-            st.free_after_step = None
 
     def finished(self, request) -> dict | None:
-        st = self.requests.pop(request.request_id, None)
+        rid = request.request_id
+        st = self.requests.pop(rid, None) or self.fallen_back.pop(rid, None)
         if st is None:
             return None
         stats = st.stats()
         self.finished_stats.append(stats)
+        logger.info(
+            "vllm-caote: request %s finished (%s): budget=%d policy=%s tokens_seen=%d "
+            "evicted=%d events=%d peak_blocks=%d%s",
+            rid,
+            request.status,
+            st.budget,
+            st.policy,
+            st.tokens_seen,
+            st.evicted_total,
+            st.events,
+            st.peak_blocks,
+            f" error={st.error!r}" if st.error else "",
+        )
         return stats
 
-    # -- block pool access ---------------------------------------------------------------------
 
-    def _managers(self):
-        return self.scheduler.kv_cache_manager.coordinator.single_type_managers
+class CaoteScheduler(Scheduler):
+    """vLLM's scheduler plus per-request KV eviction (selected via ``scheduler_cls``)."""
 
-    def _held_blocks(self, req_id: str) -> int:
-        return max((len(m.req_to_blocks.get(req_id, ())) for m in self._managers()), default=0)
-
-    def _trim(self, req_id: str, keep_blocks: int) -> None:
-        pool = self.scheduler.kv_cache_manager.block_pool
-        for m in self._managers():
-            blocks = m.req_to_blocks.get(req_id)
-            if not blocks or len(blocks) <= keep_blocks:
-                continue
-            tail = blocks[keep_blocks:]
-            del blocks[keep_blocks:]
-            if req_id in m.num_cached_block:
-                m.num_cached_block[req_id] = min(m.num_cached_block[req_id], keep_blocks)
-            pool.free_blocks(reversed(tail))
-            self.freed_blocks_total += len(tail)
-
-
-def install() -> None:
-    from vllm.v1.core.sched.scheduler import Scheduler
-
-    if getattr(Scheduler, "_caote_patched", False):
-        return
-    Scheduler._caote_patched = True
-
-    orig_init = Scheduler.__init__
-    orig_add = Scheduler.add_request
-    orig_schedule = Scheduler.schedule
-    orig_update = Scheduler.update_from_output
-    orig_preempt = Scheduler._preempt_request
-    orig_free = Scheduler._free_request
-    orig_lookahead = Scheduler._reserve_prefill_lookahead
-
-    def __init__(self, *args, **kwargs):
-        orig_init(self, *args, **kwargs)
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        check_kv_cache_config(self.kv_cache_config)
         self.caote = SchedulerEviction(self)
+        from vllm_caote.metrics.engine import EngineMetrics
 
-    def add_request(self, request):
-        orig_add(self, request)
-        if request.request_id in self.requests:
+        self.caote_metrics = EngineMetrics(self)
+
+    def add_request(self, request) -> None:
+        super().add_request(request)
+        if self.requests.get(request.request_id) is request:
             self.caote.add(request)
 
+    def _reserve_prefill_lookahead(self, request, num_computed_tokens, num_new_tokens):
+        n = super()._reserve_prefill_lookahead(request, num_computed_tokens, num_new_tokens)
+        return self.caote.cap_chunk(request, n)
+
     def schedule(self, *args, **kwargs):
-        out = orig_schedule(self, *args, **kwargs)
+        out = super().schedule(*args, **kwargs)
         self.caote.plan(out)
         return out
 
     def update_from_output(self, scheduler_output, model_runner_output):
-        self.caote.release(scheduler_output)
-        return orig_update(self, scheduler_output, model_runner_output)
+        self.caote_metrics.ingest_output(model_runner_output)
+        failed = self.caote.release(scheduler_output, model_runner_output)
+        # The step's own output is valid: each layer attended before it compacted.
+        outputs = super().update_from_output(scheduler_output, model_runner_output)
+        for req_id, reason in failed.items():
+            request = self.requests.get(req_id)
+            if request is None:
+                continue
+            self.caote.fall_back(request, reason)
+            if request.status == RequestStatus.RUNNING:
+                self.running.remove(request)
+                self._preempt_request(request, time.monotonic())
+        return outputs
 
-    def _preempt_request(self, request, *args, **kwargs):
-        orig_preempt(self, request, *args, **kwargs)
+    def _preempt_request(self, request, *args, **kwargs) -> None:
+        super()._preempt_request(request, *args, **kwargs)
         self.caote.preempted(request)
 
     def _free_request(self, request, *args, **kwargs):
-        result = orig_free(self, request, *args, **kwargs)
+        result = super()._free_request(request, *args, **kwargs)
         stats = self.caote.finished(request)
         if stats is None:
             return result
@@ -250,18 +300,7 @@ def install() -> None:
         kv_xfer[STATS_KEY] = stats
         return (kv_xfer, *rest)
 
-    def _reserve_prefill_lookahead(self, request, num_computed_tokens, num_new_tokens):
-        n = orig_lookahead(self, request, num_computed_tokens, num_new_tokens)
-        return self.caote.cap_chunk(request, n)
-
-    Scheduler.__init__ = __init__
-    Scheduler._reserve_prefill_lookahead = _reserve_prefill_lookahead
-    Scheduler.add_request = add_request
-    Scheduler.schedule = schedule
-    Scheduler.update_from_output = update_from_output
-    Scheduler._preempt_request = _preempt_request
-    Scheduler._free_request = _free_request
-
-    from vllm_caote.metrics.engine import install_scheduler  # vllm_caote:* metrics payload
-
-    install_scheduler(Scheduler)
+    def make_stats(self, *args, **kwargs):
+        stats = super().make_stats(*args, **kwargs)
+        self.caote_metrics.publish(stats)
+        return stats

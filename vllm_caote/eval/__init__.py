@@ -12,7 +12,7 @@ greedy answer (12 tokens), with Wilson 95% intervals.
 
 ``ppl``: perplexity of contiguous KJV passages of ``context`` tokens by teacher forcing through
 the engine (``SamplingParams(prompt_logprobs=0)``). vLLM computes prompt logprobs chunk by chunk
-and the plugin's block-wise prefill (``VLLM_CAOTE_PREFILL_CHUNK``, 512 tokens) evicts after every
+and the plugin's block-wise prefill (``CAOTE_PREFILL_CHUNK``, 512 tokens) evicts after every
 chunk, so tokens after the first chunk are scored against the evicted cache. ``ppl`` is over all
 tokens, ``ppl_tail`` only over tokens after the first chunk (the ones eviction can touch).
 
@@ -169,7 +169,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--prefill-chunk",
         type=int,
         default=None,
-        help="block-wise prefill chunk in tokens (VLLM_CAOTE_PREFILL_CHUNK, default 512); "
+        help="block-wise prefill chunk in tokens (CAOTE_PREFILL_CHUNK, default 512); "
         "0 = vLLM's own chunking, i.e. evict once after the whole prompt (SnapKV's setting)",
     )
     p.add_argument(
@@ -615,7 +615,7 @@ def main(argv=None) -> int:
 
     t_start = time.perf_counter()
     if args.prefill_chunk is not None:
-        os.environ["VLLM_CAOTE_PREFILL_CHUNK"] = str(args.prefill_chunk)
+        os.environ["CAOTE_PREFILL_CHUNK"] = str(args.prefill_chunk)
     extra = {"block_size": args.block_size} if args.block_size else {}
     llm = make_llm(args.model, max_model_len=max_len, kv_space_gib=args.kv_space, **extra)
     min_b = min_budget_of(llm)

@@ -47,13 +47,9 @@ def make_llm(
         dtype=engine_dtype(),
         model=resolve_model(model),
         max_model_len=max_model_len,
-        enable_prefix_caching=False,
         enforce_eager=True,
         gpu_memory_utilization=0.3,
         distributed_executor_backend="uni",
-        # eviction needs each step's output processed before the next step is scheduled
-        # (async scheduling is vLLM's CUDA default; vLLM-CPU never uses it)
-        async_scheduling=False,
     )
     params.update(kwargs)
     return LLM(**params)
@@ -96,7 +92,7 @@ def environment() -> dict:
         "platform": platform.platform(),
         "git_rev": rev,
         "env": {
-            k: v for k, v in os.environ.items() if k.startswith(("VLLM_CAOTE_", "VLLM_CPU_KVCACHE"))
+            k: v for k, v in os.environ.items() if k.startswith(("CAOTE_", "VLLM_CPU_KVCACHE"))
         },
     }
 

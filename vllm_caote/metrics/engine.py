@@ -1,11 +1,14 @@
 """Engine-core and worker side of the ``vllm_caote:*`` metrics (see :mod:`vllm_caote.metrics`).
 
-Installed from the engine patches (one call each in ``vllm_caote.engine.scheduler.install`` and
-``vllm_caote.engine.model_runner.install``), so it runs in every vLLM process the plugin runs in:
+Called from the plugin's own classes, so it runs in every vLLM process the plugin runs in:
 
-* :func:`install_worker` wraps ``GPUModelRunner.execute_model`` / ``sample_tokens`` (workers);
-* :func:`install_scheduler` wraps ``Scheduler.update_from_output`` / ``make_stats`` (engine core)
-  and ``StatLoggerManager.record`` (front-end).
+* workers: ``CaoteModelRunnerMixin.execute_model`` / ``sample_tokens`` call
+  :func:`collect_worker_timings` and :func:`attach_worker_timings`;
+* engine core: ``CaoteScheduler`` owns an :class:`EngineMetrics` (``update_from_output`` ->
+  :meth:`EngineMetrics.ingest_output`, ``make_stats`` -> :meth:`EngineMetrics.publish`);
+* front-end: :class:`~vllm_caote.metrics.logger.CaoteStatLogger` takes the payload out of
+  ``SchedulerStats.kv_connector_stats`` (:func:`take_payload`). vLLM's ``StatLoggerManager``
+  calls plugin loggers before its own logging and Prometheus loggers, so those never see it.
 
 Nothing here imports prometheus_client: the front-end exporter is :mod:`.logger`.
 """
@@ -18,7 +21,7 @@ from typing import Any
 
 from vllm_caote.metrics import OUTPUT_ATTR, PAYLOAD_KEY
 
-logger = logging.getLogger("vllm_caote.metrics")
+logger = logging.getLogger("vllm.vllm_caote.metrics")
 
 #: attribute a front-end ``SchedulerStats`` gets once its payload is taken out of
 #: ``kv_connector_stats`` (decoded objects are plain dataclasses: attributes stick)
@@ -66,7 +69,7 @@ def split_timings(durations: list[float], policies: list[str]) -> list[list]:
 # -- worker processes --------------------------------------------------------------------------
 
 
-def _collect_worker(runner, scheduler_output) -> None:
+def collect_worker_timings(runner, scheduler_output) -> None:
     """After a forward pass: this step's eviction timings, per evicting request."""
     ev = runner.__dict__.get("_caote")
     if ev is None or not ev.eviction_seconds:
@@ -83,7 +86,7 @@ def _collect_worker(runner, scheduler_output) -> None:
         del pending[: len(pending) - MAX_PENDING]
 
 
-def _attach_worker(runner, output) -> None:
+def attach_worker_timings(runner, output) -> None:
     """Hand pending timings to the engine core on a real (not shared, not async) output."""
     pending = runner.__dict__.get("_caote_metrics_pending")
     if not pending or output is None:
@@ -94,35 +97,6 @@ def _attach_worker(runner, output) -> None:
         return  # keep them for the next step's output
     setattr(output, OUTPUT_ATTR, list(pending))
     pending.clear()
-
-
-def install_worker(runner_cls) -> None:
-    """Wrap ``execute_model`` / ``sample_tokens`` of the model runner (idempotent)."""
-    if getattr(runner_cls, "_caote_metrics_patched", False):
-        return
-    runner_cls._caote_metrics_patched = True
-    orig_execute = runner_cls.execute_model
-    orig_sample = runner_cls.sample_tokens
-
-    def execute_model(self, scheduler_output, *args, **kwargs):
-        out = orig_execute(self, scheduler_output, *args, **kwargs)
-        try:
-            _collect_worker(self, scheduler_output)
-            _attach_worker(self, out)
-        except Exception:  # metrics must never break a step
-            logger.exception("vllm-caote metrics: worker hook failed")
-        return out
-
-    def sample_tokens(self, *args, **kwargs):
-        out = orig_sample(self, *args, **kwargs)
-        try:
-            _attach_worker(self, out)
-        except Exception:
-            logger.exception("vllm-caote metrics: worker hook failed")
-        return out
-
-    runner_cls.execute_model = execute_model
-    runner_cls.sample_tokens = sample_tokens
 
 
 # -- engine core -------------------------------------------------------------------------------
@@ -147,6 +121,7 @@ class EngineMetrics:
         self.timings: list[list] = []  # [[policy, seconds], ...] not shipped yet
 
     def ingest_output(self, model_runner_output) -> None:
+        """``update_from_output``: the worker's eviction timings of the step."""
         timings = getattr(model_runner_output, OUTPUT_ATTR, None)
         if timings:
             self.timings.extend(timings)
@@ -164,6 +139,16 @@ class EngineMetrics:
             if ratio is not None:
                 self.ratios.append([policy, ratio])
         del self.ratios[:-MAX_PENDING]
+
+    def publish(self, stats) -> None:
+        """``make_stats``: add the payload to the step's ``SchedulerStats`` (None: stats off)."""
+        try:
+            if stats is None:
+                self.discard()
+            else:
+                attach_payload(stats, self.payload())
+        except Exception:  # metrics must never break a step
+            logger.exception("vllm-caote metrics: building the stats payload failed")
 
     def discard(self) -> None:
         """No stats consumer (``log_stats`` off): only keep the engine's lists from growing."""
@@ -185,7 +170,6 @@ class EngineMetrics:
         events = defaultdict(int, self.finished_events)
         running_ids = {r.request_id for r in sched.running}
         running: dict[str, int] = defaultdict(int)
-        managers = sched.kv_cache_manager.coordinator.single_type_managers
         budgeted_blocks = 0
         for rid, st in live.items():
             self.policies.add(st.policy)
@@ -193,7 +177,7 @@ class EngineMetrics:
             events[st.policy] += st.events
             if rid in running_ids:
                 running[st.policy] += 1
-            budgeted_blocks += sum(len(m.req_to_blocks.get(rid, ())) for m in managers)
+            budgeted_blocks += sched.kv_cache_manager.num_held_blocks(rid)
 
         d_evicted, d_events = {}, {}
         for p in self.policies:
@@ -227,13 +211,6 @@ class EngineMetrics:
         }
 
 
-def _engine_metrics(scheduler) -> EngineMetrics:
-    em = scheduler.__dict__.get("_caote_metrics")
-    if em is None:
-        em = scheduler.__dict__["_caote_metrics"] = EngineMetrics(scheduler)
-    return em
-
-
 def attach_payload(stats, payload: dict[str, Any]) -> None:
     """Put ``payload`` into ``stats.kv_connector_stats`` next to a connector's own stats."""
     merged = dict(stats.kv_connector_stats or {})
@@ -260,59 +237,3 @@ def take_payload(stats) -> dict[str, Any] | None:
     except AttributeError:  # a slotted stats class: the caller keeps the value
         pass
     return payload
-
-
-def install_scheduler(scheduler_cls) -> None:
-    """Engine core: payload in ``make_stats``; front-end: payload out before vLLM's loggers."""
-    if getattr(scheduler_cls, "_caote_metrics_patched", False):
-        return
-    scheduler_cls._caote_metrics_patched = True
-    orig_update = scheduler_cls.update_from_output
-    orig_make_stats = scheduler_cls.make_stats
-
-    def update_from_output(self, scheduler_output, model_runner_output):
-        try:
-            _engine_metrics(self).ingest_output(model_runner_output)
-        except Exception:
-            logger.exception("vllm-caote metrics: reading worker timings failed")
-        return orig_update(self, scheduler_output, model_runner_output)
-
-    def make_stats(self, *args, **kwargs):
-        stats = orig_make_stats(self, *args, **kwargs)
-        try:
-            em = _engine_metrics(self)
-            if stats is None:
-                em.discard()
-            else:
-                attach_payload(stats, em.payload())
-        except Exception:
-            logger.exception("vllm-caote metrics: building the stats payload failed")
-        return stats
-
-    scheduler_cls.update_from_output = update_from_output
-    scheduler_cls.make_stats = make_stats
-    _install_frontend_guard()
-
-
-def _install_frontend_guard() -> None:
-    """Take our payload out of every ``SchedulerStats`` before vLLM's stat loggers see it.
-
-    vLLM's logging and Prometheus loggers hand a non-empty ``kv_connector_stats`` to the KV
-    connector's metrics code, which fails without a connector. The payload stays reachable as
-    an attribute of the stats object for :class:`~vllm_caote.metrics.logger.CaoteStatLogger`.
-    """
-    from vllm.v1.metrics.loggers import StatLoggerManager
-
-    if getattr(StatLoggerManager, "_caote_metrics_patched", False):
-        return
-    StatLoggerManager._caote_metrics_patched = True
-    orig_record = StatLoggerManager.record
-
-    def record(self, scheduler_stats, *args, **kwargs):
-        try:
-            take_payload(scheduler_stats)
-        except Exception:
-            logger.exception("vllm-caote metrics: reading the stats payload failed")
-        return orig_record(self, scheduler_stats, *args, **kwargs)
-
-    StatLoggerManager.record = record

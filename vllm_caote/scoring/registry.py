@@ -139,6 +139,34 @@ class Policy:
             raise ValueError(f"policy {self.name!r} is not stateful")
         return h2o_scores(attn, prev)
 
+    def advance(
+        self,
+        queries: torch.Tensor,
+        keys: torch.Tensor,
+        prev: torch.Tensor | None = None,
+        scale: float | None = None,
+    ) -> torch.Tensor:
+        """One step of a stateful policy: ``prev`` plus the attention of this step's queries.
+
+        ``queries`` ``[Hq, n, d]`` are the step's new tokens, i.e. the last ``n`` of ``keys``
+        ``[Hkv, m, d]`` (causal). Called once per step, every query is counted exactly once
+        over the request's lifetime, whatever the step sizes and eviction times.
+        """
+        attn = attention_weights(queries, keys, scale=scale, causal=True)
+        return self.accumulate(attn, prev)
+
+    def score_from_state(
+        self, values: torch.Tensor, state: torch.Tensor, eps: float = KNOBS["eps"]
+    ) -> torch.Tensor:
+        """Keep-scores of a stateful policy from its running sum ``[Hkv, n]`` alone."""
+        if not self.stateful:
+            raise ValueError(f"policy {self.name!r} is not stateful")
+        if self.meta == "caote":
+            return caote_scores(state, values, eps=eps)
+        if self.meta == "fast-caote":
+            return fast_caote_scores(state, values, eps=eps)
+        return state
+
     # -- internals --------------------------------------------------------------
     def _attention(
         self,

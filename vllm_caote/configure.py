@@ -1,0 +1,154 @@
+"""Engine configuration: the plugin's classes, self-configured defaults and clear refusals.
+
+Runs inside ``EngineArgs.create_engine_config`` (the one patch that sees every entry point:
+``vllm serve``, ``python -m vllm.entrypoints.openai.api_server``, ``vllm.LLM``), so a server
+started with stock flags and the plugin installed evicts on budgeted requests. The rule, per
+setting eviction cannot run under:
+
+* left at vLLM's *default*: the plugin picks the value it needs and says so in one log line;
+* set *explicitly* by the user to a conflicting value: startup fails with a message naming the
+  flag to change (or ``CAOTE_DISABLE=1`` to serve without the plugin).
+
+A ``kv_budget`` is therefore never accepted and then ignored. Model features that cannot be
+compacted (several KV-cache groups, sliding window, MLA, ALiBi, KV sharing, unwrapped attention
+backends) are refused by the engine itself at startup (``CaoteScheduler.__init__`` and
+``CaoteModelRunnerMixin.initialize_kv_cache``), where the KV-cache layout is known.
+
+Prefix caching stays on: budgeted requests neither read prefix-cache hits nor register their
+(compacted) blocks, so unbudgeted requests keep full prefix caching and are never corrupted
+(:mod:`vllm_caote.engine.kv_cache_manager`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+logger = logging.getLogger("vllm.vllm_caote")
+
+SCHEDULER_CLS = "vllm_caote.engine.scheduler.CaoteScheduler"
+#: cache dtypes eviction can score: the model dtype, and fp8 (scored after dequantisation)
+SUPPORTED_KV_CACHE_DTYPES = (
+    "auto",
+    "bfloat16",
+    "float16",
+    "float32",
+    "fp8",
+    "fp8_e4m3",
+    "fp8_e5m2",
+)
+
+
+class ConfigConflictError(ValueError):
+    """An explicit vLLM setting that KV eviction cannot run under; names the flag."""
+
+
+def _refuse(what: str, fix: str) -> ConfigConflictError:
+    return ConfigConflictError(
+        f"vllm-caote: {what} is not supported with KV eviction. {fix}, or serve without the "
+        "plugin (CAOTE_DISABLE=1)."
+    )
+
+
+def before(args) -> list[str]:
+    """Adjust ``EngineArgs`` before vLLM builds its config. Returns what was self-configured."""
+    notes: list[str] = []
+    if args.async_scheduling is None:
+        args.async_scheduling = False
+        notes.append("async scheduling off (each step's output must be seen before the next)")
+    elif args.async_scheduling:
+        raise _refuse("--async-scheduling", "Drop the flag or pass --no-async-scheduling")
+
+    env_v2 = os.environ.get("VLLM_USE_V2_MODEL_RUNNER", "").strip().lower()
+    if env_v2 in ("1", "true"):
+        raise _refuse("VLLM_USE_V2_MODEL_RUNNER=1", "Unset it or set VLLM_USE_V2_MODEL_RUNNER=0")
+    if not env_v2:
+        # The V2 runner is vLLM's CUDA default where Triton is present; eviction hooks the V1
+        # runner. Child processes inherit the environment.
+        os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
+
+    from vllm.config.compilation import CUDAGraphMode
+    from vllm.platforms import current_platform
+
+    cc = args.compilation_config
+    mode = getattr(cc, "cudagraph_mode", None)
+    if mode is not None and mode.has_full_cudagraphs():
+        raise _refuse(
+            f"--compilation-config cudagraph_mode={mode.name} (full CUDA graphs replay attention "
+            "without the eviction hook)",
+            "Use cudagraph_mode PIECEWISE or NONE (or --enforce-eager)",
+        )
+    if mode is None and current_platform.is_cuda_alike() and not args.enforce_eager:
+        cc.cudagraph_mode = CUDAGraphMode.PIECEWISE
+        notes.append("CUDA graphs piecewise (attention runs eagerly between graph pieces)")
+
+    if args.scheduler_cls not in (None, SCHEDULER_CLS):
+        raise _refuse(
+            f"--scheduler-cls {args.scheduler_cls}", "Drop the flag (the plugin sets its own)"
+        )
+    return notes
+
+
+def after(vllm_config, notes: list[str]) -> None:
+    """Check the built ``VllmConfig`` and select the plugin's scheduler and worker classes."""
+    from vllm_caote.config import settings
+    from vllm_caote.engine.worker import WORKERS, plugin_worker_for
+
+    pc = vllm_config.parallel_config
+    if pc.pipeline_parallel_size > 1:
+        raise _refuse("--pipeline-parallel-size > 1", "Use tensor parallelism")
+    if vllm_config.speculative_config is not None:
+        raise _refuse("Speculative decoding (--speculative-config)", "Drop the speculative config")
+    if vllm_config.model_config is not None and vllm_config.model_config.use_mla:
+        raise _refuse("Multi-head latent attention (MLA) models", "Serve a non-MLA model")
+    cache_dtype = str(vllm_config.cache_config.cache_dtype)
+    if cache_dtype not in SUPPORTED_KV_CACHE_DTYPES:
+        raise _refuse(
+            f"--kv-cache-dtype {cache_dtype}",
+            f"Use one of {', '.join(SUPPORTED_KV_CACHE_DTYPES)}",
+        )
+    if vllm_config.scheduler_config.async_scheduling:
+        raise _refuse("Async scheduling", "Pass --no-async-scheduling")
+    if vllm_config.use_v2_model_runner:
+        raise _refuse("The V2 model runner", "Set VLLM_USE_V2_MODEL_RUNNER=0")
+    cg = vllm_config.compilation_config.cudagraph_mode
+    if cg is not None and cg.has_full_cudagraphs():
+        raise _refuse(f"cudagraph_mode={cg.name}", "Use cudagraph_mode PIECEWISE or NONE")
+
+    if not str(pc.worker_cls).startswith("vllm_caote."):
+        worker = plugin_worker_for(str(pc.worker_cls))
+        if worker is None:
+            raise _refuse(
+                f"--worker-cls {pc.worker_cls}", f"Use a stock worker ({', '.join(WORKERS)})"
+            )
+        pc.worker_cls = worker
+    vllm_config.scheduler_config.scheduler_cls = SCHEDULER_CLS
+
+    s = settings(vllm_config)  # a bad --additional-config kv_eviction stops startup here
+    logger.info(
+        "vllm-caote: KV eviction ready (default budget %s, policy %s, prefill chunk %d)%s",
+        s.default_budget or "none: opt-in per request",
+        s.default_policy,
+        s.prefill_chunk,
+        "; set for it: " + "; ".join(notes) if notes else "",
+    )
+
+
+def install() -> None:
+    """Wrap ``EngineArgs.create_engine_config`` (register: ``vllm_caote.compat.CONTACTS``)."""
+    from vllm.engine.arg_utils import EngineArgs
+
+    original = EngineArgs.create_engine_config
+    if getattr(original, "_caote_wrapped", False):
+        return
+
+    def create_engine_config(self, *args, **kwargs):
+        notes = before(self)
+        vllm_config = original(self, *args, **kwargs)
+        after(vllm_config, notes)
+        return vllm_config
+
+    create_engine_config._caote_wrapped = True  # type: ignore[attr-defined]
+    create_engine_config.__wrapped__ = original  # type: ignore[attr-defined]
+    create_engine_config.__doc__ = original.__doc__
+    EngineArgs.create_engine_config = create_engine_config
