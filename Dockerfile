@@ -33,8 +33,6 @@ RUN --mount=type=cache,target=/root/.cache/pip \
 # /data holds the fetched embedded model and the Hugging Face cache; mount a volume there.
 ENV CAOTE_HOME=/data/vllm_caote \
     HF_HOME=/data/huggingface \
-    CAOTE_DEFAULT_BUDGET=1024 \
-    CAOTE_DEFAULT_POLICY=caote-snapkv \
     PORT=8000
 VOLUME ["/data"]
 USER ${APP_UID}:${APP_UID}

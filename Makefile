@@ -7,41 +7,55 @@ HOST   ?= 127.0.0.1
 PORT   ?= 8000
 # MODEL: a local Hugging Face folder or a hub id; default the embedded SmolLM2 model.
 MODEL  ?= $(shell CAOTE_HOME=$(CAOTE_HOME) python3 -c "import os,pathlib;print(pathlib.Path(os.environ.get('CAOTE_HOME') or pathlib.Path.home()/'.cache'/'vllm_caote')/'models'/'SmolLM2-135M-Instruct')")
-SERVED ?= smollm2
+# The embedded model is served as "smollm2"; a MODEL you pass keeps vLLM's own name (its id).
+SERVED_FLAG := $(if $(filter file,$(origin MODEL)),--served-model-name smollm2)
 ARGS   ?=
 # CPU defaults: eager mode (torch.compile takes minutes on small machines) and fp32 (CPUs
 # without AVX-512 BF16 run bf16 matmuls ~100x slower; see vllm_caote.models.engine_dtype).
 DTYPE ?= $(if $(filter cuda,$(FLAVOR)),auto,float32)
+ifeq ($(FLAVOR),cuda)
+SERVE_FLAGS ?= --dtype $(DTYPE)
+else
 SERVE_FLAGS ?= --enforce-eager --gpu-memory-utilization 0.3 --dtype $(DTYPE)
-# Eviction is on by default for `make serve`: requests without their own kv_budget get this one
-# (the environment's CAOTE_DEFAULT_BUDGET wins; 0 turns the default off).
-DEFAULT_BUDGET ?= 1024
+endif
+# Eviction is opt-in per request (kv_budget). DEFAULT_BUDGET=N sets a server-wide default
+# through vLLM's --additional-config; 0 (the default) evicts only requests that ask.
+DEFAULT_BUDGET ?= 0
 # vLLM-CPU: KV cache size in GiB.
 KVCACHE_GIB ?= 4
 PYTEST_ARGS ?=
 
-STAMP := $(VENV)/.vllm-caote-setup
+# What is installed, per flavour: serving only (make serve), or serving + tests/benchmarks.
+SERVE_STAMP := $(VENV)/.vllm-caote-serve-$(FLAVOR)
+STAMP := $(VENV)/.vllm-caote-dev-$(FLAVOR)
 
-.PHONY: setup serve test lint fmt bench eval loadtest clean help
+.PHONY: setup setup-serve serve test lint fmt bench eval loadtest clean help
 help:
-	@echo "make serve | test | lint | bench | eval | loadtest | setup | clean"
+	@echo "make serve | test | lint | bench | eval | loadtest | setup | setup-serve | clean"
+
+setup-serve: $(SERVE_STAMP)
+
+$(SERVE_STAMP): pyproject.toml scripts/install.sh
+	@test -x $(PY) || python3 -m venv $(VENV)
+	scripts/install.sh --python $(PY) --flavor $(FLAVOR) --editable --fetch-model
+	@touch $@
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml scripts/install.sh scripts/system-deps.sh
-	@test -x $(PY) || python3 -m venv $(VENV)
-	scripts/install.sh --python $(PY) --flavor $(FLAVOR) --dev --editable --fetch-model
+$(STAMP): $(SERVE_STAMP) scripts/system-deps.sh
+	scripts/install.sh --python $(PY) --flavor $(FLAVOR) --dev --editable
 	scripts/system-deps.sh
 	@# Test-only peer: NVIDIA kvpress's presses, unpacked (not installed: its pins clash with ours).
 	-$(PY) -m pip download -q --no-deps --only-binary :all: kvpress==0.5.5 -d $(VENV)/kvpress-dl \
 	  && $(PY) -m zipfile -e $(VENV)/kvpress-dl/kvpress-0.5.5-py3-none-any.whl $(VENV)/kvpress-src
 	@touch $@
 
-serve: setup
-	CAOTE_DEFAULT_BUDGET=$${CAOTE_DEFAULT_BUDGET:-$(DEFAULT_BUDGET)} \
+serve: setup-serve
 	VLLM_CPU_KVCACHE_SPACE=$${VLLM_CPU_KVCACHE_SPACE:-$(KVCACHE_GIB)} \
-	$(PY) -m vllm.entrypoints.openai.api_server --model $(MODEL) --served-model-name $(SERVED) \
-	  --host $(HOST) --port $(PORT) --no-enable-prefix-caching $(SERVE_FLAGS) $(ARGS)
+	$(PY) -m vllm.entrypoints.openai.api_server --model $(MODEL) $(SERVED_FLAG) \
+	  --host $(HOST) --port $(PORT) $(SERVE_FLAGS) \
+	  $(if $(filter-out 0,$(DEFAULT_BUDGET)),--additional-config '{"kv_eviction": {"default_budget": $(DEFAULT_BUDGET)}}') \
+	  $(ARGS)
 
 test: setup
 	CAOTE_KVPRESS_SRC=$(if $(wildcard $(VENV)/kvpress-src/kvpress),$(VENV)/kvpress-src) \

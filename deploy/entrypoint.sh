@@ -3,9 +3,10 @@
 #
 #   entrypoint.sh [--dry-run] [extra vLLM server args...]
 #
-# Starts vLLM's own OpenAI server (the plugin loads itself through the vllm.general_plugins
-# entry point) with prefix caching off, which KV eviction requires. Every extra argument is
-# passed through unchanged, e.g. --tensor-parallel-size 2 --pipeline-parallel-size 2.
+# Starts vLLM's own OpenAI server with stock flags; the plugin loads itself through the
+# vllm.general_plugins entry point and configures what it needs (or refuses a conflicting flag
+# at startup, naming it). Every extra argument is passed through unchanged, e.g.
+# --tensor-parallel-size 2.
 # --dry-run prints the command instead of running it (and fetches nothing).
 #
 # Environment (all optional):
@@ -34,19 +35,11 @@ truthy() {
   case "${1,,}" in 1 | true | yes | on) return 0 ;; *) return 1 ;; esac
 }
 
-# Look at the pass-through arguments: a --model there wins over $MODEL, and prefix caching
-# must stay off while the plugin is active (evicted blocks must never be shared).
+# A --model among the pass-through arguments wins over $MODEL.
 user_model=0
 for arg in "$@"; do
   case "$arg" in
     --model | --model=*) user_model=1 ;;
-    --enable-prefix-caching | --enable-prefix-caching=[Tt]rue | --enable-prefix-caching=1)
-      if ! truthy "${CAOTE_DISABLE:-0}"; then
-        echo "entrypoint: $arg conflicts with KV eviction; vllm-caote needs prefix caching off" \
-          "(set CAOTE_DISABLE=1 to run stock vLLM)" >&2
-        exit 2
-      fi
-      ;;
   esac
 done
 
@@ -76,7 +69,7 @@ if [ "$user_model" = 0 ]; then
 fi
 
 cmd=("$PY" -m vllm.entrypoints.openai.api_server "${model_args[@]}"
-  --host "${HOST:-0.0.0.0}" --port "${PORT:-8000}" --no-enable-prefix-caching)
+  --host "${HOST:-0.0.0.0}" --port "${PORT:-8000}")
 [ -n "${SERVED_MODEL_NAME:-}" ] && cmd+=(--served-model-name "$SERVED_MODEL_NAME")
 truthy "${ENFORCE_EAGER:-0}" && cmd+=(--enforce-eager)
 [ -n "${DTYPE:-}" ] && cmd+=(--dtype "$DTYPE")
@@ -90,6 +83,6 @@ if [ "$DRY_RUN" = 1 ]; then
   printf '\n'
   exit 0
 fi
-echo "entrypoint: kv budget=${CAOTE_DEFAULT_BUDGET:-0} policy=${CAOTE_DEFAULT_POLICY:-default}" \
+echo "entrypoint: default kv budget=${CAOTE_DEFAULT_BUDGET:-none (opt-in per request)}" \
   "model=${MODEL:-(from args)}" >&2
 exec "${cmd[@]}"

@@ -160,13 +160,11 @@ def start_server(args, log_path: Path):
         str(port),
         "--gpu-memory-utilization",
         "0.3",
-        "--no-enable-prefix-caching",
         "--dtype",
         engine_dtype(),
         *args.server_args.split(),
     ]
     env = dict(os.environ)
-    env.setdefault("CAOTE_DEFAULT_BUDGET", "1024")  # as `make serve`
     env.setdefault("CAOTE_DEFAULT_POLICY", "caote-snapkv")
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
     log = open(log_path, "wb")
@@ -480,7 +478,7 @@ def main(argv=None) -> int:
         server_env={
             k: os.environ.get(k, d)
             for k, d in (
-                ("CAOTE_DEFAULT_BUDGET", "1024"),
+                ("CAOTE_DEFAULT_BUDGET", "0"),
                 ("CAOTE_DEFAULT_POLICY", "caote-snapkv"),
                 ("VLLM_CPU_KVCACHE_SPACE", "4"),
             )

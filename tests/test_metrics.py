@@ -101,7 +101,8 @@ def test_split_timings_per_request():
 
 
 def _fake_scheduler():
-    """Just the parts of vLLM's Scheduler (with ``.caote``) that EngineMetrics reads."""
+    """Just the parts of CaoteScheduler (``.caote``, the manager's ``num_held_blocks``) that
+    EngineMetrics reads."""
     from types import SimpleNamespace as NS
 
     from vllm_caote.engine.scheduler import RequestBudget
@@ -120,7 +121,9 @@ def _fake_scheduler():
     sched = NS(
         caote=ev,
         running=[NS(request_id="a"), NS(request_id="u")],
-        kv_cache_manager=NS(coordinator=NS(single_type_managers=[manager]), block_pool=pool),
+        kv_cache_manager=NS(
+            num_held_blocks=lambda rid: len(manager.req_to_blocks.get(rid, ())), block_pool=pool
+        ),
     )
     return sched, ev
 
