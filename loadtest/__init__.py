@@ -487,8 +487,7 @@ def main(argv=None) -> int:
         else None,
         wall_s=time.perf_counter() - t0,
     )
-    (out / f"{args.tag}.json").write_text(json.dumps(res, indent=1, default=str))
-    md = render_md(res)
-    (out / f"{args.tag}.md").write_text(md)
-    print(md)
+    from vllm_caote.eval.common import write_results
+
+    print(write_results(out, args.tag, res, render_md))
     return 0

@@ -108,7 +108,8 @@ def _fake_app():
     from fastapi.responses import JSONResponse, StreamingResponse
     from starlette.middleware import Middleware
 
-    from vllm_caote.api.server import KvEvictionMiddleware, Runtime, _wrap_generate
+    from vllm_caote.api.middleware import KvEvictionMiddleware
+    from vllm_caote.api.server import Runtime, _wrap_generate
 
     seen: list[dict[str, Any]] = []
 
@@ -188,7 +189,8 @@ def test_middleware_in_process():
 
 
 def test_sse_injector_split_events():
-    from vllm_caote.api.server import _Capture, _SseInjector
+    from vllm_caote.api.middleware import _SseInjector
+    from vllm_caote.api.server import _Capture
 
     cap = _Capture()
     cap.slots.append(dict(FAKE_STATS))
@@ -466,6 +468,20 @@ def test_conflicting_and_beam_search_are_400(caote_server):
     assert "both top-level" in _assert_400(_post(caote_server, "completions", body), "kv_budget")
     body = _body(caote_server, "completions", kv_budget=2048, use_beam_search=True, n=2)
     assert "use_beam_search" in _assert_400(_post(caote_server, "completions", body), "kv_budget")
+
+
+@pytest.mark.server
+def test_responses_endpoint_validates_and_honours_kv_budget(caote_server):
+    """/v1/responses: the same vocabulary as the other endpoints (it forwards vllm_xargs)."""
+    url = caote_server.url("/v1/responses")
+    base = {"model": caote_server.model, "input": "Say hi.", "max_output_tokens": 4}
+    _assert_400(requests.post(url, json={**base, "kv_budget": -1}, timeout=60), "kv_budget")
+    _assert_400(requests.post(url, json={**base, "kv_policy": "lru"}, timeout=60), "kv_policy")
+    long_input = "The quick brown fox jumps over the lazy dog. " * 120  # ~1.2k tokens
+    r = requests.post(url, json={**base, "input": long_input, "kv_budget": 300}, timeout=300)
+    assert r.status_code == 200, r.text
+    stats = r.json()["kv_eviction"]
+    assert stats["budget"] == 300 and stats["evicted_tokens"] > 0, stats
 
 
 @pytest.mark.server

@@ -24,8 +24,13 @@ BUDGET = 164  # the minimum on vLLM-CPU: 4 sinks + 32 window + one 128-token blo
 def llm():
     from vllm_caote.eval.common import make_llm  # engine core in this process
 
+    # Strict block-wise prefill, so every step of a prompt holds the block bound (the adaptive
+    # default and its fallback are tested in test_prefill.py).
     engine = make_llm(
-        None, max_model_len=4096, kv_space_gib=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")
+        None,
+        max_model_len=4096,
+        kv_space_gib=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
+        additional_config={"kv_eviction": {"prefill": "blockwise"}},
     )
     yield engine
     del engine

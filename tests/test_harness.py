@@ -68,6 +68,47 @@ def _ppl(policy, label, nll):
     ]
 
 
+def _result() -> dict:
+    rows = _pk(FULL, FULL, 4) + _pk("caote-snapkv", "0.25", 4) + _pk("snapkv", "0.25", 3)
+    s = summarize(rows)
+    return dict(
+        config=dict(
+            model="/m/SmolLM2",
+            command="python -m vllm_caote.eval --quick",
+            contexts=[1024],
+            depths=[0.5],
+            samples=4,
+            ppl_passages=1,
+            budget_tokens={"1024": {"0.25": 256}},
+            budget_labels=["0.25", FULL],
+            min_budget=68,
+            clamped=[],
+            policies=["caote-snapkv", "snapkv"],
+            prefill_chunk=512,
+            block_size=32,
+        ),
+        summary=s,
+        targets=targets(s, ["0.25", FULL]),
+        wall_s=1.0,
+        notes=[],
+    )
+
+
+def test_results_json_is_written_when_matplotlib_is_missing(tmp_path, monkeypatch):
+    """On a box installed without the `bench` extra the numbers survive the plotting step."""
+    import sys
+
+    from vllm_caote.eval.common import write_results
+    from vllm_caote.eval.report import plot
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` raises
+    md = write_results(tmp_path, "eval", _result(), render_md, plot)
+    saved = json.loads((tmp_path / "eval.json").read_text())
+    assert saved["summary"]["passkey"]["snapkv"]["0.25"]["correct"] == 3
+    assert saved["plots"] == [] and "no plots" in saved["notes"][-1]
+    assert (tmp_path / "eval.md").read_text() == md and "| snapkv | 75% [" in md
+
+
 def test_summary_targets_and_report():
     rows = (
         _pk(FULL, FULL, 4)

@@ -24,7 +24,6 @@ path (the plugin does nothing for them), so "stock" and "budgeted" run on the sa
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -39,6 +38,7 @@ from vllm_caote.eval.common import (
     min_budget_of,
     sampling,
     scheduler_of,
+    write_results,
 )
 
 # decode: after a 300-token prompt the evicting budget (engine minimum, keep = 2 blocks) leaves
@@ -356,7 +356,8 @@ def render_md(r: dict) -> str:
     return "\n".join(lines)
 
 
-def plot(r: dict, path: Path) -> None:
+def plot(r: dict, out_dir: Path, tag: str) -> list[str]:
+    path = Path(out_dir) / f"{tag}.png"
     import matplotlib
 
     matplotlib.use("Agg")
@@ -390,6 +391,7 @@ def plot(r: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    return [str(path)]
 
 
 def main(argv=None) -> int:
@@ -434,11 +436,7 @@ def main(argv=None) -> int:
         notes=notes,
         wall_s=time.perf_counter() - t0,
     )
-    plot(result, out_dir / f"{args.tag}.png")
-    (out_dir / f"{args.tag}.json").write_text(json.dumps(result, indent=1, default=str))
-    md = render_md(result)
-    (out_dir / f"{args.tag}.md").write_text(md)
-    print(md)
+    print(write_results(out_dir, args.tag, result, render_md, plot))
     return 0
 
 

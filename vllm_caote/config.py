@@ -30,6 +30,7 @@ STATS_KEY = "kv_eviction"
 #: the section of ``--additional-config`` this plugin reads
 CONFIG_SECTION = "kv_eviction"
 ENV_PREFIX = "CAOTE_"
+PREFILL_MODES = ("adaptive", "blockwise", "oneshot")
 
 
 class SettingsError(ValueError):
@@ -44,7 +45,10 @@ class EvictionSettings:
     default_policy: str = DEFAULT_POLICY
     sinks: int = 4  # never evicted: the first tokens of the sequence (attention sinks)
     window: int = 32  # observation window: the last queries scored against, never evicted
-    # block-wise prefill chunk in tokens (0 = cache the whole prompt, evict once at its end)
+    # how a budgeted prompt is processed: "adaptive" (whole prompt while the pool has room,
+    # block-wise under memory pressure), "blockwise" (always chunks) or "oneshot"
+    prefill: str = "adaptive"
+    # block-wise prefill chunk in tokens (0 = "oneshot", whatever `prefill` says)
     prefill_chunk: int = 512
 
     def min_budget(self, block_size: int) -> int:
@@ -83,7 +87,11 @@ def settings(vllm_config: Any = None) -> EvictionSettings:
             raw, source = os.environ[env], f"environment {env}="
         else:
             continue
-        if name == "default_policy":
+        if name == "prefill":
+            values[name] = str(raw).strip().lower()
+            if values[name] not in PREFILL_MODES:
+                raise SettingsError(f"{source}prefill must be one of {PREFILL_MODES}, got {raw!r}")
+        elif name == "default_policy":
             try:
                 values[name] = get_policy(str(raw)).name
             except ValueError as e:

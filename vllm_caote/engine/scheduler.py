@@ -5,10 +5,19 @@ through vLLM's own ``scheduler_config.scheduler_cls`` (:mod:`vllm_caote.configur
 :class:`SchedulerEviction`, the single source of truth of every budgeted request: how many of
 its tokens are evicted, when it evicts next, which blocks it gives back.
 
-Invariants kept here, for a request with budget ``B`` and block size ``bs``:
+Invariants kept here, for a request with budget ``B``, block size ``bs`` and prefill chunk
+``chunk`` (``keep = ceil(B/bs) * bs``):
 
-* it holds at most ``ceil(B/bs) + 1`` blocks while decoding, and at most
-  ``ceil(B/bs) + ceil(chunk/bs)`` while a block-wise prefill chunk is in flight;
+* once its prompt is processed it holds at most ``ceil(B/bs) + 1`` blocks;
+* while its prompt is processed, by prefill mode (setting ``prefill``):
+
+  - ``blockwise``: at most ``ceil((keep + chunk)/bs)`` blocks, always (the first chunk may be
+    ``keep + chunk`` tokens, later ones ``chunk``, each followed by an eviction to ``keep``);
+  - ``adaptive`` (default): the whole prompt is cached and evicted once at its end, with the
+    prompt's end (the question) in the observation window, *only while the pool has free blocks
+    for the rest of the prompt plus one per running request*; otherwise it falls back to
+    ``blockwise`` for the rest of the prompt, so under memory pressure the blockwise bound holds;
+  - ``oneshot``: the whole prompt, evicted once at its end (SnapKV's setting; no prefill bound);
 * blocks are given back only for evictions the worker *confirmed* (the step's
   :data:`~vllm_caote.engine.plan.REPORT_ATTR`). A planned eviction that was not confirmed
   (a worker that skipped it, or failed in scoring/compaction) leaves the cache in an unknown
@@ -50,6 +59,7 @@ class RequestBudget:
     peak_tokens: int = 0
     tokens_seen: int = 0
     error: str | None = None  # set when eviction failed and the request ran without it
+    blockwise: bool = False  # this prefill step runs block-wise (mode, or memory pressure)
     started: float = field(default_factory=time.monotonic)
 
     def stats(self) -> dict:
@@ -107,11 +117,11 @@ class SchedulerEviction:
         self.freed_blocks_total = 0
         # requests whose eviction failed: recomputed without it, stats kept until they finish
         self.fallen_back: dict[str, RequestBudget] = {}
-        # Block-wise prefill: a budgeted request's prompt goes in chunks of at most this many
-        # tokens, so it never holds more than budget + one chunk. None (setting 0): the whole
-        # prompt is cached, then evicted once with the prompt's last queries (SnapKV's setting).
-        chunk = self.settings.prefill_chunk
-        self.chunk: int | None = max(chunk, self.block_size) if chunk > 0 else None
+        # Prefill: "blockwise" chunks of at most `chunk` tokens, each evicted back to the budget;
+        # "oneshot" caches the whole prompt and evicts once with its last queries; "adaptive"
+        # is oneshot while the pool has room for it and blockwise otherwise.
+        self.chunk = max(self.settings.prefill_chunk, self.block_size)
+        self.mode = "oneshot" if self.settings.prefill_chunk == 0 else self.settings.prefill
         self.kv = adopt(scheduler.kv_cache_manager, self)
 
     # -- BlockBudgets (asked by the KV cache coordinator) --------------------------------------
@@ -130,7 +140,7 @@ class SchedulerEviction:
         if st is None:
             return num_tokens
         need = max(num_tokens - st.evicted, 0)
-        return need if self.chunk is None else min(need, st.keep + self.chunk)
+        return need if self.mode == "oneshot" else min(need, st.keep + self.chunk)
 
     # -- request lifecycle ---------------------------------------------------------------------
 
@@ -149,14 +159,26 @@ class SchedulerEviction:
         request.skip_reading_prefix_cache = True
 
     def cap_chunk(self, request, num_new_tokens: int) -> int:
-        """Block-wise prefill: at most one chunk of a budgeted request's prompt per step."""
-        if (
-            self.chunk is not None
-            and request.request_id in self.requests
-            and num_new_tokens > self.chunk
-        ):
-            return self.chunk
-        return num_new_tokens
+        """The prompt tokens a budgeted request may process this step (see the module doc)."""
+        st = self.requests.get(request.request_id)
+        if st is None or self.mode == "oneshot":
+            return num_new_tokens
+        computed = request.num_computed_tokens
+        if computed >= request.num_prompt_tokens:
+            return num_new_tokens  # decoding: one token (or a replay after preemption)
+        cache = computed - st.evicted
+        st.blockwise = self.mode == "blockwise" or not self._room_for_prompt(request, cache)
+        if not st.blockwise:
+            return num_new_tokens
+        # the cache never exceeds keep + chunk: the first chunk may be keep + chunk tokens
+        return min(num_new_tokens, max(st.keep + self.chunk - cache, self.block_size))
+
+    def _room_for_prompt(self, request, cache: int) -> bool:
+        """Free blocks for the rest of the prompt, leaving one per running request to grow."""
+        rest = request.num_prompt_tokens - request.num_computed_tokens
+        need = cdiv(cache + rest, self.block_size) - self.kv.num_held_blocks(request.request_id)
+        free = self.kv.block_pool.get_num_free_blocks()
+        return free - need >= len(self.scheduler.running) + 1
 
     def plan(self, scheduler_output) -> None:
         """Decide, per scheduled budgeted request, whether it evicts after this step."""
@@ -175,8 +197,9 @@ class SchedulerEviction:
             prefilling = computed_before < request.num_prompt_tokens
             threshold = st.keep if prefilling else st.keep + bs
             evict_to = st.keep if (cache_after > st.keep and cache_after >= threshold) else None
-            if self.chunk is None and request.num_computed_tokens < request.num_prompt_tokens:
-                evict_to = None  # one-shot prefill eviction: wait for the whole prompt
+            prompt_done = request.num_computed_tokens >= request.num_prompt_tokens
+            if prefilling and not prompt_done and (self.mode == "oneshot" or not st.blockwise):
+                evict_to = None  # the whole prompt first: evict with the question in the window
             st.peak_blocks = max(st.peak_blocks, self.kv.num_held_blocks(req_id))
             st.peak_tokens = max(st.peak_tokens, cache_after)
             st.tokens_seen = max(st.tokens_seen, request.num_computed_tokens)

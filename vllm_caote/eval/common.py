@@ -110,3 +110,29 @@ def sampling(max_tokens: int, budget: int | None = None, policy: str | None = No
 
 def stats_of(output) -> dict | None:
     return (output.kv_transfer_params or {}).get("kv_eviction")
+
+
+def write_results(out_dir: Path, tag: str, result: dict, render_md, plot=None) -> str:
+    """Write ``<tag>.json`` first (nothing after it can lose the numbers), then the plots
+    (skipped with a note if matplotlib, the ``bench`` extra, is missing), then ``<tag>.md``.
+    ``plot(result, out_dir, tag)`` returns the files it wrote. Returns the Markdown."""
+    import json
+    import sys
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    json_path = out_dir / f"{tag}.json"
+    json_path.write_text(json.dumps(result, indent=1, default=str))
+    if plot is not None:
+        try:
+            result["plots"] = plot(result, out_dir, tag)
+        except ImportError as e:
+            result["plots"] = []
+            result.setdefault("notes", []).append(
+                f"no plots: {e} (pip install 'vllm-caote[bench]')"
+            )
+            print(f"note: plots skipped ({e}); results are in {json_path}", file=sys.stderr)
+        json_path.write_text(json.dumps(result, indent=1, default=str))
+    md = render_md(result)
+    (out_dir / f"{tag}.md").write_text(md)
+    return md

@@ -1,0 +1,131 @@
+"""Prefill modes and their block bounds (issue 12), on the real engine with a small pool.
+
+A 40-block pool (128-token blocks on vLLM-CPU: 5120 tokens), so that one long unbudgeted prompt
+leaves too little room for a budgeted one and the adaptive mode must fall back to block-wise.
+Blocks are read from vLLM's own KV cache manager after every step.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import pytest
+
+pytestmark = pytest.mark.engine
+
+POOL_BLOCKS = 40
+BUDGET = 256
+
+
+@pytest.fixture(scope="module")
+def llm():
+    from vllm_caote.eval.common import make_llm
+
+    engine = make_llm(None, max_model_len=4096, num_gpu_blocks_override=POOL_BLOCKS)
+    yield engine
+    del engine
+
+
+def _sched(llm):
+    return llm.llm_engine.engine_core.engine_core.scheduler
+
+
+@dataclass
+class Run:
+    """Per request id: output, blocks held after its prompt steps (after each step's release),
+    number of prompt steps, tokens processed by its first prompt step, preemptions."""
+
+    outputs: dict = field(default_factory=dict)
+    peak: dict = field(default_factory=dict)
+    steps: dict = field(default_factory=dict)
+    first: dict = field(default_factory=dict)
+    preempted: dict = field(default_factory=dict)
+
+
+def _run(llm, requests) -> Run:
+    """Add ``(id, prompt ids, budget, max_tokens)`` requests and step to completion."""
+    from vllm_caote.eval.common import sampling
+
+    engine, sched = llm.llm_engine, _sched(llm)
+    for rid, ids, budget, max_tokens in requests:
+        params = sampling(max_tokens, budget=budget, ignore_eos=True)
+        engine.add_request(rid, {"prompt_token_ids": ids}, params)
+    run = Run()
+    while engine.has_unfinished_requests():
+        before = {r: q.num_computed_tokens for r, q in sched.requests.items()}
+        for o in engine.step():
+            if o.finished:
+                run.outputs[o.request_id] = o
+        for internal, req in sched.requests.items():
+            rid = max((r for r, *_ in requests if internal.startswith(r)), key=len)
+            run.preempted[rid] = max(run.preempted.get(rid, 0), req.num_preemptions)
+            if before.get(internal, 0) < req.num_prompt_tokens:
+                held = sched.kv_cache_manager.num_held_blocks(internal)
+                run.peak[rid] = max(run.peak.get(rid, 0), held)
+                run.steps[rid] = run.steps.get(rid, 0) + 1
+                run.first.setdefault(rid, req.num_computed_tokens)
+    return run
+
+
+def _ids(llm, n, offset):
+    from vllm_caote.tasks import filler_prompt_ids
+
+    return filler_prompt_ids(llm.get_tokenizer(), n, offset)
+
+
+def _blockwise_bound(llm) -> int:
+    sched = _sched(llm)
+    bs = sched.cache_config.block_size
+    keep = math.ceil(BUDGET / bs) * bs
+    return math.ceil((keep + sched.caote.chunk) / bs)
+
+
+def test_adaptive_with_room_caches_the_whole_prompt_and_evicts_once(llm):
+    """Pool has room: the prompt goes in as few steps as an unbudgeted one and is evicted once,
+    at its end, with the question in the observation window."""
+    prompt = _ids(llm, 2000, 0)
+    run = _run(llm, [("room", prompt, BUDGET, 4), ("room-stock", prompt, None, 4)])
+    stats = run.outputs["room"].kv_transfer_params["kv_eviction"]
+    assert stats["peak_tokens"] >= len(prompt) and stats["eviction_events"] == 1, stats
+    assert run.steps["room"] == run.steps["room-stock"]
+    # peak_blocks is read when the step is planned, after vLLM allocated its blocks
+    assert stats["peak_blocks"] == math.ceil(len(prompt) / _sched(llm).cache_config.block_size)
+
+
+def test_adaptive_under_memory_pressure_falls_back_to_blockwise(llm):
+    """A long unbudgeted prompt leaves too few free blocks: the budgeted prompt goes block-wise
+    (at most keep + chunk tokens cached) while the pressure lasts, and takes the rest of its
+    prompt at once only when the pool has room for it again; nobody is preempted."""
+    sched = _sched(llm)
+    bs = sched.cache_config.block_size
+    run = _run(
+        llm,
+        [("hog", _ids(llm, 3000, 5000), None, 4), ("pressed", _ids(llm, 2600, 20000), BUDGET, 4)],
+    )
+    stats = run.outputs["pressed"].kv_transfer_params["kv_eviction"]
+    keep = math.ceil(BUDGET / bs) * bs
+    assert run.first["pressed"] <= keep + sched.caote.chunk, (run.first, stats)
+    assert stats["eviction_events"] >= 3, stats
+    assert stats["peak_blocks"] < math.ceil(2600 / bs)  # never the whole prompt
+    assert run.outputs["hog"].outputs[0].token_ids
+    assert not any(run.preempted.values()), run.preempted
+
+
+@pytest.mark.parametrize("mode", ["blockwise", "oneshot"])
+def test_fixed_modes_keep_their_bounds(llm, mode):
+    sched = _sched(llm)
+    sched.caote.mode = mode  # the `prefill` setting, as the engine would have read it
+    try:
+        prompt = _ids(llm, 2400, 30000)
+        run = _run(llm, [(mode, prompt, BUDGET, 4)])
+    finally:
+        sched.caote.mode = "adaptive"
+    stats = run.outputs[mode].kv_transfer_params["kv_eviction"]
+    bs = sched.cache_config.block_size
+    if mode == "blockwise":
+        assert max(run.peak[mode], stats["peak_blocks"]) <= _blockwise_bound(llm), stats
+        assert stats["eviction_events"] >= 3
+    else:
+        assert stats["peak_blocks"] == math.ceil(len(prompt) / bs), stats
+        assert stats["eviction_events"] == 1
