@@ -27,19 +27,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import ipaddress
 import json
 import os
 import re
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import time
 import urllib.parse
 import urllib.request
 from pathlib import Path
+
+from loadtest.report import render_md
+from loadtest.server import check_loopback, start_server, stop_server
 
 DEFAULTS = dict(
     requests=12,
@@ -115,90 +114,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     if not args.url and not args.start_server:
         p.error("give --url http://127.0.0.1:PORT or --start-server")
     return args
-
-
-def check_loopback(url: str) -> str:
-    u = urllib.parse.urlparse(url)
-    host = u.hostname or ""
-    ok = host == "localhost"
-    if not ok:
-        try:
-            ok = ipaddress.ip_address(host).is_loopback
-        except ValueError:
-            ok = False
-    if not ok or u.scheme not in ("http", "https"):
-        raise SystemExit(f"refusing {url!r}: the load test only talks to a loopback server")
-    return url.rstrip("/")
-
-
-# --- server -----------------------------------------------------------------------------------
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(args, log_path: Path):
-    """The `make serve` command (same flags), plus ``--server-args``, on a free port."""
-    from vllm_caote.eval.common import resolve_model
-    from vllm_caote.models import engine_dtype
-
-    port = _free_port()
-    cmd = [
-        sys.executable,
-        "-m",
-        "vllm.entrypoints.openai.api_server",
-        "--model",
-        resolve_model(args.model),
-        "--served-model-name",
-        args.served_model_name or "smollm2",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--gpu-memory-utilization",
-        "0.3",
-        "--dtype",
-        engine_dtype(),
-        *args.server_args.split(),
-    ]
-    env = dict(os.environ)
-    env.setdefault("CAOTE_DEFAULT_POLICY", "caote-snapkv")
-    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
-    log = open(log_path, "wb")
-    proc = subprocess.Popen(
-        cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"server exited with {proc.returncode}; see {log_path}")
-        try:
-            with urllib.request.urlopen(url + "/health", timeout=5) as r:
-                if r.status == 200:
-                    return proc, url, cmd
-        except OSError:
-            pass
-        time.sleep(2)
-    stop_server(proc)
-    raise SystemExit(f"server not healthy after 600 s; see {log_path}")
-
-
-def stop_server(proc) -> None:
-    if proc is None or proc.poll() is not None:
-        return
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=10)
-
-
-# --- client -----------------------------------------------------------------------------------
 
 
 def pct(xs: list[float], q: float) -> float | None:
@@ -373,68 +288,6 @@ async def capacity(url, model, tok, args) -> dict:
         seconds_per_phase=args.cap_seconds,
     )
     return res
-
-
-def render_md(r: dict) -> str:
-    lines = [
-        "# vllm-caote load test (real OpenAI server, streaming completions)",
-        "",
-        f"Command: `{r['command']}`",
-        "",
-    ]
-    if r.get("server_cmd"):
-        lines += [f"Server: `{' '.join(r['server_cmd'])}` (env {json.dumps(r['server_env'])})", ""]
-    m = r.get("mixed")
-    if m:
-
-        def f(x, fmt):
-            return "-" if x is None else format(x, fmt)
-
-        lines += [
-            "## Mixed budgets",
-            "",
-            f"{m['requests']} requests ({m['prompt_tokens_each']} prompt tokens, "
-            f"{m['output_tokens_each']} output tokens, ignore_eos), concurrency "
-            f"{m['concurrency']}, budgets `{r['budgets']}` (policy {r['policy']}); "
-            f"wall {m['wall_s']:.0f} s; {m['errors']} errors, "
-            f"{m['cancelled_at_time_limit']} cancelled at the time limit.",
-            "",
-            f"Throughput: {m['throughput_req_s']:.3f} req/s, "
-            f"{m['throughput_out_tok_s']:.2f} output tok/s, "
-            f"{m['throughput_total_tok_s']:.1f} total tok/s.",
-            "",
-            "| budget | ok | errors | TTFT p50 (s) | TTFT p99 (s) | TPOT p50 (ms) | "
-            "TPOT p99 (ms) |",
-            "|---|---|---|---|---|---|---|",
-        ]
-        rows = [("all", m)] + list(m["by_budget"].items())
-        for name, s in rows:
-            lines.append(
-                f"| {name} | {s['ok']} | {s['errors']} | {f(s['ttft_p50_s'], '.2f')} | "
-                f"{f(s['ttft_p99_s'], '.2f')} | {f(s['tpot_p50_ms'], '.1f')} | "
-                f"{f(s['tpot_p99_ms'], '.1f')} |"
-            )
-        lines.append("")
-    c = r.get("capacity")
-    if c:
-        lines += [
-            "## Capacity (same KV pool)",
-            "",
-            f"{c['requests']} requests of {c['prompt_tokens']} prompt tokens sent at once; "
-            f"`vllm:num_requests_running` polled from /metrics every 0.25 s for at most "
-            f"{c['seconds_per_phase']:.0f} s per phase.",
-            "",
-            "| | no kv_budget | kv_budget " + str(c["budgeted"]["budget"]) + " | ratio |",
-            "|---|---|---|---|",
-            f"| max running | {c['stock']['max_running']:.0f} | "
-            f"{c['budgeted']['max_running']:.0f} | **{c['ratio_max_running']:.2f}x** |",
-            f"| mean running | {c['stock']['mean_running']:.2f} | "
-            f"{c['budgeted']['mean_running']:.2f} | |",
-            f"| max waiting | {c['stock']['max_waiting']:.0f} | "
-            f"{c['budgeted']['max_waiting']:.0f} | |",
-            "",
-        ]
-    return "\n".join(lines)
 
 
 async def _run(args, url) -> dict:

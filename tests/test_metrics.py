@@ -2,7 +2,7 @@
 
 * Unit tests (no server): the payload's trip engine core -> front-end through vLLM's own msgpack
   codec, the front-end guard, the exporter in prometheus_client's multiprocess mode, the
-  dashboard JSON (generated, up to date, datasource uid ``prometheus``).
+  dashboard JSON (generated, up to date, datasource picked by a ``$datasource`` variable).
 * Server tests use the session's one real server (``caote_server``, conftest.py): budgeted and
   unbudgeted requests go in while a real Prometheus (Debian's ``prometheus``; skipped only when
   the binary is missing) scrapes the server every second; then ``/metrics`` must carry our
@@ -59,6 +59,7 @@ VLLM_METRICS = [
     "vllm:generation_tokens_total",
     "vllm:time_to_first_token_seconds_bucket",
     "vllm:request_time_per_output_token_seconds_bucket",
+    "vllm:num_preemptions_total",
 ]
 
 
@@ -247,18 +248,23 @@ def test_dashboard_content():
         "Time to first token p50 / p99",
         "Time per output token p50 / p99",
         "Requests running / waiting",
+        "Preemptions /s",
     ):
         assert want in titles
     exprs = " ".join(e for _, e in _panel_queries(d))
     for name in list(m.EXPORTED) + VLLM_METRICS:
         base = name.removesuffix("_bucket")
         assert base in exprs, f"no panel shows {name}"
+    variables = {v["name"]: v for v in d["templating"]["list"]}
+    assert variables["datasource"]["type"] == "datasource"
+    assert variables["datasource"]["query"] == "prometheus"
+    assert variables["model_name"]["datasource"]["uid"] == "${datasource}"
     for panel in d["panels"]:
         if panel["type"] == "row":
             continue
-        assert panel["datasource"] == {"type": "prometheus", "uid": "prometheus"}
+        assert panel["datasource"] == {"type": "prometheus", "uid": "${datasource}"}
         for t in panel["targets"]:
-            assert t["datasource"]["uid"] == "prometheus"
+            assert t["datasource"]["uid"] == "${datasource}"
 
 
 def test_readme_describes_every_metric():

@@ -7,8 +7,8 @@ Built with Grafana's own SDK (PyPI ``grafana-foundation-sdk``, in the ``dev`` ex
     .venv/bin/python deploy/grafana/build_dashboard.py --check   # exit 1 if it is stale
     .venv/bin/python deploy/grafana/build_dashboard.py --stdout  # print it
 
-Every query reads the Prometheus datasource with uid ``prometheus`` (provisioned by
-``deploy/grafana/provisioning/datasources/prometheus.yml``). ``$model_name`` is a dashboard
+Every query reads the Prometheus datasource chosen in the ``$datasource`` variable (the
+provisioned one, ``deploy/grafana/provisioning/datasources/prometheus.yml``, by default). ``$model_name`` is a dashboard
 variable (vLLM's ``model_name`` label); ``$__rate_interval`` is Grafana's. The plugin's
 metrics are described in :mod:`vllm_caote.metrics` and the README's "Metrics and dashboard" section;
 ``tests/test_metrics.py`` evaluates every query here against a real Prometheus.
@@ -34,7 +34,8 @@ HERE = Path(__file__).resolve().parent
 OUTPUT = HERE / "dashboards" / "vllm-caote.json"
 UID = "vllm-caote"
 TITLE = "vLLM CAOTE: KV-cache eviction"
-DATASOURCE = dash_m.DataSourceRef(type_val="prometheus", uid="prometheus")
+#: every panel reads the Prometheus picked in the `datasource` variable (any uid works)
+DATASOURCE = dash_m.DataSourceRef(type_val="prometheus", uid="${datasource}")
 
 SEL = 'model_name=~"$model_name"'  # every query is filtered by the model variable
 RI = "$__rate_interval"
@@ -198,6 +199,13 @@ def rows() -> list[tuple[str, list[PanelSpec]]]:
             unit="s",
         ),
         PanelSpec(
+            "Preemptions /s",
+            "Requests vLLM preempted (KV pool exhausted) per second, rate of "
+            "vllm:num_preemptions_total. Budgeted prompts are admitted by what they will hold, so "
+            "this should stay at zero when eviction is what keeps the pool from filling.",
+            [Query(f"sum(rate(vllm:num_preemptions_total{{{SEL}}}[{RI}]))", "preemptions/s")],
+        ),
+        PanelSpec(
             "Requests running / waiting",
             "vllm:num_requests_running and vllm:num_requests_waiting.",
             [
@@ -253,6 +261,7 @@ def _panel(spec: PanelSpec) -> ts_b.Panel:
 
 def build() -> dict:
     """The dashboard as a JSON-ready dict."""
+    datasource_var = dash_b.DatasourceVariable("datasource").label("Prometheus").type("prometheus")
     model_var = (
         dash_b.QueryVariable("model_name")
         .label("model")
@@ -278,6 +287,7 @@ def build() -> dict:
         .time("now-30m", "now")
         .refresh("10s")
         .tooltip(dash_m.DashboardCursorSync.CROSSHAIR)
+        .with_variable(datasource_var)
         .with_variable(model_var)
     )
     for title, panels in rows():
