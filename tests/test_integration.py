@@ -220,3 +220,37 @@ def test_plugin_classes_are_vllm_subclasses():
     assert issubclass(CaoteScheduler, Scheduler)
     assert issubclass(worker.CaoteCPUWorker, CPUWorker)
     assert inspect.signature(CaoteScheduler.__init__)  # importable by qualified name
+
+
+def test_pip_wheel_carries_the_plugin_entry_points(tmp_path):
+    """`pip wheel .` builds a wheel whose entry points load the plugin and its stat logger."""
+    import subprocess
+    import sys
+    import zipfile
+    from importlib.metadata import EntryPoint
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-deps", "--no-build-isolation",
+         "-w", str(tmp_path), "-q"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (wheel,) = tmp_path.glob("vllm_caote-*.whl")
+    import vllm_caote
+
+    assert f"-{vllm_caote.__version__}-" in wheel.name  # the package and the wheel agree
+    with zipfile.ZipFile(wheel) as z:
+        names = z.namelist()
+        eps = z.read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
+    assert "vllm_caote/engine/scheduler.py" in names and "vllm_caote/compat.py" in names
+    groups = {}
+    group = None
+    for line in eps.splitlines():
+        if line.startswith("["):
+            group = line.strip("[]")
+        elif "=" in line:
+            name, value = (x.strip() for x in line.split("=", 1))
+            groups.setdefault(group, {})[name] = value
+    plugin = EntryPoint("caote", groups["vllm.general_plugins"]["caote"], "vllm.general_plugins")
+    logger = EntryPoint("caote", groups["vllm.stat_logger_plugins"]["caote"], "x")
+    assert callable(plugin.load()) and logger.load().__name__ == "CaoteStatLogger"

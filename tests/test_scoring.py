@@ -289,8 +289,9 @@ def test_h2o_tova_match_loops(shape):
             h2o_ref[h, j] = sum(float(a[h, gg, t, j]) for gg in range(g) for t in range(w))
             tova_ref[h, j] = sum(float(a[h, gg, w - 1, j]) for gg in range(g)) / g
     torch.testing.assert_close(h2o_scores(a), h2o_ref)
-    torch.testing.assert_close(tova_scores(a), tova_ref)
+    torch.testing.assert_close(tova_scores(a, head_average=False), tova_ref)
     torch.testing.assert_close(tova_scores(a).sum(-1), torch.ones(hkv, dtype=F64))
+    torch.testing.assert_close(tova_scores(a), tova_ref.mean(0, keepdim=True).expand(hkv, n))
     # running sum: a shorter prev (tokens appended since) is zero-padded on the right
     m = n // 2
     prev = torch.rand(hkv, m, generator=_gen(seed), dtype=F64)

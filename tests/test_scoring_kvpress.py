@@ -102,13 +102,14 @@ def test_tova_matches_kvpress(kvp, hkv, g):
     n, d = 30, 8
     q, k, v, full, module, hidden, attentions = _setup(hkv, g, n, d)
     ref = kvp["tova_press"].TOVAPress().score(module, hidden, k[None], v[None], attentions, {})[0]
-    got = tova_scores(attention_weights(q[:, -1:], k, causal=True))
-    # kvpress averages over all query heads of the layer (shared by every KV head);
-    # we average per GQA group, so kvpress == mean of ours over KV heads
-    expect = got.mean(dim=0, keepdim=True).expand(hkv, n)
+    attn = attention_weights(q[:, -1:], k, causal=True)
+    # default: averaged over all query heads of the layer, shared by every KV head (kvpress)
+    got = tova_scores(attn)
+    torch.testing.assert_close(got[:, : n - 1], ref[:, : n - 1].to(got.dtype))
+    # per GQA group: kvpress == the mean of the per-group scores over KV heads
+    per_group = tova_scores(attn, head_average=False)
+    expect = per_group.mean(dim=0, keepdim=True).expand(hkv, n)
     torch.testing.assert_close(expect[:, : n - 1], ref[:, : n - 1].to(got.dtype))
-    if hkv == 1:
-        torch.testing.assert_close(got[:, : n - 1], ref[:, : n - 1].to(got.dtype))
 
 
 @pytest.mark.parametrize("hkv", [1, 3])

@@ -77,18 +77,23 @@ def h2o_scores(attn: torch.Tensor, prev: torch.Tensor | None = None) -> torch.Te
     return s + p
 
 
-def tova_scores(attn: torch.Tensor) -> torch.Tensor:
-    """TOVA: attention of the last query, averaged over the ``G`` heads of the group.
+def tova_scores(attn: torch.Tensor, head_average: bool = True) -> torch.Tensor:
+    """TOVA: attention of the last query.
 
-    Returns ``[Hkv, n]`` with ``score[h, j] = mean_g attn[h, g, -1, j]``; each row is a
-    distribution (sums to 1). Note: kvpress's TOVAPress averages over *all* query
-    heads of the layer and shares the scores across KV heads; we keep per-KV-head
-    scores because selection here is per KV head. They coincide when ``Hkv == 1``.
+    With ``head_average=True`` (default, as NVIDIA kvpress's ``TOVAPress`` and the TOVA
+    paper's multi-head variant) the last query's attention is averaged over *all* query heads
+    of the layer and shared by every KV head: ``score[h, j] = mean_{h', g} attn[h', g, -1, j]``.
+    One query's attention is a noisy signal per head; averaged over the layer's heads it keeps
+    the tokens the layer as a whole reads. ``head_average=False`` averages over the ``G`` heads
+    of each GQA group only (per-KV-head scores). Each row is a distribution (sums to 1).
     """
     a = _attn(attn)
     if a.shape[2] == 0:
         raise ValueError("tova_scores needs at least one query (w >= 1)")
-    return a[:, :, -1, :].mean(dim=1)
+    last = a[:, :, -1, :]  # [Hkv, G, n]
+    if head_average:
+        return last.mean(dim=(0, 1)).expand(a.shape[0], -1).clone()
+    return last.mean(dim=1)
 
 
 def snapkv_scores(attn: torch.Tensor, kernel_size: int = 7, pooling: str = "avg") -> torch.Tensor:
@@ -134,13 +139,14 @@ def snapkv_scores(attn: torch.Tensor, kernel_size: int = 7, pooling: str = "avg"
     return x.reshape(hkv, g, n).mean(dim=1)
 
 
-def keydiff_scores(keys: torch.Tensor, normalize_anchor: bool = False) -> torch.Tensor:
+def keydiff_scores(keys: torch.Tensor, normalize_anchor: bool = True) -> torch.Tensor:
     """KeyDiff: keep keys that differ from the average key.
 
-    ``score[h, j] = -cos(k_j, anchor_h)`` with ``anchor_h = mean_j k_j`` over the
-    cached keys of KV head ``h`` (KeyDiff paper / design doc). With
-    ``normalize_anchor=True`` the anchor is the mean of the *unit-normalised* keys,
-    as NVIDIA kvpress ``KeyDiffPress`` does. Needs no queries and no attention.
+    ``score[h, j] = -cos(k_j, anchor_h)`` with ``anchor_h`` the mean of the
+    *unit-normalised* cached keys of KV head ``h``, as in the KeyDiff paper and NVIDIA
+    kvpress ``KeyDiffPress`` (the default). ``normalize_anchor=False`` anchors on the plain
+    mean key instead, which lets long keys dominate the anchor. Needs no queries and no
+    attention.
 
     Returns:
         ``[Hkv, n]`` in ``[-1, 1]``. A zero anchor gives all-zero scores.

@@ -36,7 +36,8 @@ KNOBS: Mapping[str, Any] = MappingProxyType(
         "scale": None,  # attention logit scale; None = 1/sqrt(d)
         "causal": True,  # queries are the last w cached tokens
         "eps": 1e-6,  # CAOTE clamp on 1 - alpha
-        "normalize_anchor": False,  # KeyDiff: anchor = mean of unit keys (kvpress) if True
+        "normalize_anchor": True,  # KeyDiff: anchor = mean of unit keys (paper, kvpress)
+        "head_average": True,  # TOVA: last query's attention averaged over all heads (kvpress)
     }
 )
 
@@ -227,7 +228,7 @@ class TOVAPolicy(Policy):
     nonnegative: ClassVar[bool] = True
 
     def _base(self, keys, attn, h2o_prev, sinks, k):
-        return tova_scores(attn), None
+        return tova_scores(attn, head_average=k["head_average"]), None
 
 
 @dataclass(frozen=True)
