@@ -8,6 +8,7 @@ directly); the fp8 test starts its own OpenAI server, as the failure it guards a
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -85,6 +86,7 @@ def test_failed_compaction_frees_nothing_and_the_request_runs_without_eviction(l
     free_at_start = pool.get_num_free_blocks()
     base, _ = _run(llm, [("base-a", a, _params(24)), ("base-b", b, _params(24))])
 
+    assert llm.reset_prefix_cache()  # the budgeted request computes (and evicts) all of it
     ev = _worker_eviction(llm)
     ev.skip_compaction = lambda rid: rid.startswith("faulty")
     try:
@@ -106,6 +108,7 @@ def test_failed_compaction_frees_nothing_and_the_request_runs_without_eviction(l
     assert pool.get_num_free_blocks() == free_at_start
 
     # the engine keeps evicting for everyone after the fault
+    assert llm.reset_prefix_cache()
     again, freed = _run(llm, [("after", a, _params(8, budget=BUDGET))])
     assert freed > 0 and "error" not in again["after"].kv_transfer_params["kv_eviction"]
 
@@ -117,6 +120,7 @@ def test_exception_in_scoring_is_contained(llm, monkeypatch):
 
     a, b, _ = _prompts(llm)
     base, _ = _run(llm, [("exc-base-b", b, _params(16))])
+    assert llm.reset_prefix_cache()
 
     def broken(*args, **kwargs):
         raise RuntimeError("scoring exploded")
@@ -156,13 +160,46 @@ def test_prefix_caching_stays_correct_for_unbudgeted_requests(llm):
     for rid in ("pc-a1", "pc-o1"):
         stats = budgeted[rid].kv_transfer_params["kv_eviction"]
         assert stats["evicted_tokens"] > 0 and "error" not in stats
-        assert not budgeted[rid].num_cached_tokens, "a budgeted request read the prefix cache"
     assert freed > 0
     assert _tokens(after["pc-a2"]) == _tokens(before["pc-a0"])
     assert _tokens(after["pc-o2"]) == _tokens(before["pc-o0"])
     # the overlapping prompt hits the 5 full blocks of a's prefix that pc-a2 cached
     assert after["pc-o2"].num_cached_tokens >= 640, "unbudgeted requests lost prefix caching"
     assert pool.get_num_free_blocks() == free_at_start
+
+
+def test_budgeted_request_reuses_a_cached_prefix_without_writing_it(llm):
+    """A budgeted request whose prompt starts with a cached prefix (a shared document) reads it
+    from the prefix cache, evicts only among its own tokens, and never writes the shared
+    blocks: the unbudgeted request that cached them answers the same afterwards."""
+    from vllm_caote.tasks import filler_prompt_ids
+
+    tok = llm.get_tokenizer()
+    bs = _core(llm).scheduler.cache_config.block_size
+    prefix = filler_prompt_ids(tok, 16 * bs, 100000)  # 16 whole blocks
+    q0 = prefix + filler_prompt_ids(tok, 300, 110000)
+    q1 = prefix + filler_prompt_ids(tok, 500, 120000)
+    assert llm.reset_prefix_cache()
+    first, _ = _run(llm, [("share-0", q0, _params(24))])
+    warm, freed = _run(llm, [("share-1", q1, _params(24, budget=BUDGET, policy="caote-snapkv"))])
+    again, _ = _run(llm, [("share-0b", q0, _params(24))])
+    assert llm.reset_prefix_cache()
+    cold, _ = _run(llm, [("share-1c", q1, _params(24, budget=BUDGET, policy="caote-snapkv"))])
+
+    hits = warm["share-1"].num_cached_tokens
+    stats = warm["share-1"].kv_transfer_params["kv_eviction"]
+    assert hits >= 15 * bs, hits  # most of the shared prefix came from the cache
+    assert stats["prefix_cached_tokens"] == hits and stats["evicted_tokens"] > 0, stats
+    assert freed > 0 and "error" not in stats
+    # the budget bounds what it holds alone; the shared blocks come on top
+    assert stats["peak_blocks"] <= hits // bs + math.ceil((BUDGET + 512) / bs) + 1, stats
+    assert _tokens(again["share-0b"]) == _tokens(first["share-0"]), "shared blocks were written"
+    cold_stats = cold["share-1c"].kv_transfer_params["kv_eviction"]
+    assert cold["share-1c"].num_cached_tokens == 0 and cold_stats["prefix_cached_tokens"] == 0
+    print(
+        "warm (prefix kept whole) vs cold (whole prompt evicted to the budget) answers equal:",
+        _tokens(warm["share-1"]) == _tokens(cold["share-1c"]),
+    )
 
 
 def test_session_update_keeps_eviction_state(llm):
@@ -173,6 +210,7 @@ def test_session_update_keeps_eviction_state(llm):
     a, _, _ = _prompts(llm)
     engine = llm.llm_engine
     sched = _core(llm).scheduler
+    assert llm.reset_prefix_cache()
     engine.add_request("session", {"prompt_token_ids": a}, _params(40, budget=BUDGET))
     for _ in range(4):
         engine.step()

@@ -48,6 +48,8 @@ def passkey_case(tokenizer, context_tokens: int, depth: float, seed: int = 0) ->
 def filler_prompt_ids(tokenizer, n_tokens: int, offset: int = 0) -> list[int]:
     """Exactly ``n_tokens`` token ids of essay text (for capacity and block-bound checks)."""
     ids = _essay_ids(tokenizer)
+    if offset + n_tokens > len(ids):
+        raise ValueError(f"offset {offset} + {n_tokens} tokens is past the essays ({len(ids)})")
     return ids[offset : offset + n_tokens]
 
 

@@ -122,15 +122,16 @@ def _record_queries(ev: WorkerEviction, work: RowWork, name: str, query: torch.T
     ls.ring[:, start : start + first] = newest[:, :first]
     if first < m:
         ls.ring[:, : m - first] = newest[:, first:]
+    ls.recorded += n
 
 
 def _window_queries(ev: WorkerEviction, work: RowWork, name: str) -> torch.Tensor | None:
     ls = ev.request(work.req_id).layers.get(name)
     if ls is None or ls.ring is None:
         return None
-    w = ev.settings.window
+    w = min(ev.settings.window, ls.recorded)  # tokens read from the prefix cache have no query
     total = work.seen_before + (work.q_end - work.q_start)
-    order = torch.arange(total - w, total, device=ls.ring.device) % w
+    order = torch.arange(total - w, total, device=ls.ring.device) % ev.settings.window
     return ls.ring[:, order]
 
 
@@ -145,13 +146,17 @@ def _compact(ev, work: RowWork, name: str, impl, layer, policy, layout, kv_cache
         scores, _ = policy.score_with_state(
             keys, values, queries=queries, sinks=cfg.sinks, scale=getattr(impl, "scale", None)
         )
-    keep_idx = select_keep(scores, work.plan.evict_to, protect_recent=cfg.window, sinks=cfg.sinks)
+    # the protected head (shared prefix-cache blocks) is kept like sinks, and never written
+    head = work.plan.protected
+    keep_idx = select_keep(
+        scores, work.plan.evict_to, protect_recent=cfg.window, sinks=max(cfg.sinks, head)
+    )
     d = raw_keys.shape[-1]
-    gather_idx = keep_idx.unsqueeze(-1).expand(-1, -1, d)
+    gather_idx = keep_idx[:, head:].unsqueeze(-1).expand(-1, -1, d)
     # the stored (possibly quantised) bytes move; nothing is re-quantised
     layout.write(
         kv_cache,
-        work.block_ids,
+        work.block_ids[head // kv_cache.shape[2] :],
         torch.gather(raw_keys, 1, gather_idx),
         torch.gather(raw_values, 1, gather_idx),
     )

@@ -4,9 +4,9 @@ Invariants, for every request the scheduler marks as budgeted:
 
 * its block list backs its *compacted* cache: ``num_tokens - evicted`` tokens, never its
   history (the coordinator's ``get_num_blocks_to_allocate`` / ``allocate_new_blocks``);
-* none of its blocks is ever registered in the prefix cache (compaction rewrites their
-  content, so any hash would lie), and it reads no prefix-cache hits (so all of its blocks are
-  its own and compaction never writes into a block another request or the cache holds);
+* none of the blocks it computes is ever registered in the prefix cache (compaction rewrites
+  their content, so any hash would lie); the prefix-cache hits it reads are shared, whole
+  blocks at its head, which compaction never writes (``StepPlan.protected``);
 * :meth:`trim` is the only way its list shrinks before it finishes, and the
   trimmed blocks go straight back to the pool.
 
@@ -31,7 +31,7 @@ class BlockBudgets(Protocol):
 
     def tokens_for_blocks(self, request_id: str, num_tokens: int) -> int: ...
 
-    def admission_tokens(self, request_id: str, num_tokens: int) -> int: ...
+    def admission_tokens(self, request_id: str, num_tokens: int, prefix: int = 0) -> int: ...
 
 
 def coordinator_class(base: type) -> type:
@@ -45,7 +45,8 @@ def coordinator_class(base: type) -> type:
             b = self.caote_budgets
             if b is not None and b.is_budgeted(request_id):
                 if kwargs.get("apply_admission_cap"):
-                    num_tokens = b.admission_tokens(request_id, num_tokens)
+                    prefix = kwargs.get("num_local_computed_tokens", 0)
+                    num_tokens = b.admission_tokens(request_id, num_tokens, prefix)
                 else:
                     num_tokens = b.tokens_for_blocks(request_id, num_tokens)
                 if "num_tokens_main_model" in kwargs:

@@ -34,6 +34,7 @@ logger = logging.getLogger("vllm.vllm_caote.engine")
 @dataclass
 class LayerState:
     ring: torch.Tensor | None = None  # [Hq, w, d] last w queries, slot = token index % w
+    recorded: int = 0  # queries written to the ring (prefix-cache hits have none)
     h2o: torch.Tensor | None = None  # [Hkv, cache_len] running attention sum (H2O policies)
 
 

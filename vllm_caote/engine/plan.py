@@ -9,6 +9,8 @@ Cache arithmetic for one request at one step, with ``N`` tokens computed before 
 
 * the cache holds ``N - E`` tokens before the step and ``N - E + n`` after writing the step;
 * positions (RoPE) are the true ``N .. N+n-1``; cache slots are ``N-E .. N-E+n-1``;
+* the first ``protected`` tokens (whole blocks the request read from the prefix cache, which
+  other requests may share) are never moved, scored away or written;
 * when ``evict_to`` is set, after the attention of each layer the cache is compacted to the
   first ``evict_to`` slots; once the worker reports it done in every layer, the scheduler frees
   every block past ``ceil(evict_to / bs)``.
@@ -31,6 +33,8 @@ class StepPlan:
     evict_to: int | None  # compact this request's cache to this many tokens after the step
     policy: str
     reset: bool  # first step of a (re)started sequence: drop any worker-side state
+    # leading tokens never touched: the request's prefix-cache hits (whole, shared blocks)
+    protected: int = 0
 
 
 def cdiv(a: int, b: int) -> int:

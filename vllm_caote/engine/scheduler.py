@@ -60,6 +60,8 @@ class RequestBudget:
     tokens_seen: int = 0
     error: str | None = None  # set when eviction failed and the request ran without it
     blockwise: bool = False  # this prefill step runs block-wise (mode, or memory pressure)
+    fresh: bool = True  # not scheduled since it arrived or was preempted
+    shared: int = 0  # leading tokens read from the prefix cache: shared, never evicted
     started: float = field(default_factory=time.monotonic)
 
     def stats(self) -> dict:
@@ -71,6 +73,7 @@ class RequestBudget:
             "peak_blocks": self.peak_blocks,
             "peak_tokens": self.peak_tokens,
             "tokens_seen": self.tokens_seen,
+            "prefix_cached_tokens": self.shared,
         }
         if self.error is not None:
             out["error"] = self.error
@@ -134,13 +137,14 @@ class SchedulerEviction:
         st = self.requests.get(request_id)
         return num_tokens if st is None else max(num_tokens - st.evicted, 0)
 
-    def admission_tokens(self, request_id: str, num_tokens: int) -> int:
-        """Full-sequence admission check: a budgeted request never needs more than this."""
+    def admission_tokens(self, request_id: str, num_tokens: int, prefix: int = 0) -> int:
+        """Full-sequence admission check: a budgeted request never needs more than its
+        ``prefix`` (prefix-cache hits) plus ``keep + chunk`` of its own tokens."""
         st = self.requests.get(request_id)
         if st is None:
             return num_tokens
         need = max(num_tokens - st.evicted, 0)
-        return need if self.mode == "oneshot" else min(need, st.keep + self.chunk)
+        return need if self.mode == "oneshot" else min(need, prefix + st.keep + self.chunk)
 
     # -- request lifecycle ---------------------------------------------------------------------
 
@@ -155,27 +159,28 @@ class SchedulerEviction:
         keep = cdiv(int(budget), self.block_size) * self.block_size
         policy = str(policy or self.settings.default_policy)
         self.requests[request.request_id] = RequestBudget(int(budget), keep, policy)
-        # Its blocks are compacted in place: they must be its own, never prefix-cache hits.
-        request.skip_reading_prefix_cache = True
 
-    def cap_chunk(self, request, num_new_tokens: int) -> int:
-        """The prompt tokens a budgeted request may process this step (see the module doc)."""
+    def cap_chunk(self, request, computed: int, num_new_tokens: int) -> int:
+        """The prompt tokens a budgeted request may process this step, ``computed`` tokens
+        (prefix-cache hits included) being done (see the module doc)."""
         st = self.requests.get(request.request_id)
         if st is None or self.mode == "oneshot":
             return num_new_tokens
-        computed = request.num_computed_tokens
         if computed >= request.num_prompt_tokens:
             return num_new_tokens  # decoding: one token (or a replay after preemption)
         cache = computed - st.evicted
-        st.blockwise = self.mode == "blockwise" or not self._room_for_prompt(request, cache)
+        st.blockwise = self.mode == "blockwise" or not self._room_for_prompt(
+            request, computed, cache
+        )
         if not st.blockwise:
             return num_new_tokens
-        # the cache never exceeds keep + chunk: the first chunk may be keep + chunk tokens
-        return min(num_new_tokens, max(st.keep + self.chunk - cache, self.block_size))
+        # its own tokens never exceed keep + chunk: the first chunk may be keep + chunk tokens
+        own = cache - (computed if st.fresh else st.shared)  # before its first step: all hits
+        return min(num_new_tokens, max(st.keep + self.chunk - own, self.block_size))
 
-    def _room_for_prompt(self, request, cache: int) -> bool:
+    def _room_for_prompt(self, request, computed: int, cache: int) -> bool:
         """Free blocks for the rest of the prompt, leaving one per running request to grow."""
-        rest = request.num_prompt_tokens - request.num_computed_tokens
+        rest = request.num_prompt_tokens - computed
         need = cdiv(cache + rest, self.block_size) - self.kv.num_held_blocks(request.request_id)
         free = self.kv.block_pool.get_num_free_blocks()
         return free - need >= len(self.scheduler.running) + 1
@@ -191,19 +196,22 @@ class SchedulerEviction:
                 continue
             request = sched.requests[req_id]
             computed_before = request.num_computed_tokens - n
-            if computed_before == 0:
-                st.evicted = 0  # fresh start or restart after preemption
+            reset = st.fresh
+            if reset:  # first step since arrival or preemption: any prefix so far is cache hits
+                st.fresh, st.evicted = False, 0
+                st.shared = computed_before
             cache_after = computed_before - st.evicted + n
+            own = cache_after - st.shared  # the budget bounds the tokens it holds alone
             prefilling = computed_before < request.num_prompt_tokens
             threshold = st.keep if prefilling else st.keep + bs
-            evict_to = st.keep if (cache_after > st.keep and cache_after >= threshold) else None
+            evict_to = st.shared + st.keep if (own > st.keep and own >= threshold) else None
             prompt_done = request.num_computed_tokens >= request.num_prompt_tokens
             if prefilling and not prompt_done and (self.mode == "oneshot" or not st.blockwise):
                 evict_to = None  # the whole prompt first: evict with the question in the window
             st.peak_blocks = max(st.peak_blocks, self.kv.num_held_blocks(req_id))
             st.peak_tokens = max(st.peak_tokens, cache_after)
             st.tokens_seen = max(st.tokens_seen, request.num_computed_tokens)
-            plans[req_id] = StepPlan(st.evicted, evict_to, st.policy, computed_before == 0)
+            plans[req_id] = StepPlan(st.evicted, evict_to, st.policy, reset, st.shared)
             if evict_to is not None:
                 dropped = cache_after - evict_to
                 st.evicted += dropped
@@ -244,7 +252,7 @@ class SchedulerEviction:
     def preempted(self, request) -> None:
         st = self.requests.get(request.request_id)
         if st is not None:
-            st.evicted = 0
+            st.evicted, st.fresh = 0, True
 
     def finished(self, request) -> dict | None:
         rid = request.request_id
@@ -287,7 +295,7 @@ class CaoteScheduler(Scheduler):
 
     def _reserve_prefill_lookahead(self, request, num_computed_tokens, num_new_tokens):
         n = super()._reserve_prefill_lookahead(request, num_computed_tokens, num_new_tokens)
-        return self.caote.cap_chunk(request, n)
+        return self.caote.cap_chunk(request, num_computed_tokens, n)
 
     def schedule(self, *args, **kwargs):
         out = super().schedule(*args, **kwargs)
