@@ -68,9 +68,8 @@ def _ppl(policy, label, nll):
     ]
 
 
-def _result() -> dict:
-    rows = _pk(FULL, FULL, 4) + _pk("caote-snapkv", "0.25", 4) + _pk("snapkv", "0.25", 3)
-    s = summarize(rows)
+def _result(s: dict, policies: list[str]) -> dict:
+    """An eval result around summary ``s``, as ``vllm_caote.eval.main`` builds it."""
     return dict(
         config=dict(
             model="/m/SmolLM2",
@@ -83,7 +82,7 @@ def _result() -> dict:
             budget_labels=["0.25", FULL],
             min_budget=68,
             clamped=[],
-            policies=["caote-snapkv", "snapkv"],
+            policies=policies,
             prefill_chunk=512,
             block_size=32,
         ),
@@ -102,7 +101,9 @@ def test_results_json_is_written_when_matplotlib_is_missing(tmp_path, monkeypatc
     from vllm_caote.eval.report import plot
 
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` raises
-    md = write_results(tmp_path, "eval", _result(), render_md, plot)
+    rows = _pk(FULL, FULL, 4) + _pk("caote-snapkv", "0.25", 4) + _pk("snapkv", "0.25", 3)
+    result = _result(summarize(rows), ["caote-snapkv", "snapkv"])
+    md = write_results(tmp_path, "eval", result, render_md, plot)
     saved = json.loads((tmp_path / "eval.json").read_text())
     assert saved["summary"]["passkey"]["snapkv"]["0.25"]["correct"] == 3
     assert saved["plots"] == [] and "no plots" in saved["notes"][-1]
@@ -135,27 +136,7 @@ def test_summary_targets_and_report():
     assert by_pair[("caote-snapkv", "snapkv")]["ppl_met"] is True
     assert by_pair[("caote-h2o", "h2o")]["passkey_met"] is False  # 25% < 50%: reported, not hidden
 
-    result = dict(
-        config=dict(
-            model="/m/SmolLM2",
-            command="python -m vllm_caote.eval --quick",
-            contexts=[1024],
-            depths=[0.5],
-            samples=4,
-            ppl_passages=1,
-            budget_tokens={"1024": {"0.25": 256}},
-            budget_labels=["0.25", FULL],
-            min_budget=68,
-            clamped=[],
-            policies=["caote-snapkv", "snapkv", "caote-h2o", "h2o"],
-            prefill_chunk=512,
-            block_size=32,
-        ),
-        summary=s,
-        targets=t,
-        wall_s=1.0,
-        notes=[],
-    )
+    result = _result(s, ["caote-snapkv", "snapkv", "caote-h2o", "h2o"])
     md = render_md(result)
     assert "| caote-snapkv | 100% [" in md
     assert "| snapkv | 75% [" in md
