@@ -225,3 +225,22 @@ def test_longbench_summary():
     pair = {r["caote"]: r for r in targets(s, ["0.25", FULL])["caote_vs_base"]}["caote-snapkv"]
     assert pair["longbench_f1"] == [pytest.approx(0.5), pytest.approx(0.4)]
     assert pair["longbench_met"]
+
+
+def test_multikey_case_hides_every_key_and_asks_for_one():
+    from vllm_caote.models import model_dir
+
+    if not (model_dir() / "config.json").exists():
+        pytest.skip("embedded model missing")
+    from transformers import AutoTokenizer
+
+    from vllm_caote.tasks import MULTIKEY_NEEDLE, multikey_case
+
+    tok = AutoTokenizer.from_pretrained(model_dir())
+    case = multikey_case(tok, 1024, n_keys=4, seed=3)
+    needles = case.prompt.count(MULTIKEY_NEEDLE.split("{name}")[0])
+    assert needles == 4 and case.prompt.count(case.passkey) == 1
+    asked = case.prompt.rsplit("magic number for ", 1)[1].split("?")[0]
+    assert MULTIKEY_NEEDLE.format(name=asked, key=case.passkey) in case.prompt
+    assert 1024 <= len(tok.encode(case.prompt)) <= 1024 + 150
+    assert multikey_case(tok, 1024, seed=3) == case  # deterministic

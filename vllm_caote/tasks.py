@@ -45,6 +45,37 @@ def passkey_case(tokenizer, context_tokens: int, depth: float, seed: int = 0) ->
     return PasskeyCase(prompt, key, context_tokens, depth)
 
 
+MULTIKEY_NAMES = ("amber", "cobalt", "crimson", "olive", "silver", "violet", "saffron", "teal")
+MULTIKEY_NEEDLE = " The special magic number for {name} is {key}. "
+MULTIKEY_QUESTION = "\n\nWhat is the special magic number for {name}? Answer with the number only."
+
+
+def multikey_case(tokenizer, context_tokens: int, n_keys: int = 4, seed: int = 0) -> PasskeyCase:
+    """RULER's multi-key needle: ``n_keys`` labelled 5-digit numbers spread over
+    ``context_tokens`` tokens of essays; the question names one of them. A policy must keep
+    the asked-for needle although the others look just as important before the question."""
+    rng = random.Random(f"mk-{seed}-{context_tokens}-{n_keys}")
+    names = rng.sample(MULTIKEY_NAMES, n_keys)
+    keys = [str(rng.randint(10000, 99999)) for _ in names]
+    ids = _essay_ids(tokenizer)
+    start = rng.randint(0, max(0, len(ids) - context_tokens - 1))
+    hay = ids[start : start + context_tokens]
+    depths = [(i + 0.5) / n_keys for i in range(n_keys)]
+    cuts = [0] + [int(len(hay) * d) for d in depths] + [len(hay)]
+    text = tokenizer.decode(hay[: cuts[1]])
+    for i, (name, key) in enumerate(zip(names, keys, strict=True)):
+        text += MULTIKEY_NEEDLE.format(name=name, key=key) + tokenizer.decode(
+            hay[cuts[i + 1] : cuts[i + 2]]
+        )
+    target = rng.randrange(n_keys)
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": text + MULTIKEY_QUESTION.format(name=names[target])}],
+        tokenize=False,
+        add_generation_prompt=True,
+    )
+    return PasskeyCase(prompt, keys[target], context_tokens, depths[target])
+
+
 def filler_prompt_ids(tokenizer, n_tokens: int, offset: int = 0) -> list[int]:
     """Exactly ``n_tokens`` token ids of essay text (for capacity and block-bound checks)."""
     ids = _essay_ids(tokenizer)

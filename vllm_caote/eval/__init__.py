@@ -10,6 +10,10 @@ Tasks
 essays (:func:`vllm_caote.tasks.passkey_case`); accuracy = the exact passkey appears in the
 greedy answer (12 tokens), with Wilson 95% intervals.
 
+``multikey``: RULER's multi-key needle: four labelled 5-digit numbers spread over the context,
+the question names one (:func:`vllm_caote.tasks.multikey_case`); accuracy as for passkey.
+``depths x samples`` prompts per context.
+
 ``ppl``: perplexity of contiguous KJV passages of ``context`` tokens by teacher forcing through
 the engine (``SamplingParams(prompt_logprobs=0)``). vLLM computes prompt logprobs chunk by chunk
 and the plugin's block-wise prefill (``CAOTE_PREFILL_CHUNK``, 512 tokens) evicts after every
@@ -50,13 +54,14 @@ from vllm_caote.eval.tasks import (
     _ints,
     budget_grid,
     run_longbench,
+    run_multikey,
     run_passkey,
     run_ppl,
 )
 
 __all__ = ["CAOTE_PAIRS", "FULL", "budget_grid", "main", "render_md", "summarize", "targets"]
 
-TASKS = ("passkey", "ppl", "longbench")
+TASKS = ("passkey", "multikey", "ppl", "longbench")
 
 DEFAULTS = dict(
     contexts="1024,1536",
@@ -117,7 +122,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--tasks",
         default="passkey,ppl",
-        help="passkey, ppl, longbench (LongBench QA, token F1; needs its data, see below)",
+        help="passkey, multikey, ppl, longbench (LongBench QA, token F1; needs its data)",
     )
     p.add_argument(
         "--longbench-dir",
@@ -225,6 +230,8 @@ def main(argv=None) -> int:
         phases.set_postfix_str(task)
         if task == "passkey":
             rows += run_passkey(llm, args, grid, policies)
+        elif task == "multikey":
+            rows += run_multikey(llm, args, grid, policies)
         elif task == "ppl":
             rows += run_ppl(llm, args, grid, policies, chunk)
         elif task == "longbench":

@@ -11,10 +11,13 @@ from pathlib import Path
 from vllm_caote.eval.common import wilson
 from vllm_caote.eval.tasks import CAOTE_PAIRS, FULL
 
+#: tasks scored as exact-answer accuracy
+ACCURACY_TASKS = ("passkey", "multikey")
+
 
 def summarize(rows: list[dict]) -> dict:
     """{task: {policy: {budget_label: metrics}}} pooled over contexts, depths, samples."""
-    out: dict = {"passkey": {}, "ppl": {}, "longbench": {}}
+    out: dict = {"passkey": {}, "multikey": {}, "ppl": {}, "longbench": {}}
     groups: dict = {}
     for r in rows:
         groups.setdefault((r["task"], r["policy"], r["budget_label"]), []).append(r)
@@ -26,7 +29,7 @@ def summarize(rows: list[dict]) -> dict:
             clamped=any(r["clamped"] for r in rs),
             mean_evicted_tokens=statistics.fmean(ev) if ev else 0.0,
         )
-        if task == "passkey":
+        if task in ACCURACY_TASKS:
             k = sum(r["correct"] for r in rs)
             lo, hi = wilson(k, len(rs))
             by_ctx = {}
@@ -89,9 +92,11 @@ def targets(summary: dict, labels: list[str]) -> dict:
             if label == FULL:
                 continue
             row = dict(caote=c, base=base, budget=label)
-            if c in pk and base in pk and label in pk[c] and label in pk[base]:
-                row["passkey"] = [pk[c][label]["accuracy"], pk[base][label]["accuracy"]]
-                row["passkey_met"] = row["passkey"][0] >= row["passkey"][1]
+            for task in ACCURACY_TASKS:
+                acc = summary.get(task) or {}
+                if c in acc and base in acc and label in acc[c] and label in acc[base]:
+                    row[task] = [acc[c][label]["accuracy"], acc[base][label]["accuracy"]]
+                    row[f"{task}_met"] = row[task][0] >= row[task][1]
             pp = summary.get("ppl") or {}
             if c in pp and base in pp and label in pp[c] and label in pp[base]:
                 row["ppl"] = [pp[c][label]["ppl"], pp[base][label]["ppl"]]
@@ -149,6 +154,11 @@ def render_md(result: dict) -> str:
     for task, title, fmt in (
         ("passkey", "Passkey accuracy [Wilson 95% CI]", _fmt_pct),
         (
+            "multikey",
+            "Multi-key retrieval (RULER-style, 4 keys) accuracy [Wilson 95% CI]",
+            _fmt_pct,
+        ),
+        (
             "ppl",
             "Perplexity (all tokens / tokens after the first "
             f"{cfg['prefill_chunk']}-token prefill chunk)",
@@ -183,11 +193,11 @@ def render_md(result: dict) -> str:
             )
         for r in t.get("caote_vs_base", []):
             parts = []
-            if "passkey" in r:
-                parts.append(
-                    f"passkey {100 * r['passkey'][0]:.0f}% vs {100 * r['passkey'][1]:.0f}%"
-                    f" ({'>=' if r['passkey_met'] else '<'})"
-                )
+            for task in ACCURACY_TASKS:
+                if task in r:
+                    a, b = r[task]
+                    ok = ">=" if r[f"{task}_met"] else "<"
+                    parts.append(f"{task} {100 * a:.0f}% vs {100 * b:.0f}% ({ok})")
             if "longbench_f1" in r:
                 a, b = r["longbench_f1"]
                 parts.append(
@@ -232,6 +242,7 @@ def plot(result: dict, out_dir: Path, stem: str) -> list[str]:
     files = []
     for task, key, ylabel, fname in (
         ("passkey", "accuracy", "passkey accuracy", "passkey"),
+        ("multikey", "accuracy", "multi-key retrieval accuracy", "multikey"),
         ("ppl", "ppl", "perplexity (KJV)", "ppl"),
         ("longbench", "f1", "LongBench QA F1", "longbench"),
     ):

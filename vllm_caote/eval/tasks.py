@@ -128,6 +128,27 @@ def run_passkey(llm, args, grid, policies) -> list[dict]:
     return batch.run(llm, finish)
 
 
+def run_multikey(llm, args, grid, policies) -> list[dict]:
+    """RULER-style multi-key retrieval: 4 labelled numbers, the question asks for one."""
+    from vllm_caote.tasks import multikey_case
+
+    tok = llm.get_tokenizer()
+    batch = _Batch("multikey")
+    n_cases = max(1, len(_floats(args.depths))) * args.samples
+    for ctx in _ints(args.contexts):
+        for s in range(n_cases):
+            case = multikey_case(tok, ctx, seed=args.seed * 1000 + s)
+            meta = dict(context=ctx, depth=case.depth, sample=s, passkey=case.passkey)
+            for cell in _cells(policies, grid[ctx]):
+                batch.add(case.prompt, cell, 12, meta)
+
+    def finish(m, o):
+        text = o.outputs[0].text
+        return dict(answer=text, correct=m["passkey"] in text)
+
+    return batch.run(llm, finish)
+
+
 def _passages(tok, ctx: int, n: int, seed: int) -> list[list[int]]:
     from vllm_caote.tasks import kjv_passages
 
