@@ -139,6 +139,7 @@ def caote_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CaoteServ
     log_path = tmp_path_factory.mktemp("vllm_server") / "server.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith("CAOTE_")}
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+    env["CAOTE_WINDOW"] = "32"  # the default, through the environment fallback
     cmd = [
         sys.executable,
         "-m",

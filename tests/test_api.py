@@ -471,6 +471,16 @@ def test_conflicting_and_beam_search_are_400(caote_server):
 
 
 @pytest.mark.server
+def test_server_log_has_no_unknown_vllm_environment_variable(caote_server):
+    """The plugin's environment fallback (CAOTE_*) is not a VLLM_* name vLLM warns about."""
+    log = caote_server.log_text()
+    if not log:
+        pytest.skip("server log not available")
+    assert "vllm-caote: KV eviction ready" in log  # the one self-configuration line
+    assert "Unknown vLLM environment variable" not in log
+
+
+@pytest.mark.server
 def test_responses_endpoint_validates_and_honours_kv_budget(caote_server):
     """/v1/responses: the same vocabulary as the other endpoints (it forwards vllm_xargs)."""
     url = caote_server.url("/v1/responses")

@@ -77,6 +77,7 @@ def _payload(**over) -> dict:
         "blocks_freed": 3,
         "eviction_seconds": [["snapkv", 0.02]],
         "compression_ratio": [["snapkv", 2.5]],
+        "prefix_cached_tokens": {"snapkv": 256},
     }
     p.update(over)
     return p
@@ -146,12 +147,13 @@ def test_engine_payload_deltas():
     assert p["evicted_tokens"]["snapkv"] == 0 and p["blocks_freed"] == 0
     # "a" evicts again, then finishes: only the increment is shipped, plus its ratio
     ev.requests["a"].evicted_total, ev.requests["a"].events = 150, 2
-    st = ev.requests.pop("a").stats() | {"tokens_seen": 450}
+    st = ev.requests.pop("a").stats() | {"tokens_seen": 450, "prefix_cached_tokens": 128}
     ev.finished_stats.append(st)
     em.ingest_output(type("Out", (), {m.OUTPUT_ATTR: [["snapkv", 0.25]]})())
     p = em.payload()
     assert p["evicted_tokens"]["snapkv"] == 50 and p["eviction_events"]["snapkv"] == 1
     assert p["compression_ratio"] == [["snapkv", 1.5]]
+    assert p["prefix_cached_tokens"] == {"snapkv": 128}
     assert p["eviction_seconds"] == [["snapkv", 0.25]]
     assert ev.finished_stats == []  # drained
     p = em.payload()
@@ -214,6 +216,7 @@ def test_exporter_multiprocess_mode(tmp_path):
     assert _value(fams, m.BLOCKS_FREED + "_total", lbl) == 6
     assert _value(fams, m.EVICTION_SECONDS + "_count", {**lbl, "policy": "snapkv"}) == 2
     assert _value(fams, m.COMPRESSION_RATIO + "_sum", {**lbl, "policy": "snapkv"}) == 5.0
+    assert _value(fams, m.PREFIX_CACHED_TOKENS + "_total", {**lbl, "policy": "snapkv"}) == 512
 
 
 def _dashboard() -> dict:

@@ -163,6 +163,18 @@ def rows() -> list[tuple[str, list[PanelSpec]]]:
             [Query(f"sum(rate(vllm_caote:blocks_freed_total{{{SEL}}}[{RI}]))", "blocks freed/s")],
         ),
         PanelSpec(
+            "Prefix-cache reuse by budgeted requests: tokens/s",
+            "Prompt tokens finished budgeted requests read from the prefix cache instead of "
+            "computing them (rate of vllm_caote:prefix_cached_tokens_total), by policy. These "
+            "shared blocks are kept whole; the budget bounds the rest.",
+            [
+                Query(
+                    f"sum by (policy) (rate(vllm_caote:prefix_cached_tokens_total{{{SEL}}}[{RI}]))",
+                    "{{policy}}",
+                )
+            ],
+        ),
+        PanelSpec(
             "Budgeted requests running",
             "Running requests with a KV budget, by policy (vllm_caote:budgeted_requests_running), "
             "next to all running requests (vllm:num_requests_running).",

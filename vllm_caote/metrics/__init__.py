@@ -44,6 +44,7 @@ EVICTION_EVENTS = PREFIX + "eviction_events"
 BLOCKS_FREED = PREFIX + "blocks_freed"
 EVICTION_SECONDS = PREFIX + "eviction_seconds"
 COMPRESSION_RATIO = PREFIX + "request_compression_ratio"
+PREFIX_CACHED_TOKENS = PREFIX + "prefix_cached_tokens"
 
 #: every family this package exports, as its sample names appear on ``/metrics``
 EXPORTED = {
@@ -56,6 +57,7 @@ EXPORTED = {
     BLOCKS_FREED + "_total": "counter",
     EVICTION_SECONDS: "histogram",
     COMPRESSION_RATIO: "histogram",
+    PREFIX_CACHED_TOKENS + "_total": "counter",
 }
 
 KIND_BUDGETED = "budgeted"
@@ -77,4 +79,5 @@ __all__ = [
     "OUTPUT_ATTR",
     "PAYLOAD_KEY",
     "PREFIX",
+    "PREFIX_CACHED_TOKENS",
 ]

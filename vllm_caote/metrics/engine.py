@@ -118,6 +118,7 @@ class EngineMetrics:
         self.sent_events: dict[str, int] = defaultdict(int)
         self.sent_freed = 0
         self.ratios: list[list] = []  # [[policy, ratio], ...] not shipped yet
+        self.prefix_cached: dict[str, int] = defaultdict(int)  # finished requests, not shipped
         self.timings: list[list] = []  # [[policy, seconds], ...] not shipped yet
 
     def ingest_output(self, model_runner_output) -> None:
@@ -135,6 +136,7 @@ class EngineMetrics:
             self.policies.add(policy)
             self.finished_evicted[policy] += int(st.get("evicted_tokens") or 0)
             self.finished_events[policy] += int(st.get("eviction_events") or 0)
+            self.prefix_cached[policy] += int(st.get("prefix_cached_tokens") or 0)
             ratio = compression_ratio(st)
             if ratio is not None:
                 self.ratios.append([policy, ratio])
@@ -195,6 +197,7 @@ class EngineMetrics:
         budgeted_blocks = min(budgeted_blocks, used)
         timings, self.timings = self.timings, []
         ratios, self.ratios = self.ratios, []
+        prefix_cached, self.prefix_cached = dict(self.prefix_cached), defaultdict(int)
         return {
             "v": PAYLOAD_VERSION,
             "policies": sorted(self.policies),
@@ -208,6 +211,7 @@ class EngineMetrics:
             "blocks_freed": d_freed,
             "eviction_seconds": timings,
             "compression_ratio": ratios,
+            "prefix_cached_tokens": prefix_cached,
         }
 
 

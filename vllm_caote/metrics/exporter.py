@@ -76,6 +76,12 @@ class CaoteMetrics:
             "KV-cache blocks given back to the pool by eviction.",
             LABELS,
         )
+        self.prefix_cached_tokens = Counter(
+            m.PREFIX_CACHED_TOKENS,
+            "Prompt tokens finished budgeted requests read from the prefix cache (shared, never "
+            "evicted), by policy.",
+            LABELS + ["policy"],
+        )
         self.eviction_seconds = Histogram(
             m.EVICTION_SECONDS,
             "Time one eviction spends scoring and compacting, over all layers, measured in "
@@ -102,6 +108,7 @@ class CaoteMetrics:
             # create every known policy's series, so rate() has a zero to start from
             self.evicted_tokens.labels(*labels, policy)
             self.eviction_events.labels(*labels, policy)
+            self.prefix_cached_tokens.labels(*labels, policy)
             self.eviction_seconds.labels(*labels, policy)
             self.compression_ratio.labels(*labels, policy)
         for policy, n in payload.get("running", {}).items():
@@ -112,6 +119,9 @@ class CaoteMetrics:
         for policy, n in payload.get("eviction_events", {}).items():
             if n > 0:
                 self.eviction_events.labels(*labels, policy).inc(n)
+        for policy, n in payload.get("prefix_cached_tokens", {}).items():
+            if n > 0:
+                self.prefix_cached_tokens.labels(*labels, policy).inc(n)
         freed = self.blocks_freed.labels(*labels)
         if payload.get("blocks_freed", 0) > 0:
             freed.inc(payload["blocks_freed"])
