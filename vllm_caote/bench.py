@@ -31,6 +31,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from vllm_caote import bench_shared
 from vllm_caote.eval.common import (
     block_size_of,
     environment,
@@ -351,6 +352,8 @@ def render_md(r: dict) -> str:
         f"({d['overhead_evicting']:+.1%}); hooks only: {d['overhead_no_evict']:+.1%}",
         "",
     ]
+    if r.get("shared_prefix"):
+        lines += bench_shared.render_md(r["shared_prefix"])
     if r.get("notes"):
         lines += ["## Notes", ""] + [f"- {n}" for n in r["notes"]] + [""]
     return "\n".join(lines)
@@ -411,6 +414,8 @@ def main(argv=None) -> int:
         cap = capacity(llm, args, bar)
         bar.set_postfix_str("decode")
         dec = decode(llm, args, bar, min_b, bs)
+        bar.set_postfix_str("shared prefix")
+        shared = bench_shared.shared_prefix(llm, args.policy, requests=3 if args.quick else 6)
     cfg = {k: v for k, v in vars(args).items() if k not in ("out", "tag")}
     cfg.update(
         model=str(llm.llm_engine.model_config.model),
@@ -433,6 +438,7 @@ def main(argv=None) -> int:
         environment=environment(),
         capacity=cap,
         decode=dec,
+        shared_prefix=shared,
         notes=notes,
         wall_s=time.perf_counter() - t0,
     )
