@@ -33,12 +33,12 @@ from tqdm import tqdm
 
 from vllm_caote import bench_shared
 from vllm_caote.eval.common import (
+    Driver,
     block_size_of,
     environment,
     make_llm,
     min_budget_of,
     sampling,
-    scheduler_of,
     write_results,
 )
 
@@ -102,72 +102,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-class Driver:
-    """Adds requests to the in-process engine and steps it, timing every step."""
-
-    def __init__(self, llm):
-        self.llm = llm
-        self.engine = llm.llm_engine
-        self.sched = scheduler_of(llm)
-        self.n = 0
-        self.preemptions: dict[str, int] = {}  # request -> times vLLM preempted it
-
-    def add(self, prompt_ids, params) -> str:
-        self.n += 1
-        rid = f"bench-{self.n}"
-        self.engine.add_request(rid, {"prompt_token_ids": prompt_ids}, params)
-        return rid
-
-    def events(self) -> dict[str, int]:
-        return {rid: st.events for rid, st in self.sched.caote.requests.items()}
-
-    def blocks_evicted(self) -> dict[str, int]:
-        return {rid: st.evicted_total for rid, st in self.sched.caote.requests.items()}
-
-    def run(self, max_steps: int | None = None, on_step=None) -> dict:
-        """Step until done (or ``max_steps``; the rest is aborted). Returns per-step records."""
-        steps, finished = [], {}
-        while self.engine.has_unfinished_requests():
-            running = list(self.sched.running)
-            decode_only = (
-                bool(running)
-                and not self.sched.waiting
-                and all(r.num_computed_tokens >= r.num_prompt_tokens for r in running)
-            )
-            ev_before = self.blocks_evicted()
-            t0 = time.perf_counter()
-            outs = self.engine.step()
-            dt = time.perf_counter() - t0
-            ev_after = self.blocks_evicted()
-            for o in outs:
-                if o.finished:
-                    finished[o.request_id] = o
-                    ev_after.pop(o.request_id, None)
-            evicted = sum(max(0, ev_after.get(r, 0) - v) for r, v in ev_before.items())
-            rec = dict(
-                dt=dt,
-                running=len(self.sched.running),
-                waiting=len(self.sched.waiting),
-                batch=len(running),
-                decode_only=decode_only,
-                evicted_tokens=evicted,
-                free_blocks=self.sched.kv_cache_manager.block_pool.get_num_free_blocks(),
-            )
-            steps.append(rec)
-            for r in list(self.sched.running) + list(self.sched.waiting):
-                self.preemptions[r.request_id] = r.num_preemptions
-            if on_step:
-                on_step(rec)
-            if max_steps is not None and len(steps) >= max_steps:
-                left = [r.request_id for r in list(self.sched.running) + list(self.sched.waiting)]
-                if left:
-                    self.engine.abort_request(left)
-                    while self.engine.has_unfinished_requests():
-                        self.engine.step()
-                break
-        return dict(steps=steps, finished=finished)
-
-
 def capacity(llm, args, bar) -> dict:
     from vllm_caote.tasks import filler_prompt_ids
 
@@ -181,7 +115,11 @@ def capacity(llm, args, bar) -> dict:
             d.add(
                 ids,
                 sampling(
-                    args.cap_max_tokens, budget, args.policy if budget else None, ignore_eos=True
+                    args.cap_max_tokens,
+                    budget,
+                    args.policy if budget else None,
+                    ignore_eos=True,
+                    skip_reading_prefix_cache=True,  # no reuse: the shared-prefix part measures it
                 ),
             )
         t0 = time.perf_counter()
@@ -230,7 +168,11 @@ def decode(llm, args, bar, min_budget: int, bs: int) -> dict:
                 d.add(
                     ids,
                     sampling(
-                        args.decode_tokens, budget, args.policy if budget else None, ignore_eos=True
+                        args.decode_tokens,
+                        budget,
+                        args.policy if budget else None,
+                        ignore_eos=True,
+                        skip_reading_prefix_cache=True,  # repeats must not hit earlier runs
                     ),
                 )
             out = d.run(on_step=lambda r: bar.update(1))

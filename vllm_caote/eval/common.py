@@ -6,6 +6,7 @@ import math
 import os
 import platform
 import subprocess
+import time
 from pathlib import Path
 
 
@@ -136,3 +137,66 @@ def write_results(out_dir: Path, tag: str, result: dict, render_md, plot=None) -
     md = render_md(result)
     (out_dir / f"{tag}.md").write_text(md)
     return md
+
+
+class Driver:
+    """Adds requests to the in-process engine and steps it, timing every step."""
+
+    def __init__(self, llm):
+        self.llm = llm
+        self.engine = llm.llm_engine
+        self.sched = scheduler_of(llm)
+        self.n = 0
+        self.preemptions: dict[str, int] = {}  # request -> times vLLM preempted it
+
+    def add(self, prompt_ids, params) -> str:
+        self.n += 1
+        rid = f"bench-{self.n}"
+        self.engine.add_request(rid, {"prompt_token_ids": prompt_ids}, params)
+        return rid
+
+    def blocks_evicted(self) -> dict[str, int]:
+        return {rid: st.evicted_total for rid, st in self.sched.caote.requests.items()}
+
+    def run(self, max_steps: int | None = None, on_step=None) -> dict:
+        """Step until done (or ``max_steps``; the rest is aborted). Returns per-step records."""
+        steps, finished = [], {}
+        while self.engine.has_unfinished_requests():
+            running = list(self.sched.running)
+            decode_only = (
+                bool(running)
+                and not self.sched.waiting
+                and all(r.num_computed_tokens >= r.num_prompt_tokens for r in running)
+            )
+            ev_before = self.blocks_evicted()
+            t0 = time.perf_counter()
+            outs = self.engine.step()
+            dt = time.perf_counter() - t0
+            ev_after = self.blocks_evicted()
+            for o in outs:
+                if o.finished:
+                    finished[o.request_id] = o
+                    ev_after.pop(o.request_id, None)
+            evicted = sum(max(0, ev_after.get(r, 0) - v) for r, v in ev_before.items())
+            rec = dict(
+                dt=dt,
+                running=len(self.sched.running),
+                waiting=len(self.sched.waiting),
+                batch=len(running),
+                decode_only=decode_only,
+                evicted_tokens=evicted,
+                free_blocks=self.sched.kv_cache_manager.block_pool.get_num_free_blocks(),
+            )
+            steps.append(rec)
+            for r in list(self.sched.running) + list(self.sched.waiting):
+                self.preemptions[r.request_id] = r.num_preemptions
+            if on_step:
+                on_step(rec)
+            if max_steps is not None and len(steps) >= max_steps:
+                left = [r.request_id for r in list(self.sched.running) + list(self.sched.waiting)]
+                if left:
+                    self.engine.abort_request(left)
+                    while self.engine.has_unfinished_requests():
+                        self.engine.step()
+                break
+        return dict(steps=steps, finished=finished)
