@@ -4,7 +4,7 @@
     python -m loadtest --url http://127.0.0.1:8000          # a server you started
     python -m loadtest --start-server --quick
 
-Two parts, each bounded in request count and in time:
+Three parts, each bounded in request count and in time:
 
 * ``mixed``: ``--requests`` streaming completions with long prompts (``--prompt-tokens`` token
   ids of essay text), at most ``--concurrency`` in flight, budgets cycling through
@@ -15,6 +15,9 @@ Two parts, each bounded in request count and in time:
   ``--cap-budget``; ``vllm:num_requests_running`` is polled from ``/metrics`` during each phase
   (``--cap-seconds`` at most, then the remaining requests are cancelled). Meaningful against a
   server with a small pool: ``--start-server`` passes ``--num-gpu-blocks-override 40``.
+
+* ``throughput``: the ``capacity`` requests, run to completion: stock, then with budgets at 4x
+  and 8x compression of the prompt; requests/s, output tokens/s and TTFT, ratios vs stock.
 
 Requests go through vLLM's own benchmark client
 (``vllm.benchmarks.lib.endpoint_request_func.async_request_openai_completions``, the one
@@ -103,7 +106,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--cap-budget", type=int, default=512)
     p.add_argument("--cap-seconds", type=float, default=None, help="time limit per phase")
     p.add_argument("--duration", type=float, default=None, help="time limit of the mixed part")
-    p.add_argument("--parts", default="mixed,capacity")
+    p.add_argument("--parts", default="mixed,capacity,throughput")
     p.add_argument("--out", default="bench/results")
     p.add_argument("--tag", default="loadtest")
     p.add_argument("--quick", action="store_true")
@@ -238,7 +241,7 @@ async def capacity(url, model, tok, args) -> dict:
     from vllm_caote.tasks import filler_prompt_ids
 
     res = {}
-    for mode, budget in (("stock", None), ("budgeted", args.cap_budget)):
+    for phase, (mode, budget) in enumerate((("stock", None), ("budgeted", args.cap_budget))):
         samples = []
         async with aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(total=args.cap_seconds + 60)
@@ -249,7 +252,8 @@ async def capacity(url, model, tok, args) -> dict:
                         session,
                         url,
                         model,
-                        filler_prompt_ids(tok, args.cap_prompt_tokens, 2300 * i),
+                        # each phase its own prompts: no prefix-cache hits across phases
+                        filler_prompt_ids(tok, args.cap_prompt_tokens, 2300 * i + 20000 * phase),
                         args.output_tokens,
                         budget,
                         args.policy,
@@ -290,6 +294,49 @@ async def capacity(url, model, tok, args) -> dict:
     return res
 
 
+async def throughput(url, model, tok, args) -> dict:
+    """The same ``--cap-requests`` requests sent at once, run to completion: stock, then with
+    budgets at 4x and 8x compression of the prompt. Requests and output tokens per second,
+    TTFT, errors; ratios against stock in the same pool."""
+    import aiohttp
+
+    from vllm_caote.tasks import filler_prompt_ids
+
+    n, length = args.cap_requests, args.cap_prompt_tokens
+    res: dict = {}
+    for phase, (label, compression) in enumerate((("stock", None), ("4x", 4), ("8x", 8))):
+        budget = None if compression is None else length // compression
+        # prompts of their own per phase (and apart from the other parts'): no prefix-cache
+        # hit may make one phase cheaper than another
+        offsets = [60000 + 20000 * phase + 2300 * i for i in range(n)]
+        prompts = [filler_prompt_ids(tok, length, off) for off in offsets]
+        timeout = aiohttp.ClientTimeout(total=args.duration)
+        async with aiohttp.ClientSession(timeout=timeout) as session:
+            t0 = time.perf_counter()
+            outs = await asyncio.gather(
+                *(_one(session, url, model, ids, args.output_tokens, budget, args.policy)
+                  for ids in prompts)
+            )  # fmt: skip
+            wall = time.perf_counter() - t0
+        stats = _latency_stats([o for _, o in outs])
+        res[label] = dict(
+            stats,
+            budget=budget,
+            wall_s=wall,
+            requests_per_s=stats["ok"] / wall,
+            output_tokens_per_s=stats["output_tokens"] / wall,
+        )
+    for label in ("4x", "8x"):
+        res[label]["throughput_ratio"] = res[label]["requests_per_s"] / max(
+            res["stock"]["requests_per_s"], 1e-9
+        )
+        res[label]["ttft_p50_ratio"] = (res[label]["ttft_p50_s"] or 0) / max(
+            res["stock"]["ttft_p50_s"] or 0, 1e-9
+        )
+    res.update(requests=args.cap_requests, prompt_tokens=args.cap_prompt_tokens)
+    return res
+
+
 async def _run(args, url) -> dict:
     from transformers import AutoTokenizer
 
@@ -306,6 +353,8 @@ async def _run(args, url) -> dict:
         res["mixed"] = await mixed(url, model, tok, args)
     if "capacity" in parts:
         res["capacity"] = await capacity(url, model, tok, args)
+    if "throughput" in parts:
+        res["throughput"] = await throughput(url, model, tok, args)
     return res
 
 

@@ -64,4 +64,23 @@ def render_md(r: dict) -> str:
             f"{c['budgeted']['max_waiting']:.0f} | |",
             "",
         ]
+    t = r.get("throughput")
+    if t:
+        lines += [
+            "## Throughput: the same requests run to completion, stock vs budgets",
+            "",
+            f"{t['requests']} requests of {t['prompt_tokens']} prompt tokens sent at once.",
+            "",
+            "| | budget | requests/s | output tokens/s | TTFT p50 (s) | errors | vs stock |",
+            "| --- | --- | --- | --- | --- | --- | --- |",
+        ]
+        for label in ("stock", "4x", "8x"):
+            x = t[label]
+            ratio = f"{x['throughput_ratio']:.2f}x" if "throughput_ratio" in x else ""
+            lines.append(
+                f"| {label} | {x['budget'] or '-'} | {x['requests_per_s']:.3f} | "
+                f"{x['output_tokens_per_s']:.2f} | {x['ttft_p50_s'] or 0:.1f} | {x['errors']} | "
+                f"{ratio} |"
+            )
+        lines.append("")
     return "\n".join(lines)
