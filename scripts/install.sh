@@ -41,15 +41,19 @@ esac
 [ "$DEV" = 1 ] && extras+=(dev)
 spec="$SRC"
 if [ ${#extras[@]} -gt 0 ]; then
-  spec="$SRC[$(IFS=,; echo "${extras[*]}")]"
+  spec="${SRC}[$(IFS=,; echo "${extras[*]}")]"
 fi
 
 echo ">>> installing vllm-caote ($FLAVOR${DEV:+, dev=$DEV}) with $PY"
 "$PY" -m pip install --upgrade --quiet pip
 index_args=()
-if [ "$FLAVOR" = cpu ] && ! "$PY" -m pip index versions torch 2>/dev/null | grep -q '2\.13\.0+cpu'; then
-  index_args=(--extra-index-url "${TORCH_CPU_INDEX:-https://download.pytorch.org/whl/cpu}")
-  echo ">>> torch 2.13.0+cpu is not on the configured indexes: adding ${index_args[1]}"
+if [ "$FLAVOR" = cpu ]; then
+  # captured first: `grep -q` closing the pipe early would fail the pipeline under pipefail
+  torch_versions="$("$PY" -m pip index versions torch 2>/dev/null || true)"
+  if ! grep -q '2\.13\.0+cpu' <<<"$torch_versions"; then
+    index_args=(--extra-index-url "${TORCH_CPU_INDEX:-https://download.pytorch.org/whl/cpu}")
+    echo ">>> torch 2.13.0+cpu is not on the configured indexes: adding ${index_args[1]}"
+  fi
 fi
 if [ "$EDITABLE" = 1 ]; then
   "$PY" -m pip install --quiet "${index_args[@]}" -e "$spec"
