@@ -490,6 +490,7 @@ def test_responses_endpoint_validates_and_honours_kv_budget(caote_server):
     long_input = "The quick brown fox jumps over the lazy dog. " * 120  # ~1.2k tokens
     r = requests.post(url, json={**base, "input": long_input, "kv_budget": 300}, timeout=300)
     assert r.status_code == 200, r.text
+    assert "kv_eviction" in r.json(), r.text[:2000]
     stats = r.json()["kv_eviction"]
     assert stats["budget"] == 300 and stats["evicted_tokens"] > 0, stats
 

@@ -22,7 +22,7 @@ BUDGET = 164  # the minimum on vLLM-CPU: 4 sinks + 32 window + one 128-token blo
 
 @pytest.fixture(scope="module")
 def llm():
-    from vllm_caote.eval.common import make_llm  # engine core in this process
+    from vllm_caote.eval.common import close_llm, make_llm  # engine core in this process
 
     # Strict block-wise prefill, so every step of a prompt holds the block bound (the adaptive
     # default and its fallback are tested in test_prefill.py).
@@ -33,7 +33,7 @@ def llm():
         additional_config={"kv_eviction": {"prefill": "blockwise"}},
     )
     yield engine
-    del engine
+    close_llm(engine)
 
 
 def _scheduler(llm):
@@ -149,6 +149,8 @@ def test_blocks_held_stay_within_budget(llm, budget, prompt_len):
     sched = _scheduler(llm)
     bs = sched.cache_config.block_size
     chunk = sched.caote.chunk
+    # earlier tests ran these prompts: hits would be shared blocks on top of the bound
+    assert llm.reset_prefix_cache()
     tok = _tok(llm)
     max_tokens = 2 * bs + 10  # crosses at least two decode evictions
     reqs = [

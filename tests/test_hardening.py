@@ -23,13 +23,13 @@ BUDGET = 256
 
 @pytest.fixture(scope="module")
 def llm():
-    from vllm_caote.eval.common import make_llm
+    from vllm_caote.eval.common import close_llm, make_llm
 
     engine = make_llm(
         None, max_model_len=4096, kv_space_gib=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")
     )
     yield engine
-    del engine
+    close_llm(engine)
 
 
 def _core(llm):
@@ -293,7 +293,8 @@ def test_fp8_kv_cache_budgeted_request_evicts_and_server_keeps_serving(fp8_serve
     from vllm_caote.models import model_dir
     from vllm_caote.tasks import filler_prompt_ids
 
-    prompt = filler_prompt_ids(AutoTokenizer.from_pretrained(model_dir()), 1000, 0)
+    tok = AutoTokenizer.from_pretrained(model_dir())
+    prompt, other = filler_prompt_ids(tok, 1000, 0), filler_prompt_ids(tok, 1000, 5000)
     body = {"model": "smollm2", "prompt": prompt, "max_tokens": 12, "temperature": 0}
 
     def ask(**extra):
@@ -302,7 +303,8 @@ def test_fp8_kv_cache_budgeted_request_evicts_and_server_keeps_serving(fp8_serve
 
     code, before = ask()
     assert code == 200, before
-    code, budgeted = ask(kv_budget=BUDGET)
+    # its own prompt: a prefix-cache hit on `prompt` would leave too little to evict
+    code, budgeted = ask(prompt=other, kv_budget=BUDGET)
     assert code == 200, budgeted
     stats = budgeted["kv_eviction"]
     assert stats["evicted_tokens"] > 0 and "error" not in stats, stats

@@ -20,11 +20,11 @@ BUDGET = 256
 
 @pytest.fixture(scope="module")
 def llm():
-    from vllm_caote.eval.common import make_llm
+    from vllm_caote.eval.common import close_llm, make_llm
 
     engine = make_llm(None, max_model_len=4096, num_gpu_blocks_override=POOL_BLOCKS)
     yield engine
-    del engine
+    close_llm(engine)
 
 
 def _sched(llm):

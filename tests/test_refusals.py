@@ -31,10 +31,15 @@ def _tiny_model(tmp_path, config) -> str:
 
 
 def _start_fails(model: str) -> str:
+    from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+
     from vllm_caote.eval.common import make_llm
 
-    with pytest.raises(Exception) as e:  # noqa: PT011 - the message is what is checked
-        make_llm(model, max_model_len=512, kv_space_gib="1", dtype="float32")
+    try:
+        with pytest.raises(Exception) as e:  # noqa: PT011 - the message is what is checked
+            make_llm(model, max_model_len=512, kv_space_gib="1", dtype="float32")
+    finally:
+        cleanup_dist_env_and_memory()  # the half-started engine's process-wide state
     chain, exc = [], e.value
     while exc is not None:
         chain.append(str(exc))

@@ -207,7 +207,8 @@ class _StatsSender:
             obj = json.loads(body)
         except ValueError:
             return body
-        if not isinstance(obj, dict) or "choices" not in obj:
+        # completions / chat ("choices") and the Responses API ("object": "response")
+        if not isinstance(obj, dict) or not ("choices" in obj or obj.get("object") == "response"):
             return body
         obj[STATS_KEY] = stats
         return _dumps(obj)

@@ -56,6 +56,16 @@ def make_llm(
     return LLM(**params)
 
 
+def close_llm(llm) -> None:
+    """Shut an in-process engine down now. Its teardown releases vLLM's process-wide
+    distributed state; left to garbage collection it could run after the next engine in the
+    same process has started, and pull that state from under it."""
+    import gc
+
+    llm.llm_engine.engine_core.shutdown()
+    gc.collect()
+
+
 def scheduler_of(llm):
     return llm.llm_engine.engine_core.engine_core.scheduler
 
