@@ -233,7 +233,7 @@ def test_session_update_keeps_eviction_state(llm):
 def test_h2o_counts_every_query_exactly_once():
     """H2O's running sum advanced per step equals the brute-force sum of every query's causal
     attention, whatever the step sizes (a prefill chunk, then single decode tokens)."""
-    from vllm_caote.scoring import attention_weights, get_policy
+    from vllm_caote.scoring import attention_weights, get_policy, pool_tokens
 
     torch.manual_seed(0)
     hkv, g, d, n = 3, 3, 16, 40
@@ -246,7 +246,8 @@ def test_h2o_counts_every_query_exactly_once():
         seen += step
     brute = attention_weights(q, k, causal=True).sum(dim=(1, 2))  # every query once
     torch.testing.assert_close(state, brute)
-    assert torch.equal(policy.score_from_state(k, state), state)
+    assert torch.equal(policy.score_from_state(k, state, pool_neighbours=False), state)
+    torch.testing.assert_close(policy.score_from_state(k, state), pool_tokens(state))
 
 
 # -- fp8 KV cache through the real server -----------------------------------------------------

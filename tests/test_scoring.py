@@ -22,6 +22,7 @@ from vllm_caote.scoring import (
     h2o_scores,
     keydiff_scores,
     policy_names,
+    pool_tokens,
     select_keep,
     snapkv_scores,
     streaming_scores,
@@ -544,7 +545,9 @@ def test_h2o_policy_state_roundtrip():
         s, state = p.score_with_state(k, v, attn=a, h2o_prev=prev)
         torch.testing.assert_close(state, h2o_scores(a, prev))
         torch.testing.assert_close(p.accumulate(a, prev), state)
-        if name == "caote-h2o":
+        if name == "caote-h2o":  # CAOTE over the neighbour-pooled running sum
+            torch.testing.assert_close(s, caote_scores(pool_tokens(state), v))
+            s, _ = p.score_with_state(k, v, attn=a, h2o_prev=prev, pool_neighbours=False)
             torch.testing.assert_close(s, caote_scores(state, v))
     s, state = get_policy("snapkv").score_with_state(k, v, attn=a)
     assert state is None
@@ -561,8 +564,20 @@ def test_policy_knobs():
         snapkv_scores(a, kernel_size=3, pooling="max"),
     )
     torch.testing.assert_close(
-        get_policy("keydiff").score(k, v, normalize_anchor=True),
+        get_policy("keydiff").score(k, v, normalize_anchor=True, pool_neighbours=False),
         keydiff_scores(k, normalize_anchor=True),
+    )
+    # pool_neighbours (default on): H2O, TOVA and KeyDiff scores smoothed as SnapKV's are
+    torch.testing.assert_close(
+        get_policy("keydiff").score(k, v), pool_tokens(keydiff_scores(k), kernel_size=7)
+    )
+    torch.testing.assert_close(
+        get_policy("tova").score(k, v, attn=a, kernel_size=3),
+        pool_tokens(tova_scores(a), kernel_size=3),
+    )
+    torch.testing.assert_close(
+        get_policy("h2o").score(k, v, attn=a, pooling="max"),
+        pool_tokens(h2o_scores(a), pooling="max"),
     )
     torch.testing.assert_close(
         p.score(k, v, queries=q, scale=0.1), snapkv_scores(attention_weights(q, k, scale=0.1))

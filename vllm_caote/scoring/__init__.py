@@ -7,7 +7,14 @@ Computation is float32 (float64 if an input is float64) on the inputs' device.
 """
 
 from .attention import attention_weights
-from .base import h2o_scores, keydiff_scores, snapkv_scores, streaming_scores, tova_scores
+from .base import (
+    h2o_scores,
+    keydiff_scores,
+    pool_tokens,
+    snapkv_scores,
+    streaming_scores,
+    tova_scores,
+)
 from .caote import caote_attention_scores, caote_scores, fast_caote_scores
 from .registry import (
     DEFAULT_POLICY,
@@ -42,6 +49,7 @@ __all__ = [
     "h2o_scores",
     "keydiff_scores",
     "policy_names",
+    "pool_tokens",
     "select_keep",
     "snapkv_scores",
     "streaming_scores",

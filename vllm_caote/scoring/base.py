@@ -120,23 +120,33 @@ def snapkv_scores(attn: torch.Tensor, kernel_size: int = 7, pooling: str = "avg"
         ``[Hkv, n]``, non-negative.
     """
     a = _attn(attn)
+    if a.shape[2] == 0:
+        raise ValueError("snapkv_scores needs at least one window query (w >= 1)")
+    s = a.mean(dim=2)  # [Hkv, G, n]
+    return pool_tokens(s, kernel_size, pooling).mean(dim=1)
+
+
+def pool_tokens(scores: torch.Tensor, kernel_size: int = 7, pooling: str = "avg") -> torch.Tensor:
+    """SnapKV's smoothing along the token (last) axis, any leading shape, same length.
+
+    A token's score becomes the average (or max) over the ``kernel_size`` tokens centred on it
+    (zero padding counted, as ``F.avg_pool1d``), so a kept token keeps its neighbours: a
+    number or a name spans several tokens, and attention often lands on only one of them.
+    """
     if kernel_size < 1 or kernel_size % 2 == 0:
         raise ValueError(f"kernel_size must be a positive odd integer, got {kernel_size}")
     if pooling not in ("avg", "max"):
         raise ValueError(f"pooling must be 'avg' or 'max', got {pooling!r}")
-    hkv, g, w, n = a.shape
-    if w == 0:
-        raise ValueError("snapkv_scores needs at least one window query (w >= 1)")
-    s = a.mean(dim=2)  # [Hkv, G, n]
+    n = scores.shape[-1]
     if n == 0 or kernel_size == 1:
-        return s.mean(dim=1)
-    x = s.reshape(hkv * g, 1, n)
+        return scores
+    x = scores.reshape(-1, 1, n)
     pad = kernel_size // 2
     if pooling == "avg":
         x = F.avg_pool1d(x, kernel_size=kernel_size, stride=1, padding=pad)
     else:
         x = F.max_pool1d(x, kernel_size=kernel_size, stride=1, padding=pad)
-    return x.reshape(hkv, g, n).mean(dim=1)
+    return x.reshape(scores.shape)
 
 
 def keydiff_scores(keys: torch.Tensor, normalize_anchor: bool = True) -> torch.Tensor:

@@ -10,6 +10,12 @@ it per request and layer and compacts it together with the cache.
 ``CAOTE-X`` / ``FastCAOTE-X`` use the base scores of ``X`` as ``alpha`` (normalised
 to sum to 1 per KV head): the pooled SnapKV scores, TOVA's last-query attention,
 or H2O's accumulated attention.
+
+H2O, TOVA and KeyDiff scores are pooled over neighbouring tokens like SnapKV's (knob
+``pool_neighbours``, on by default): a kept token keeps its neighbours. Measured on the passkey
+eval at 25% (20 prompts, adaptive prefill): TOVA 0% -> 55%, CAOTE-TOVA 5% -> 55%, KeyDiff
+15% -> 40%, CAOTE-H2O 75% -> 90%, H2O 75% -> 55%. The unpooled scores are the papers' (and
+kvpress's).
 """
 
 from __future__ import annotations
@@ -22,7 +28,14 @@ from typing import Any, ClassVar
 import torch
 
 from .attention import attention_weights
-from .base import h2o_scores, keydiff_scores, snapkv_scores, streaming_scores, tova_scores
+from .base import (
+    h2o_scores,
+    keydiff_scores,
+    pool_tokens,
+    snapkv_scores,
+    streaming_scores,
+    tova_scores,
+)
 from .caote import caote_scores, fast_caote_scores
 
 DEFAULT_POLICY = "caote-snapkv"
@@ -38,6 +51,9 @@ KNOBS: Mapping[str, Any] = MappingProxyType(
         "eps": 1e-6,  # CAOTE clamp on 1 - alpha
         "normalize_anchor": True,  # KeyDiff: anchor = mean of unit keys (paper, kvpress)
         "head_average": True,  # TOVA: last query's attention averaged over all heads (kvpress)
+        # H2O, TOVA and KeyDiff scores pooled over tokens with SnapKV's kernel, so a kept token
+        # keeps its neighbours (a 5-digit number is 5 tokens); False = the papers' (kvpress's)
+        "pool_neighbours": True,
     }
 )
 
@@ -49,6 +65,13 @@ def _knobs(knobs: dict[str, Any]) -> dict[str, Any]:
     if unknown:
         raise TypeError(f"unknown scoring knob(s) {unknown}; valid knobs: {sorted(KNOBS)}")
     return {**KNOBS, **knobs}
+
+
+def _neighbours(scores: torch.Tensor, k: dict[str, Any]) -> torch.Tensor:
+    """``scores`` pooled over tokens (knob ``pool_neighbours``), as SnapKV pools its own."""
+    if not k["pool_neighbours"]:
+        return scores
+    return pool_tokens(scores, kernel_size=k["kernel_size"], pooling=k["pooling"])
 
 
 @dataclass(frozen=True)
@@ -157,16 +180,18 @@ class Policy:
         return self.accumulate(attn, prev)
 
     def score_from_state(
-        self, values: torch.Tensor, state: torch.Tensor, eps: float = KNOBS["eps"]
+        self, values: torch.Tensor, state: torch.Tensor, **knobs: Any
     ) -> torch.Tensor:
         """Keep-scores of a stateful policy from its running sum ``[Hkv, n]`` alone."""
         if not self.stateful:
             raise ValueError(f"policy {self.name!r} is not stateful")
+        k = _knobs(knobs)
+        base = _neighbours(state, k)
         if self.meta == "caote":
-            return caote_scores(state, values, eps=eps)
+            return caote_scores(base, values, eps=k["eps"])
         if self.meta == "fast-caote":
-            return fast_caote_scores(state, values, eps=eps)
-        return state
+            return fast_caote_scores(base, values, eps=k["eps"])
+        return base
 
     # -- internals --------------------------------------------------------------
     def _attention(
@@ -199,15 +224,15 @@ class StreamingPolicy(Policy):
 
 @dataclass(frozen=True)
 class KeyDiffPolicy(Policy):
-    """KeyDiff: ``-cos(k_j, mean key)``; no queries, no attention."""
+    """KeyDiff: ``-cos(k_j, mean unit key)``, neighbour-pooled; no queries, no attention."""
 
     def _base(self, keys, attn, h2o_prev, sinks, k):
-        return keydiff_scores(keys, normalize_anchor=k["normalize_anchor"]), None
+        return _neighbours(keydiff_scores(keys, normalize_anchor=k["normalize_anchor"]), k), None
 
 
 @dataclass(frozen=True)
 class H2OPolicy(Policy):
-    """H2O: accumulated attention (running sum kept by the caller)."""
+    """H2O: accumulated attention (running sum kept by the caller), neighbour-pooled."""
 
     needs_attention: ClassVar[bool] = True
     needs_queries: ClassVar[bool] = True
@@ -216,19 +241,19 @@ class H2OPolicy(Policy):
 
     def _base(self, keys, attn, h2o_prev, sinks, k):
         acc = h2o_scores(attn, h2o_prev)
-        return acc, acc
+        return _neighbours(acc, k), acc  # the state stays the plain running sum
 
 
 @dataclass(frozen=True)
 class TOVAPolicy(Policy):
-    """TOVA: last query's attention, averaged over the GQA group."""
+    """TOVA: last query's attention, averaged over the heads, neighbour-pooled."""
 
     needs_attention: ClassVar[bool] = True
     needs_queries: ClassVar[bool] = True
     nonnegative: ClassVar[bool] = True
 
     def _base(self, keys, attn, h2o_prev, sinks, k):
-        return tova_scores(attn, head_average=k["head_average"]), None
+        return _neighbours(tova_scores(attn, head_average=k["head_average"]), k), None
 
 
 @dataclass(frozen=True)
