@@ -18,6 +18,9 @@ Three parts, each bounded in request count and in time:
 
 * ``throughput``: the ``capacity`` requests, run to completion: stock, then with budgets at 4x
   and 8x compression of the prompt; requests/s, output tokens/s and TTFT, ratios vs stock.
+* ``room``: time to first token when the pool has room: ``--room-requests`` pairs of
+  ``--prompt-tokens`` prompts sent one at a time, alternating no budget and a 4x budget; TTFT
+  p50 of each and their ratio (adaptive prefill: one step, then one eviction).
 
 Requests go through vLLM's own benchmark client
 (``vllm.benchmarks.lib.endpoint_request_func.async_request_openai_completions``, the one
@@ -52,6 +55,7 @@ DEFAULTS = dict(
     cap_prompt_tokens=2048,
     cap_seconds=120.0,
     duration=600.0,
+    room_requests=5,
 )
 QUICK = dict(
     requests=6,
@@ -62,6 +66,7 @@ QUICK = dict(
     cap_prompt_tokens=2048,
     cap_seconds=60.0,
     duration=300.0,
+    room_requests=3,
 )
 RUNNING = re.compile(r"^vllm:num_requests_running\{[^}]*\}\s+([0-9.eE+-]+)", re.M)
 WAITING = re.compile(r"^vllm:num_requests_waiting\{[^}]*\}\s+([0-9.eE+-]+)", re.M)
@@ -106,7 +111,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--cap-budget", type=int, default=512)
     p.add_argument("--cap-seconds", type=float, default=None, help="time limit per phase")
     p.add_argument("--duration", type=float, default=None, help="time limit of the mixed part")
-    p.add_argument("--parts", default="mixed,capacity,throughput")
+    p.add_argument("--room-requests", type=int, default=None, help="pairs in the room part")
+    p.add_argument("--parts", default="mixed,capacity,throughput,room")
     p.add_argument("--out", default="bench/results")
     p.add_argument("--tag", default="loadtest")
     p.add_argument("--quick", action="store_true")
@@ -337,6 +343,33 @@ async def throughput(url, model, tok, args) -> dict:
     return res
 
 
+async def room(url, model, tok, args) -> dict:
+    """TTFT with room in the pool: one request at a time, alternating unbudgeted and budgeted
+    (4x compression) prompts of ``--prompt-tokens`` tokens, each prompt new to the server."""
+    import aiohttp
+
+    from vllm_caote.tasks import filler_prompt_ids
+
+    length, budget = args.prompt_tokens, args.prompt_tokens // 4
+    by: dict[str, list] = {"stock": [], "4x": []}
+    timeout = aiohttp.ClientTimeout(total=args.duration)
+    async with aiohttp.ClientSession(timeout=timeout) as session:
+        for i in range(args.room_requests):
+            for j, label in enumerate(("stock", "4x")):
+                ids = filler_prompt_ids(tok, length, 120000 + length * (2 * i + j))
+                b = None if label == "stock" else budget
+                by[label].append(
+                    (await _one(session, url, model, ids, args.output_tokens, b, args.policy))[1]
+                )
+    res: dict = {label: _latency_stats(outs) for label, outs in by.items()}
+    res["4x"]["budget"] = budget
+    res["ttft_p50_ratio"] = (res["4x"]["ttft_p50_s"] or 0) / max(
+        res["stock"]["ttft_p50_s"] or 0, 1e-9
+    )
+    res.update(pairs=args.room_requests, prompt_tokens=length)
+    return res
+
+
 async def _run(args, url) -> dict:
     from transformers import AutoTokenizer
 
@@ -355,6 +388,8 @@ async def _run(args, url) -> dict:
         res["capacity"] = await capacity(url, model, tok, args)
     if "throughput" in parts:
         res["throughput"] = await throughput(url, model, tok, args)
+    if "room" in parts:
+        res["room"] = await room(url, model, tok, args)
     return res
 
 

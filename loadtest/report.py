@@ -83,4 +83,22 @@ def render_md(r: dict) -> str:
                 f"{ratio} |"
             )
         lines.append("")
+    room = r.get("room")
+    if room:
+        st, bx = room["stock"], room["4x"]
+        lines += [
+            "## Time to first token with room in the pool",
+            "",
+            f"{room['pairs']} pairs of {room['prompt_tokens']}-token prompts sent one at a time, "
+            f"alternating no budget and kv_budget {bx['budget']} (adaptive prefill).",
+            "",
+            "| | TTFT p50 (s) | TTFT p99 (s) | errors |",
+            "| --- | --- | --- | --- |",
+            f"| no kv_budget | {st['ttft_p50_s'] or 0:.2f} | {st['ttft_p99_s'] or 0:.2f} | "
+            f"{st['errors']} |",
+            f"| kv_budget {bx['budget']} | {bx['ttft_p50_s'] or 0:.2f} | "
+            f"{bx['ttft_p99_s'] or 0:.2f} | {bx['errors']} |",
+            f"| ratio | **{room['ttft_p50_ratio']:.2f}x** | | |",
+            "",
+        ]
     return "\n".join(lines)
