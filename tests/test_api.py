@@ -139,11 +139,20 @@ def _fake_app():
             async for out in wrapped(body):
                 fin = "length" if out.finished else None
                 yield f"data: {json.dumps({'choices': [{'text': out.text, 'finish_reason': fin}]})}\n\n"
+            if body.get("n") == 2:  # a second choice finishing after the first
+                yield f"data: {json.dumps({'choices': [{'index': 1, 'finish_reason': 'stop'}]})}\n\n"
             if body.get("stream_options"):
                 yield f"data: {json.dumps({'choices': [], 'usage': {'total_tokens': 2}})}\n\n"
             yield "data: [DONE]\n\n"
 
-        return StreamingResponse(events(), media_type="text/event-stream")
+        async def split(step: int):
+            """The same stream cut every ``step`` bytes, events split across body messages."""
+            raw = "".join([e async for e in events()]).encode()
+            for i in range(0, len(raw), step):
+                yield raw[i : i + step]
+
+        stream = split(body["split"]) if body.get("split") else events()
+        return StreamingResponse(stream, media_type="text/event-stream")
 
     app.add_route("/v1/completions", completions, methods=["POST"])
 
@@ -188,25 +197,20 @@ def test_middleware_in_process():
         assert (events[-1]["choices"] == []) is usage
 
 
-def test_sse_injector_split_events():
-    from vllm_caote.api.middleware import _SseInjector
-    from vllm_caote.api.server import _Capture
+def test_stream_stats_survive_events_split_across_messages():
+    """However the body messages cut the SSE events, the stats land in the final event."""
+    from fastapi.testclient import TestClient
 
-    cap = _Capture()
-    cap.slots.append(dict(FAKE_STATS))
-    stream = (
-        b'data: {"choices":[{"text":"a","finish_reason":null}]}\n\n'
-        b'data: {"choices":[{"index":0,"finish_reason":"stop"}]}\n\n'
-        b'data: {"choices":[{"index":1,"finish_reason":"length"}]}\n\n'
-        b"data: [DONE]\n\n"
-    )
-    for step in (1, 7, len(stream)):
-        inj = _SseInjector(cap)
-        parts = [stream[i : i + step] for i in range(0, len(stream), step)]
-        out = b"".join(inj.feed(p, final=i == len(parts) - 1) for i, p in enumerate(parts))
-        events = [json.loads(e[6:]) for e in out.split(b"\n\n") if e.startswith(b"data: {")]
-        assert [("kv_eviction" in e) for e in events] == [False, False, True]
-        assert out.endswith(b"data: [DONE]\n\n")
+    app, _seen = _fake_app()
+    c = TestClient(app)
+    for step, n in ((1, 1), (7, 2), (10_000, 2)):
+        body = {"prompt": "x", "kv_budget": 300, "stream": True, "split": step, "n": n}
+        with c.stream("POST", "/v1/completions", json=body) as r:
+            raw = "".join(r.iter_text())
+        events = [json.loads(e[6:]) for e in raw.split("\n\n") if e.startswith("data: {")]
+        assert [("kv_eviction" in e) for e in events] == [False] * n + [True], step
+        assert events[-1]["kv_eviction"] == FAKE_STATS
+        assert raw.startswith(": keep-alive\n\n") and raw.endswith("data: [DONE]\n\n")
 
 
 # ---------------------------------------------------------------------------------------
