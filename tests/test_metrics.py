@@ -591,3 +591,29 @@ def test_dashboard_queries_in_prometheus(traffic, caote_server):
         if not any(math.isfinite(v) for v in values):
             failures.append(f"{title}: {q} -> {data['result']}")
     assert not failures, "panels without data:\n" + "\n".join(failures)
+
+
+@pytest.mark.server
+def test_dashboard_renders_from_prometheus(traffic, caote_server, tmp_path):
+    """The README's dashboard picture comes from this renderer: every panel, real series."""
+    if traffic.prometheus is None:
+        pytest.skip("prometheus binary not installed (Debian package prometheus)")
+    pytest.importorskip("matplotlib")
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("render_png", GRAFANA / "render_png.py")
+    render_png = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(render_png)
+    dashboard = _dashboard()
+    assert render_png.expand('x{m=~"$model_name"}[$__rate_interval]', "a.b", "30s") == (
+        'x{m=~"a\\.b"}[30s]'
+    )
+    assert render_png.legend("{{policy}} p50", {"policy": "h2o"}) == "h2o p50"
+    out = tmp_path / "dashboard.png"
+    start = traffic.started - 30
+    drawn = render_png.render(
+        dashboard, traffic.prometheus.url, caote_server.model, start, time.time(), out
+    )
+    panels = [p for p in render_png.panels(dashboard) if p.get("targets")]
+    assert drawn >= len(panels), (drawn, len(panels))
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
