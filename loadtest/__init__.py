@@ -258,8 +258,10 @@ async def capacity(url, model, tok, args) -> dict:
                         session,
                         url,
                         model,
-                        # each phase its own prompts: no prefix-cache hits across phases
-                        filler_prompt_ids(tok, args.cap_prompt_tokens, 2300 * i + 20000 * phase),
+                        # each phase its own prompts (apart from the mixed part's): no prefix hits
+                        filler_prompt_ids(
+                            tok, args.cap_prompt_tokens, 25000 + 2300 * i + 20000 * phase
+                        ),
                         args.output_tokens,
                         budget,
                         args.policy,
