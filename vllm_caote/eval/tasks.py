@@ -140,7 +140,9 @@ def run_multikey(llm, args, grid, policies) -> list[dict]:
             case = multikey_case(tok, ctx, seed=args.seed * 1000 + s)
             meta = dict(context=ctx, depth=case.depth, sample=s, passkey=case.passkey)
             for cell in _cells(policies, grid[ctx]):
-                batch.add(case.prompt, cell, 12, meta)
+                # the model restates the question ("The special magic number for X is ..."):
+                # 12 tokens would cut the number off
+                batch.add(case.prompt, cell, 24, meta)
 
     def finish(m, o):
         text = o.outputs[0].text
