@@ -158,7 +158,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", default="bench/results")
     p.add_argument("--tag", default="eval", help="output file stem (default eval)")
     p.add_argument("--max-model-len", type=int, default=None)
-    p.add_argument("--kv-space", default=None, help="VLLM_CPU_KVCACHE_SPACE in GiB (CPU only)")
+    p.add_argument(
+        "--kv-space",
+        default=None,
+        help="VLLM_CPU_KVCACHE_SPACE in GiB (CPU only; default: that variable, else 8: room for "
+        "the whole batch, so adaptive prefill evicts each prompt once with its question in view)",
+    )
     p.add_argument(
         "--prefill-chunk",
         type=int,
@@ -214,7 +219,8 @@ def main(argv=None) -> int:
     if args.prefill is not None:
         os.environ["CAOTE_PREFILL"] = args.prefill
     extra = {"block_size": args.block_size} if args.block_size else {}
-    llm = make_llm(args.model, max_model_len=max_len, kv_space_gib=args.kv_space, **extra)
+    kv_space = args.kv_space or os.environ.get("VLLM_CPU_KVCACHE_SPACE") or "8"
+    llm = make_llm(args.model, max_model_len=max_len, kv_space_gib=kv_space, **extra)
     min_b = min_budget_of(llm)
     chunk = settings().prefill_chunk
     if "ppl" in tasks and scheduler_of(llm).caote.mode != "blockwise":
