@@ -44,16 +44,19 @@ def kvpress_root() -> Path | None:
     return root if (root / "presses" / "scorer_press.py").is_file() else None
 
 
-def load_kvpress(root: Path) -> dict[str, type]:
-    """{policy name: kvpress press class}, importing only ``kvpress.presses.*``."""
+def press_module(root: Path, module: str):
+    """``kvpress.presses.<module>``, imported without kvpress's own ``__init__`` (which pulls
+    in ``datasets`` and the pipeline)."""
     if "kvpress" not in sys.modules:
         stub = types.ModuleType("kvpress")
         stub.__path__ = [str(root)]  # the package path without running kvpress/__init__.py
         sys.modules["kvpress"] = stub
-    return {
-        name: getattr(importlib.import_module(f"kvpress.presses.{mod}"), cls)
-        for name, (mod, cls) in PRESSES.items()
-    }
+    return importlib.import_module(f"kvpress.presses.{module}")
+
+
+def load_kvpress(root: Path) -> dict[str, type]:
+    """{policy name: kvpress press class}."""
+    return {name: getattr(press_module(root, mod), cls) for name, (mod, cls) in PRESSES.items()}
 
 
 class KVPressPeer:

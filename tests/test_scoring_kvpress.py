@@ -10,16 +10,11 @@ press modules are loaded; kvpress's top-level ``__init__`` (which pulls in
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
-import os
-import sys
-import types
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
+from kvpress_peer import kvpress_root, press_module
 
 from vllm_caote.scoring import (
     attention_weights,
@@ -35,31 +30,18 @@ F64 = torch.float64
 
 
 def _load_presses():
-    src = os.environ.get("CAOTE_KVPRESS_SRC")
-    if src:
-        root = Path(src) / "kvpress"
-    else:
-        spec = importlib.util.find_spec("kvpress")
-        if spec is None or not spec.submodule_search_locations:
-            pytest.skip("kvpress not available (set CAOTE_KVPRESS_SRC to an unpacked kvpress)")
-        root = Path(next(iter(spec.submodule_search_locations)))
-    if not (root / "presses" / "snapkv_press.py").is_file():
-        pytest.skip(f"no kvpress presses under {root}")
-    if "kvpress" not in sys.modules:
-        stub = types.ModuleType("kvpress")
-        stub.__path__ = [str(root)]  # package path without running kvpress/__init__.py
-        sys.modules["kvpress"] = stub
+    root = kvpress_root()
+    if root is None:
+        pytest.skip("kvpress not available (set CAOTE_KVPRESS_SRC to an unpacked kvpress)")
+    names = (
+        "snapkv_press",
+        "tova_press",
+        "keydiff_press",
+        "streaming_llm_press",
+        "observed_attention_press",
+    )
     try:
-        return {
-            name: importlib.import_module(f"kvpress.presses.{name}")
-            for name in (
-                "snapkv_press",
-                "tova_press",
-                "keydiff_press",
-                "streaming_llm_press",
-                "observed_attention_press",
-            )
-        }
+        return {name: press_module(root, name) for name in names}
     except ImportError as e:  # e.g. a transformers without the symbols kvpress imports
         pytest.skip(f"kvpress presses not importable here: {e}")
 
