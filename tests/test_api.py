@@ -574,6 +574,30 @@ def test_stats_nonstream_long_prompt(caote_server, info):
 
 
 @pytest.mark.server
+@pytest.mark.parametrize("endpoint", ["completions", "chat"])
+def test_stats_per_choice_with_n(caote_server, info, endpoint):
+    """n > 1: every choice is its own engine request and carries its own stats; the top-level
+    object is choice 0's."""
+    budget = info["min_budget"]
+    body = _body(caote_server, endpoint, max_tokens=6, kv_budget=budget, kv_policy="snapkv")
+    if endpoint == "chat":
+        body["messages"][0]["content"] = LONG_PROMPT
+    else:
+        body["prompt"] = LONG_PROMPT
+    body.update(n=3, temperature=1.0, seed=7)
+    r = _post(caote_server, endpoint, body)
+    assert r.status_code == 200, r.text
+    data = r.json()
+    choices = sorted(data["choices"], key=lambda c: c["index"])
+    assert [c["index"] for c in choices] == [0, 1, 2]
+    for c in choices:
+        _check_stats(c.get("kv_eviction"), budget, "snapkv", info)
+        assert c["kv_eviction"]["evicted_tokens"] > 0, c["kv_eviction"]
+    assert data["kv_eviction"] == choices[0]["kv_eviction"]
+    assert data.get("kv_transfer_params") is None
+
+
+@pytest.mark.server
 def test_stats_nonstream_chat(caote_server, info):
     body = _body(caote_server, "chat", kv_budget=info["min_budget"], kv_policy="caote-h2o")
     r = _post(caote_server, "chat", body)

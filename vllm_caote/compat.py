@@ -262,6 +262,16 @@ CONTACTS: tuple[Contact, ...] = (
         ("request_id", "prompt", "params"),
     ),
     Contact(
+        "vllm.v1.engine.output_processor:RequestState.make_request_output",
+        "patch",
+        "With n > 1 a non-streamed RequestOutput keeps only the last finished choice's "
+        "kv_transfer_params; the patch keeps every choice's kv_eviction stats on the parent and "
+        "hands the list to the final output (engine/output_processor.py).",
+        "None in vLLM 0.32: CompletionOutput has no per-choice extension field.",
+        "When per-choice kv_transfer_params (or a per-output extension field) exist.",
+        ("new_token_ids", "pooling_output", "finish_reason", "stop_reason", "kv_transfer_params"),
+    ),
+    Contact(
         "vllm.entrypoints.launchers.app:build_app",
         "patch",
         "Adds the kv_budget middleware (400s, defaults, kv_eviction in responses) and "

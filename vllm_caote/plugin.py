@@ -8,6 +8,7 @@ with vLLM internals (:mod:`vllm_caote.compat`), then installs, from this one pla
   (:mod:`vllm_caote.configure`);
 * the attention backends, through vLLM's backend registry (:mod:`vllm_caote.engine.attention`);
 * engine-side validation of ``kv_budget`` / ``kv_policy`` (:mod:`.engine.input_processor`);
+* per-choice statistics for ``n > 1`` (:mod:`.engine.output_processor`);
 * in the OpenAI front-end only, the API layer (:mod:`vllm_caote.api`).
 
 Requests without a budget run exactly as in stock vLLM. ``CAOTE_DISABLE=1`` loads nothing.
@@ -32,12 +33,13 @@ def register() -> None:
         logger.info("vllm-caote disabled by CAOTE_DISABLE=1")
         return
     from vllm_caote import compat, configure
-    from vllm_caote.engine import attention, input_processor
+    from vllm_caote.engine import attention, input_processor, output_processor
 
     compat.check()  # a vLLM the plugin was not built for stops here, naming the symbol
     configure.install()
     attention.install()
     input_processor.install()
+    output_processor.install()
 
     from vllm_caote import api
 

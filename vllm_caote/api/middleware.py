@@ -211,6 +211,12 @@ class _StatsSender:
         if not isinstance(obj, dict) or not ("choices" in obj or obj.get("object") == "response"):
             return body
         obj[STATS_KEY] = stats
+        per_choice = self.capture.per_choice()
+        if per_choice is not None:  # n > 1: each choice its own stats, by its index
+            for choice in obj.get("choices") or []:
+                i = choice.get("index") if isinstance(choice, dict) else None
+                if isinstance(i, int) and 0 <= i < len(per_choice):
+                    choice[STATS_KEY] = per_choice[i]
         return _dumps(obj)
 
 

@@ -40,6 +40,7 @@ from collections.abc import AsyncGenerator, Awaitable, Callable, MutableMapping
 from typing import Any
 
 from vllm_caote.config import STATS_KEY, settings
+from vllm_caote.engine.output_processor import CHOICES_KEY
 
 from .params import EvictionParamError, Limits, check_budget
 
@@ -191,25 +192,33 @@ class EvictionEndpoints:
 # Statistics capture (engine client side)
 # ---------------------------------------------------------------------------------------
 class _Capture:
-    """Eviction stats of the engine requests of one HTTP request, in submission order."""
+    """Eviction stats of the engine requests of one HTTP request, in submission order: one
+    slot per prompt, each a list with one entry per choice (``n``)."""
 
     __slots__ = ("slots",)
 
     def __init__(self) -> None:
-        self.slots: list[dict[str, Any] | None] = []
+        self.slots: list[list[dict[str, Any] | None] | None] = []
 
     def stats(self) -> dict[str, Any] | None:
-        """Stats of the first prompt that has any (like ``kv_transfer_params``)."""
-        return next((s for s in self.slots if s is not None), None)
+        """Stats of the first choice that has any (like ``kv_transfer_params``)."""
+        return next((s for c in self.slots if c for s in c if s is not None), None)
+
+    def per_choice(self) -> list[dict[str, Any] | None] | None:
+        """Stats per response choice (prompt-major, as vLLM numbers choices), when some
+        prompt had ``n > 1``; None otherwise."""
+        if not any(c and len(c) > 1 for c in self.slots):
+            return None
+        return [s for c in self.slots for s in (c or [None])]
 
     async def track(self, gen: AsyncGenerator[Any, None]) -> AsyncGenerator[Any, None]:
         slot = len(self.slots)
         self.slots.append(None)
         try:
             async for out in gen:
-                stats = pop_stats(out)
-                if stats is not None:
-                    self.slots[slot] = stats
+                choices = pop_stats(out)
+                if choices is not None:
+                    self.slots[slot] = choices
                 yield out
         finally:
             await gen.aclose()
@@ -220,14 +229,15 @@ _CAPTURE: contextvars.ContextVar[_Capture | None] = contextvars.ContextVar(
 )
 
 
-def pop_stats(output: Any) -> dict[str, Any] | None:
-    """Remove and return ``kv_eviction`` from ``output.kv_transfer_params``."""
+def pop_stats(output: Any) -> list[dict[str, Any] | None] | None:
+    """Remove the eviction stats from ``output.kv_transfer_params``; return them per choice
+    (one entry unless ``n > 1``, see :mod:`vllm_caote.engine.output_processor`)."""
     params = getattr(output, "kv_transfer_params", None)
     if not isinstance(params, dict) or STATS_KEY not in params:
         return None
-    rest = {k: v for k, v in params.items() if k != STATS_KEY}
+    rest = {k: v for k, v in params.items() if k not in (STATS_KEY, CHOICES_KEY)}
     output.kv_transfer_params = rest or None
-    return params[STATS_KEY]
+    return params.get(CHOICES_KEY) or [params[STATS_KEY]]
 
 
 def _wrap_generate(generate: Callable[..., Any]) -> Callable[..., Any]:

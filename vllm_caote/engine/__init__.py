@@ -7,6 +7,7 @@
 * :mod:`.attention`         attention backends: score and compact after the stock kernel
 * :mod:`.compaction`        backend-agnostic reads and in-place writes of the paged cache
 * :mod:`.input_processor`   engine-side validation of ``kv_budget`` / ``kv_policy``
+* :mod:`.output_processor`  per-choice statistics when ``n > 1``
 
 How they are selected and what they touch in vLLM: :mod:`vllm_caote.compat`.
 """
