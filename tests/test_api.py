@@ -497,6 +497,17 @@ def test_responses_endpoint_validates_and_honours_kv_budget(caote_server):
     assert "kv_eviction" in r.json(), r.text[:2000]
     stats = r.json()["kv_eviction"]
     assert stats["budget"] == 300 and stats["evicted_tokens"] > 0, stats
+    # streamed: the stats ride in the response of the response.completed event
+    body = {**base, "input": long_input, "kv_budget": 300, "stream": True}
+    with requests.post(url, json=body, timeout=300, stream=True) as r:
+        assert r.status_code == 200, r.text
+        raw = r.content.decode()
+    events = [e for e in raw.split("\n\n") if e.strip()]
+    carrying = [e.split("\n", 1)[0] for e in events if '"kv_eviction"' in e]
+    assert carrying == ["event: response.completed"], raw[-3000:]
+    done = next(e for e in events if e.startswith("event: response.completed"))
+    done = json.loads(done.split("\ndata: ", 1)[1])
+    assert done["response"]["kv_eviction"]["evicted_tokens"] > 0, done["response"]
 
 
 @pytest.mark.server

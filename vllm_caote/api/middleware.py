@@ -225,7 +225,9 @@ class _SseInjector:
 
     A chunk that finishes a choice is held back until the next event shows whether it was
     the last one (``[DONE]`` follows) or a usage chunk (``choices == []``) follows, which then
-    gets the stats instead. Other events pass straight through, so streaming is not delayed.
+    gets the stats instead. A Responses API stream gets them inside the ``response`` of its
+    ``response.completed`` event. Other events pass straight through, so streaming is not
+    delayed.
     """
 
     def __init__(self, capture: _Capture) -> None:
@@ -262,7 +264,25 @@ class _SseInjector:
         obj[STATS_KEY] = stats
         return b"data: " + _dumps(obj) + b"\n\n"
 
+    def _completed_response(self, event: bytes) -> bytes:
+        """The Responses API's ``response.completed`` event: stats into its ``response``."""
+        head, sep, data = event.partition(b"\ndata:")
+        stats = self.capture.stats()
+        if not sep or stats is None or self.injected:
+            return event
+        try:
+            obj = json.loads(data)
+        except ValueError:
+            return event
+        if not isinstance(obj, dict) or not isinstance(obj.get("response"), dict):
+            return event
+        self.injected = True
+        obj["response"][STATS_KEY] = stats
+        return head + b"\ndata: " + _dumps(obj) + b"\n\n"
+
     def _event(self, event: bytes) -> list[bytes]:
+        if event.startswith(b"event: response.completed\n"):
+            return [*self._release(inject=False), self._completed_response(event)]
         if not event.startswith(b"data:"):
             return [event]  # SSE comment, e.g. vLLM's keep-alive
         payload = event[5:].strip()
