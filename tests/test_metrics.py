@@ -448,7 +448,12 @@ def traffic(caote_server):
         for i, (budget, policy, n) in enumerate(BUDGETED):
             body = {"kv_budget": budget, **({"kv_policy": policy} if policy else {})}
             bodies.append((body, n, i))
-        bodies += [({"kv_budget": 0}, n, 10 + i) for i, n in enumerate(UNBUDGETED)]
+        # unbudgeted requests decode longer, so the 0.5 s poller sees their blocks even on a
+        # loaded machine (their short prompts alone can finish between two polls)
+        bodies += [
+            ({"kv_budget": 0, "max_tokens": 6 * MAX_TOKENS}, n, 10 + i)
+            for i, n in enumerate(UNBUDGETED)
+        ]
 
         peak: dict[str, float] = {}
         done = threading.Event()
