@@ -29,26 +29,20 @@ def install() -> None:
         self, new_token_ids, pooling_output, finish_reason, stop_reason, kv_transfer_params=None,
         *args, **kwargs,
     ):  # fmt: skip
-        parent = self.parent_req
-        if parent is None:
-            return original(
-                self, new_token_ids, pooling_output, finish_reason, stop_reason,
-                kv_transfer_params, *args, **kwargs,
-            )  # fmt: skip
-        if kv_transfer_params and STATS_KEY in kv_transfer_params:
-            parent.__dict__.setdefault(_ATTR, {})[self.request_index] = kv_transfer_params[
-                STATS_KEY
-            ]
+        parent = self.parent_req  # None unless n > 1: then nothing else is done
+        if parent is not None and kv_transfer_params and STATS_KEY in kv_transfer_params:
+            choices = parent.__dict__.setdefault(_ATTR, {})
+            choices[self.request_index] = kv_transfer_params[STATS_KEY]
         out = original(
             self, new_token_ids, pooling_output, finish_reason, stop_reason,
             kv_transfer_params, *args, **kwargs,
         )  # fmt: skip
-        stats = parent.__dict__.get(_ATTR)
+        stats = parent.__dict__.get(_ATTR) if parent is not None else None
         if out is not None and out.finished and stats:
-            choices = [stats.get(i) for i in range(parent.n)]
+            per_choice = [stats.get(i) for i in range(parent.n)]
             params = dict(out.kv_transfer_params or {})
-            params[CHOICES_KEY] = choices
-            params[STATS_KEY] = next((s for s in choices if s is not None), None)
+            params[CHOICES_KEY] = per_choice
+            params[STATS_KEY] = next((s for s in per_choice if s is not None), None)
             out.kv_transfer_params = params
         return out
 
