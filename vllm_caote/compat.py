@@ -236,6 +236,18 @@ CONTACTS: tuple[Contact, ...] = (
         ("num_reqs", "query_start_loc", "positions"),
     ),
     Contact(
+        "vllm.v1.worker.gpu_input_batch:CachedRequestState",
+        "api",
+        "After a confirmed compaction the runner's own block list of the request (its "
+        "block_ids field; and the "
+        "persistent batch's row, BlockTable.num_blocks_per_row) drops the blocks the scheduler "
+        "frees: vLLM rebuilds the row from this list when a running request is left out of a "
+        "step, and the request would otherwise write into blocks other requests now own "
+        "(engine/step.py, WorkerEviction._trim_blocks).",
+        "None: SchedulerOutput only ever appends blocks to a running request (new_block_ids).",
+        "When the scheduler output can shrink a request's block list.",
+    ),
+    Contact(
         "vllm.v1.attention.backends.registry:register_backend",
         "api",
         "CPU_ATTN / FLASH_ATTN / TRITON_ATTN are registered as subclasses whose forward scores "

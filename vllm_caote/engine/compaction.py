@@ -100,6 +100,24 @@ def channels_layout() -> PagedLayout:
     return PagedLayout("channels")
 
 
+def layout_for(impl, layer, kv_cache: torch.Tensor, kind: str) -> PagedLayout:
+    """The layout of one attention impl's cache (learnt once per impl)."""
+    lay = getattr(impl, "_caote_layout", None)
+    if lay is None:
+        if kind == "regions":
+            lay = probe_cpu_layout(
+                layer.isa,
+                kv_cache.dtype,
+                kv_cache.shape[2],
+                kv_cache.shape[3] // 2,
+                str(getattr(impl, "kv_cache_dtype", "auto")),
+            )
+        else:
+            lay = channels_layout()
+        impl._caote_layout = lay
+    return lay
+
+
 _CPU_LAYOUTS: dict[tuple, PagedLayout] = {}
 
 #: ``--kv-cache-dtype`` values whose cache holds fp8 bytes (stored as uint8), and their format
@@ -124,6 +142,18 @@ def dequantize(keys: torch.Tensor, values: torch.Tensor, kv_cache_dtype: str, la
         keys = keys.contiguous().view(fmt).float() * k_scale
         values = values.contiguous().view(fmt).float() * v_scale
     return keys, values
+
+
+def dequantize_queries(query: torch.Tensor, layer) -> torch.Tensor:
+    """Queries as scoring reads them. With an fp8 KV cache, backends that take quantised
+    queries (FlashAttention, Triton) are handed ``q / q_scale`` in fp8 by vLLM's ``Attention``
+    layer; scoring those bytes as they are would shift every logit by ``q_scale``."""
+    if query.is_floating_point() and query.element_size() > 1:
+        return query
+    scale = getattr(layer, "_q_scale_float", None)
+    if scale is None:
+        scale = float(getattr(layer, "_q_scale", 1.0))
+    return query.float() * float(scale)
 
 
 def probe_cpu_layout(
