@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from vllm.v1.core.sched.scheduler import Scheduler
@@ -37,12 +38,9 @@ from vllm.v1.request import RequestStatus
 from vllm_caote.config import BUDGET_KEY, POLICY_KEY, STATS_KEY, settings
 from vllm_caote.engine.kv_cache_manager import adopt
 from vllm_caote.engine.plan import PLAN_ATTR, REPORT_ATTR, StepPlan, cdiv
+from vllm_caote.engine.support import check_kv_cache_config
 
 logger = logging.getLogger("vllm.vllm_caote.engine")
-
-
-class UnsupportedModelError(RuntimeError):
-    """The model's KV cache cannot be evicted; the message names the feature."""
 
 
 @dataclass
@@ -80,33 +78,6 @@ class RequestBudget:
         return out
 
 
-def check_kv_cache_config(kv_cache_config) -> None:
-    """Eviction compacts one full-attention block table per request; refuse anything else."""
-    from vllm.v1.kv_cache_interface import FullAttentionSpec, MLAAttentionSpec
-
-    groups = kv_cache_config.kv_cache_groups
-    if len(groups) > 1:
-        kinds = sorted({type(g.kv_cache_spec).__name__ for g in groups})
-        raise UnsupportedModelError(
-            f"vllm-caote: this model has {len(groups)} KV-cache groups ({', '.join(kinds)}: "
-            "sliding-window / hybrid attention); KV eviction supports one full-attention group. "
-            "Serve it without the plugin (CAOTE_DISABLE=1)."
-        )
-    for g in groups:
-        spec = g.kv_cache_spec
-        if isinstance(spec, MLAAttentionSpec):
-            raise UnsupportedModelError(
-                "vllm-caote: multi-head latent attention (MLA) KV caches are not supported by "
-                "KV eviction. Serve this model without the plugin (CAOTE_DISABLE=1)."
-            )
-        if type(spec) is not FullAttentionSpec:
-            raise UnsupportedModelError(
-                f"vllm-caote: KV-cache spec {type(spec).__name__} (sliding-window, chunked-local "
-                "or sink attention) is not supported by KV eviction; only full attention is. "
-                "Serve this model without the plugin (CAOTE_DISABLE=1)."
-            )
-
-
 class SchedulerEviction:
     """Per-engine eviction bookkeeping: decisions, block release, stats."""
 
@@ -126,6 +97,10 @@ class SchedulerEviction:
         self.chunk = max(self.settings.prefill_chunk, self.block_size)
         self.mode = "oneshot" if self.settings.prefill_chunk == 0 else self.settings.prefill
         self.kv = adopt(scheduler.kv_cache_manager, self)
+        #: Test seam: a request for which it returns True is given 0 tokens this step, so vLLM
+        #: leaves it out of the step through its own ``num_new_tokens == 0`` path, as it does
+        #: when a token, encoder or DP-balancing budget runs out in front of it.
+        self.hold_back: Callable[[object], bool] | None = None
 
     # -- BlockBudgets (asked by the KV cache coordinator) --------------------------------------
 
@@ -163,6 +138,8 @@ class SchedulerEviction:
     def cap_chunk(self, request, computed: int, num_new_tokens: int) -> int:
         """The prompt tokens a budgeted request may process this step, ``computed`` tokens
         (prefix-cache hits included) being done (see the module doc)."""
+        if self.hold_back is not None and self.hold_back(request):
+            return 0
         st = self.requests.get(request.request_id)
         if st is None or self.mode == "oneshot":
             return num_new_tokens
@@ -170,7 +147,7 @@ class SchedulerEviction:
             return num_new_tokens  # decoding: one token (or a replay after preemption)
         cache = computed - st.evicted
         st.blockwise = self.mode == "blockwise" or not self._room_for_prompt(
-            request, computed, cache
+            request, computed, cache, st
         )
         if not st.blockwise:
             return num_new_tokens
@@ -178,10 +155,16 @@ class SchedulerEviction:
         own = cache - (computed if st.fresh else st.shared)  # before its first step: all hits
         return min(num_new_tokens, max(st.keep + self.chunk - own, self.block_size))
 
-    def _room_for_prompt(self, request, computed: int, cache: int) -> bool:
-        """Free blocks for the rest of the prompt, leaving one per running request to grow."""
+    def _room_for_prompt(self, request, computed: int, cache: int, st: RequestBudget) -> bool:
+        """Free blocks for the rest of the prompt, leaving one per running request to grow.
+
+        Blocks it holds already, and before its first step its prefix-cache hits (whole blocks
+        it is about to take, possibly shared with others), are not blocks it still needs."""
         rest = request.num_prompt_tokens - computed
-        need = cdiv(cache + rest, self.block_size) - self.kv.num_held_blocks(request.request_id)
+        held = self.kv.num_held_blocks(request.request_id)
+        if st.fresh:
+            held = max(held, computed // self.block_size)
+        need = cdiv(cache + rest, self.block_size) - held
         free = self.kv.block_pool.get_num_free_blocks()
         return free - need >= len(self.scheduler.running) + 1
 
@@ -240,12 +223,23 @@ class SchedulerEviction:
                 )
         return failed
 
+    def failed_last_step(self, failed: dict[str, str]) -> None:
+        for req_id, reason in failed.items():
+            st = self.requests.get(req_id)
+            if st is not None:
+                st.error = (
+                    f"eviction failed in the request's last step (answer unaffected): {reason}"
+                )
+
     def fall_back(self, request, reason: str) -> None:
         """Eviction failed mid-way: recompute the request from token 0 without eviction."""
         st = self.requests.pop(request.request_id, None)
         if st is None:
             return
         st.error = f"eviction failed, request recomputed without eviction: {reason}"
+        # its stats now describe the run that produces its answer: the full cache
+        st.evicted = st.evicted_total = st.events = 0
+        st.peak_blocks = st.peak_tokens = 0
         self.fallen_back[request.request_id] = st
         logger.error("vllm-caote: request %s: %s", request.request_id, st.error)
 
@@ -256,9 +250,15 @@ class SchedulerEviction:
 
     def finished(self, request) -> dict | None:
         rid = request.request_id
-        st = self.requests.pop(rid, None) or self.fallen_back.pop(rid, None)
+        st = self.requests.pop(rid, None)
         if st is None:
-            return None
+            st = self.fallen_back.pop(rid, None)
+            if st is None:
+                return None
+            # ran on the full cache since its fallback: what it holds at the end is its peak
+            st.peak_tokens = max(st.peak_tokens, request.num_computed_tokens)
+            st.peak_blocks = max(st.peak_blocks, self.kv.num_held_blocks(rid))
+        st.tokens_seen = max(st.tokens_seen, request.num_computed_tokens)
         stats = st.stats()
         self.finished_stats.append(stats)
         logger.info(
@@ -305,7 +305,9 @@ class CaoteScheduler(Scheduler):
     def update_from_output(self, scheduler_output, model_runner_output):
         self.caote_metrics.ingest_output(model_runner_output)
         failed = self.caote.release(scheduler_output, model_runner_output)
-        # The step's own output is valid: each layer attended before it compacted.
+        # The step's own output is valid: each layer attended before it compacted. A request
+        # that finishes in this step keeps the failure in its stats; the others fall back.
+        self.caote.failed_last_step(failed)
         outputs = super().update_from_output(scheduler_output, model_runner_output)
         for req_id, reason in failed.items():
             request = self.requests.get(req_id)
@@ -322,8 +324,8 @@ class CaoteScheduler(Scheduler):
         self.caote.preempted(request)
 
     def _free_request(self, request, *args, **kwargs):
+        stats = self.caote.finished(request)  # first: it reads the blocks the request holds
         result = super()._free_request(request, *args, **kwargs)
-        stats = self.caote.finished(request)
         if stats is None:
             return result
         kv_xfer, *rest = result

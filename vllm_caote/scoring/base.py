@@ -9,6 +9,8 @@ Outputs are float32, or float64 when the input is float64.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -77,7 +79,11 @@ def h2o_scores(attn: torch.Tensor, prev: torch.Tensor | None = None) -> torch.Te
     return s + p
 
 
-def tova_scores(attn: torch.Tensor, head_average: bool = True) -> torch.Tensor:
+def tova_scores(
+    attn: torch.Tensor,
+    head_average: bool = True,
+    reduce_heads: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> torch.Tensor:
     """TOVA: attention of the last query.
 
     With ``head_average=True`` (default, as NVIDIA kvpress's ``TOVAPress`` and the TOVA
@@ -86,13 +92,22 @@ def tova_scores(attn: torch.Tensor, head_average: bool = True) -> torch.Tensor:
     One query's attention is a noisy signal per head; averaged over the layer's heads it keeps
     the tokens the layer as a whole reads. ``head_average=False`` averages over the ``G`` heads
     of each GQA group only (per-KV-head scores). Each row is a distribution (sums to 1).
+
+    ``reduce_heads`` makes the layer-wide average whole when the heads are split over
+    tensor-parallel ranks: it is given ``[sum over this rank's heads (n values), head count]``
+    and must return that vector summed over the ranks (identity on one rank), so every rank
+    scores with the mean over *all* the layer's heads, the same as on one rank.
     """
     a = _attn(attn)
     if a.shape[2] == 0:
         raise ValueError("tova_scores needs at least one query (w >= 1)")
     last = a[:, :, -1, :]  # [Hkv, G, n]
     if head_average:
-        return last.mean(dim=(0, 1)).expand(a.shape[0], -1).clone()
+        if reduce_heads is None:
+            return last.mean(dim=(0, 1)).expand(a.shape[0], -1).clone()
+        heads = last.shape[0] * last.shape[1]
+        total = reduce_heads(torch.cat([last.sum(dim=(0, 1)), last.new_tensor([heads])]))
+        return (total[:-1] / total[-1]).expand(a.shape[0], -1).clone()
     return last.mean(dim=1)
 
 

@@ -52,6 +52,9 @@ KNOBS: Mapping[str, Any] = MappingProxyType(
         "eps": 1e-6,  # CAOTE clamp on 1 - alpha
         "normalize_anchor": True,  # KeyDiff: anchor = mean of unit keys (paper, kvpress)
         "head_average": True,  # TOVA: last query's attention averaged over all heads (kvpress)
+        # TOVA's head average across tensor-parallel ranks: sums [local head sums, head count]
+        # over the ranks (None: every head is here)
+        "reduce_heads": None,
         # H2O, TOVA and KeyDiff scores pooled over tokens with SnapKV's kernel, so a kept token
         # keeps its neighbours (a 5-digit number is 5 tokens); False = the papers' (kvpress's)
         "pool_neighbours": True,
@@ -94,6 +97,8 @@ class Policy:
     needs_queries: ClassVar[bool] = False
     stateful: ClassVar[bool] = False
     nonnegative: ClassVar[bool] = False
+    #: the scores combine every head of the layer (knob ``reduce_heads`` sums across ranks)
+    cross_head: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         if self.meta not in _METAS:
@@ -249,12 +254,19 @@ class H2OPolicy(Policy):
 class TOVAPolicy(Policy):
     """TOVA: last query's attention, averaged over the heads, neighbour-pooled."""
 
+    cross_head: ClassVar[bool] = True
     needs_attention: ClassVar[bool] = True
     needs_queries: ClassVar[bool] = True
     nonnegative: ClassVar[bool] = True
 
     def _base(self, keys, attn, h2o_prev, sinks, k):
-        return _neighbours(tova_scores(attn, head_average=k["head_average"]), k), None
+        scores = tova_scores(attn, head_average=k["head_average"], reduce_heads=k["reduce_heads"])
+        return _neighbours(scores, k), None
+
+    @staticmethod
+    def head_sum_length(n: int) -> int:
+        """Length of the vector ``reduce_heads`` sums for ``n`` cached tokens."""
+        return n + 1
 
 
 @dataclass(frozen=True)
