@@ -93,3 +93,31 @@ def test_channels_layout_roundtrip():
     assert torch.equal(k2, k[:, ::2]) and torch.equal(v2, v[:, ::2])
     others = [b for b in range(10) if b not in blocks.tolist()]
     assert torch.equal(kv[others], before[others])
+
+
+def test_fp8_window_queries_are_scored_dequantised_with_the_layers_q_scale():
+    """With an fp8 KV cache, FlashAttention / Triton get ``q / q_scale`` in fp8 from vLLM's
+    ``Attention`` layer; the window queries must be scored as ``q``, not as the fp8 bytes."""
+    from types import SimpleNamespace
+
+    from vllm_caote.scoring import attention_weights
+
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(6, 16, 64, generator=g)  # [Hq, w, d]
+    k = torch.randn(2, 80, 64, generator=g)  # [Hkv, n, d]
+    scale = 0.25  # a non-unit q_scale: the fp8 values are 4x the real ones
+    layer = SimpleNamespace(_q_scale=torch.tensor(scale), _q_scale_float=scale)
+    q_fp8 = (q / scale).to(torch.float8_e4m3fn)
+
+    dq = compaction.dequantize_queries(q_fp8, layer)
+    assert dq.dtype == torch.float32
+    torch.testing.assert_close(dq, q, atol=0.15, rtol=0.07)  # fp8's own rounding
+    want = attention_weights(q, k)
+    got = attention_weights(dq, k)
+    raw = attention_weights(q_fp8.float(), k)  # what scoring the bytes as they are gives
+    err, raw_err = (got - want).abs().max(), (raw - want).abs().max()
+    assert err < 0.05 and raw_err > 4 * err, (float(err), float(raw_err))
+    # the q_scale buffer alone (no cached float) is read too; model-dtype queries pass through
+    only_buffer = SimpleNamespace(_q_scale=torch.tensor(scale))
+    torch.testing.assert_close(compaction.dequantize_queries(q_fp8, only_buffer), dq)
+    assert compaction.dequantize_queries(q, layer) is q

@@ -314,15 +314,16 @@ class _HeadSum:
         if self.done:
             return t
         self.done = True
-        out = self.ranks.sum(t)
+        out = self.ranks.sum(t.to(torch.float64))  # one dtype on every rank, whatever scores
         if torch.isnan(out).any():
             raise RuntimeError("another tensor-parallel rank failed this eviction")
-        return out
+        return out.to(t.dtype)
 
     def poison(self) -> None:
         if not self.done:
             self.done = True
-            self.ranks.sum(torch.full((self.length,), float("nan"), device=self.device))
+            nan = torch.full((self.length,), float("nan"), dtype=torch.float64, device=self.device)
+            self.ranks.sum(nan)
 
 
 def _cross_rank(ev: WorkerEviction, work: RowWork, policy) -> _HeadSum:
@@ -384,7 +385,8 @@ def _compact(ev, work: RowWork, name, impl, layer, policy, layout, kv_cache, cac
         scores = policy.score_from_state(values, ls.h2o)
     else:
         queries = _window_queries(ev, work, name) if policy.needs_queries else None
-        knobs = {"reduce_heads": joint} if policy.cross_head else {}
+        # one rank: the plain mean (bit-for-bit the single-process scores)
+        knobs = {"reduce_heads": joint} if joint.ranks is not None else {}
         scores, _ = policy.score_with_state(
             keys,
             values,
