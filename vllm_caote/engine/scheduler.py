@@ -60,6 +60,7 @@ class RequestBudget:
     blockwise: bool = False  # this prefill step runs block-wise (mode, or memory pressure)
     fresh: bool = True  # not scheduled since it arrived or was preempted
     shared: int = 0  # leading tokens read from the prefix cache: shared, never evicted
+    steps_left_out: int = 0  # steps vLLM ran without it while it ran on an evicted cache
     started: float = field(default_factory=time.monotonic)
 
     def stats(self) -> dict:
@@ -72,6 +73,7 @@ class RequestBudget:
             "peak_tokens": self.peak_tokens,
             "tokens_seen": self.tokens_seen,
             "prefix_cached_tokens": self.shared,
+            "steps_left_out": self.steps_left_out,
         }
         if self.error is not None:
             out["error"] = self.error
@@ -200,6 +202,10 @@ class SchedulerEviction:
                 st.evicted += dropped
                 st.evicted_total += dropped
                 st.events += 1
+        for request in sched.running:  # vLLM left these out of the step (budget, balancing)
+            st = self.requests.get(request.request_id)
+            if st is not None and st.evicted and request.request_id not in plans:
+                st.steps_left_out += 1
         setattr(scheduler_output, PLAN_ATTR, plans)
 
     def release(self, scheduler_output, model_runner_output) -> dict[str, str]:
