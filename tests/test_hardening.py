@@ -103,6 +103,10 @@ def test_failed_compaction_frees_nothing_and_the_request_runs_without_eviction(l
     stats = got["faulty"].kv_transfer_params["kv_eviction"]
     assert "recomputed without eviction" in stats["error"], stats
     assert "did not confirm" in stats["error"] or "compacted in 0 of 30" in stats["error"]
+    # its stats describe the run that gave its answer: the full cache, nothing evicted
+    bs = _core(llm).scheduler.cache_config.block_size
+    assert stats["evicted_tokens"] == 0 and stats["eviction_events"] == 0, stats
+    assert stats["peak_tokens"] >= len(a) and stats["peak_blocks"] >= math.ceil(len(a) / bs)
     assert _tokens(got["other"]) == _tokens(base["base-b"])
     assert _tokens(got["faulty"]) == _tokens(base["base-a"])  # the full cache's answer
     assert pool.get_num_free_blocks() == free_at_start
@@ -111,6 +115,24 @@ def test_failed_compaction_frees_nothing_and_the_request_runs_without_eviction(l
     assert llm.reset_prefix_cache()
     again, freed = _run(llm, [("after", a, _params(8, budget=BUDGET))])
     assert freed > 0 and "error" not in again["after"].kv_transfer_params["kv_eviction"]
+
+
+def test_failed_compaction_in_the_last_step_stays_in_the_stats(llm):
+    """A planned compaction that fails in the step where the request finishes (adaptive
+    prefill evicts at the prompt's end; max_tokens=1 ends it there): nothing to recompute, the
+    answer was computed before the compaction, and its stats still say the eviction failed."""
+    a, _, _ = _prompts(llm)
+    assert llm.reset_prefix_cache()
+    ev = _worker_eviction(llm)
+    ev.skip_compaction = lambda rid: rid.startswith("last-step")
+    try:
+        got, freed = _run(llm, [("last-step", a, _params(1, budget=BUDGET))])
+    finally:
+        ev.skip_compaction = None
+    stats = got["last-step"].kv_transfer_params["kv_eviction"]
+    assert freed == 0
+    assert "last step" in stats.get("error", ""), stats
+    assert len(got["last-step"].outputs[0].token_ids) == 1
 
 
 def test_exception_in_scoring_is_contained(llm, monkeypatch):

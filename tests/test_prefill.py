@@ -129,3 +129,37 @@ def test_fixed_modes_keep_their_bounds(llm, mode):
     else:
         assert stats["peak_blocks"] == math.ceil(len(prompt) / bs), stats
         assert stats["eviction_events"] == 1
+
+
+def test_adaptive_room_check_counts_prefix_hits_held_by_others_as_no_cost(llm):
+    """A budgeted prompt whose head is another running request's prompt (prefix-cache hits
+    that request holds): those blocks cost the pool nothing, so the room check counts only
+    the rest; with room for that rest, the prompt is cached whole and evicted once."""
+    from vllm_caote.eval.common import sampling
+
+    sched, engine = _sched(llm), llm.llm_engine
+    bs = sched.cache_config.block_size
+    assert llm.reset_prefix_cache()
+    hog = _ids(llm, 3000, 41000)
+    shared = hog[: 20 * bs]  # 20 whole blocks the hog holds
+    prompt = shared + _ids(llm, 1000, 47000)
+    engine.add_request("hog-shared", {"prompt_token_ids": hog}, sampling(48, ignore_eos=True))
+    outputs, preempted = {}, 0
+    while not any(r.num_computed_tokens >= len(hog) for r in sched.requests.values()):
+        engine.step()
+    free = sched.kv_cache_manager.block_pool.get_num_free_blocks()
+    # counting the 20 held hits as needed, the prompt would not fit: it would go block-wise
+    assert free - math.ceil(len(prompt) / bs) < len(sched.running) + 1, free
+    engine.add_request(
+        "shared-head", {"prompt_token_ids": prompt}, sampling(4, budget=BUDGET, ignore_eos=True)
+    )
+    while engine.has_unfinished_requests():
+        for o in engine.step():
+            if o.finished:
+                outputs[o.request_id] = o
+        preempted = max([preempted] + [r.num_preemptions for r in sched.requests.values()])
+    stats = outputs["shared-head"].kv_transfer_params["kv_eviction"]
+    assert stats["prefix_cached_tokens"] == len(shared), stats
+    assert stats["eviction_events"] == 1, stats  # whole prompt, evicted once at its end
+    assert stats["peak_tokens"] >= len(prompt), stats
+    assert preempted == 0

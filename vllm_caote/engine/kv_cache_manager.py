@@ -74,13 +74,31 @@ def coordinator_class(base: type) -> type:
 
 
 def manager_class(base: type) -> type:
-    """``base`` (vLLM's ``KVCacheManager``) with the two operations eviction needs."""
+    """``base`` (vLLM's ``KVCacheManager``) with the three operations eviction needs."""
 
     class CaoteKVCacheManager(base):  # type: ignore[misc,valid-type]
         def num_held_blocks(self, request_id: str) -> int:
             """Blocks the request holds (the largest count over KV-cache groups)."""
             managers = self.coordinator.single_type_managers
             return max((len(m.req_to_blocks.get(request_id, ())) for m in managers), default=0)
+
+        def num_free_hit_blocks(self, request, num_hit_tokens: int) -> int:
+            """Of the request's leading ``num_hit_tokens`` (whole prefix-cache hits it has not
+            taken yet), the blocks now in the free queue: taking them removes them from the
+            free count; hits other requests hold cost the pool nothing."""
+            if not self.enable_caching or num_hit_tokens <= 0:
+                return 0
+            block_size = self.coordinator.single_type_managers[0].block_size
+            n = num_hit_tokens // block_size
+            if getattr(self.block_pool, "hash_block_size", None) != block_size:
+                return n  # hashes of another granularity: count every hit as free (safe side)
+            free = 0
+            for i, block_hash in enumerate(request.block_hashes[:n]):
+                blocks = self.block_pool.get_cached_block(block_hash, [0])
+                if blocks is None:
+                    return free + n - i  # not found: count the rest as free (safe side)
+                free += blocks[0].ref_cnt == 0
+            return free + max(n - len(request.block_hashes), 0)
 
         def trim(self, request_id: str, keep_blocks: int) -> int:
             """Give every block past the first ``keep_blocks`` of the request back to the pool.

@@ -161,13 +161,15 @@ class SchedulerEviction:
         """Free blocks for the rest of the prompt, leaving one per running request to grow.
 
         Blocks it holds already, and before its first step its prefix-cache hits (whole blocks
-        it is about to take, possibly shared with others), are not blocks it still needs."""
+        it is about to take), are not blocks it still needs; hits that sit in the free queue
+        leave the free count when it takes them, hits other requests hold do not."""
         rest = request.num_prompt_tokens - computed
         held = self.kv.num_held_blocks(request.request_id)
-        if st.fresh:
-            held = max(held, computed // self.block_size)
-        need = cdiv(cache + rest, self.block_size) - held
         free = self.kv.block_pool.get_num_free_blocks()
+        if st.fresh and held == 0 and computed:
+            held = computed // self.block_size
+            free -= self.kv.num_free_hit_blocks(request, computed)
+        need = cdiv(cache + rest, self.block_size) - held
         return free - need >= len(self.scheduler.running) + 1
 
     def plan(self, scheduler_output) -> None:
