@@ -9,10 +9,14 @@ setting eviction cannot run under:
 * set *explicitly* by the user to a conflicting value: startup fails with a message naming the
   flag to change (or ``CAOTE_DISABLE=1`` to serve without the plugin).
 
-A ``kv_budget`` is therefore never accepted and then ignored. Model features that cannot be
-compacted (several KV-cache groups, sliding window, MLA, ALiBi, KV sharing, unwrapped attention
-backends) are refused by the engine itself at startup (``CaoteScheduler.__init__`` and
-``CaoteModelRunnerMixin.initialize_kv_cache``), where the KV-cache layout is known.
+A ``kv_budget`` is therefore never accepted and then ignored. Flags vLLM itself may reject or
+silently reset on some platform (context parallelism, micro-batching, ...) are refused in
+:func:`before`, on the ``EngineArgs`` fields, so the user sees the plugin's reason wherever vLLM
+would have said something else (or nothing); :func:`after` checks the built config again. Model
+features that cannot be compacted (several KV-cache groups, sliding window, chunked-local
+attention, MLA, ALiBi, KV sharing, unwrapped attention backends, split kernel blocks) are refused
+by the engine itself at startup (:mod:`vllm_caote.engine.support`), where the KV-cache layout is
+known.
 
 Prefix caching stays on: budgeted requests neither read prefix-cache hits nor register their
 (compacted) blocks, so unbudgeted requests keep full prefix caching and are never corrupted
@@ -50,8 +54,66 @@ def _refuse(what: str, fix: str) -> ConfigConflictError:
     )
 
 
+def _refuse_parallelism_and_transfer(
+    *, pp: int, dcp: int, pcp: int, dbo: bool, ubatch: int, kv_transfer, kv_offloading
+) -> None:
+    """Settings under which a compaction cannot be honoured, whether on the ``EngineArgs`` (in
+    :func:`before`: vLLM rejects some, or resets them on a platform, before :func:`after` runs)
+    or on the built config (in :func:`after`)."""
+    if pp > 1:
+        raise _refuse("--pipeline-parallel-size > 1", "Use tensor parallelism")
+    if dcp > 1:
+        raise _refuse(
+            f"--decode-context-parallel-size {dcp} (decode context parallelism shards each "
+            "request's KV cache across ranks; eviction scores and compacts it whole)",
+            "Drop the flag (tensor parallelism is supported)",
+        )
+    if pcp > 1:
+        raise _refuse(
+            f"--prefill-context-parallel-size {pcp} (prefill context parallelism splits each "
+            "request's tokens across ranks; eviction scores and compacts it whole)",
+            "Drop the flag (tensor parallelism is supported)",
+        )
+    if dbo:
+        raise _refuse(
+            "--enable-dbo (dual-batch overlap runs each step as micro-batches, which the "
+            "eviction step does not follow)",
+            "Drop the flag",
+        )
+    if ubatch > 1:
+        raise _refuse(
+            f"--ubatch-size {ubatch} (micro-batching, which the eviction step does not follow)",
+            "Drop the flag",
+        )
+    if kv_offloading is not None:
+        raise _refuse(
+            f"--kv-offloading-size {kv_offloading} (KV offloading is a KV connector: it saves "
+            "a layer's KV after the layer runs, so compacted blocks would be stored as if whole)",
+            "Drop the flag",
+        )
+    if kv_transfer is not None:
+        connector = getattr(kv_transfer, "kv_connector", None)
+        if connector is None and isinstance(kv_transfer, dict):
+            connector = kv_transfer.get("kv_connector")
+        raise _refuse(
+            f"--kv-transfer-config (KV connector {connector}: P/D disaggregation, LMCache, "
+            "offloading; a connector saves a layer's KV after the layer runs, so compacted "
+            "blocks would be stored and loaded as if whole)",
+            "Drop the flag",
+        )
+
+
 def before(args) -> list[str]:
     """Adjust ``EngineArgs`` before vLLM builds its config. Returns what was self-configured."""
+    _refuse_parallelism_and_transfer(
+        pp=args.pipeline_parallel_size or 1,
+        dcp=args.decode_context_parallel_size or 1,
+        pcp=args.prefill_context_parallel_size or 1,
+        dbo=bool(args.enable_dbo),
+        ubatch=args.ubatch_size or 0,
+        kv_transfer=args.kv_transfer_config,
+        kv_offloading=args.kv_offloading_size,
+    )
     notes: list[str] = []
     if args.async_scheduling is None:
         args.async_scheduling = False
@@ -95,12 +157,23 @@ def after(vllm_config, notes: list[str]) -> None:
     from vllm_caote.engine.worker import WORKERS, plugin_worker_for
 
     pc = vllm_config.parallel_config
-    if pc.pipeline_parallel_size > 1:
-        raise _refuse("--pipeline-parallel-size > 1", "Use tensor parallelism")
+    _refuse_parallelism_and_transfer(
+        pp=pc.pipeline_parallel_size,
+        dcp=pc.decode_context_parallel_size,
+        pcp=pc.prefill_context_parallel_size,
+        dbo=pc.enable_dbo,
+        ubatch=pc.ubatch_size,
+        kv_transfer=vllm_config.kv_transfer_config,
+        kv_offloading=vllm_config.cache_config.kv_offloading_size,
+    )
     if vllm_config.speculative_config is not None:
         raise _refuse("Speculative decoding (--speculative-config)", "Drop the speculative config")
     if vllm_config.model_config is not None and vllm_config.model_config.use_mla:
-        raise _refuse("Multi-head latent attention (MLA) models", "Serve a non-MLA model")
+        raise _refuse(
+            "Multi-head latent attention (MLA; this model's KV cache is a latent, not per-head "
+            "keys and values)",
+            "Serve a non-MLA model",
+        )
     cache_dtype = str(vllm_config.cache_config.cache_dtype)
     if cache_dtype not in SUPPORTED_KV_CACHE_DTYPES:
         raise _refuse(
