@@ -17,6 +17,10 @@ front-end built from ``caote_server.log_path``).
 Set ``CAOTE_TEST_SERVER_URL=http://host:port`` to run the tests against a server you
 started yourself (with the same settings) instead; ``log_path`` is then None unless
 ``CAOTE_TEST_SERVER_LOG`` names its log file.
+
+:func:`missing` is how a test says that something it needs is not installed: in CI
+(``CI=true``, where ``make setup`` installs everything) that is a failure, elsewhere a skip
+that names what to install.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
 
@@ -39,6 +44,20 @@ MAX_MODEL_LEN = 4096
 STARTUP_TIMEOUT_S = 300.0
 #: The plugin settings the shared server runs with (``--additional-config``).
 SERVER_CONFIG = {"kv_eviction": {"default_policy": "caote-snapkv", "default_budget": 1024}}
+
+
+def in_ci() -> bool:
+    """True under CI (``CI=true``, as .ci/run's runner sets it)."""
+    return os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
+
+
+def missing(what: str, install: str) -> NoReturn:
+    """``what`` (a tool, package or file a test needs) is not there; ``install`` says how to
+    get it. A failure in CI, which must run every test; a skip elsewhere."""
+    message = f"{what} not installed ({install})"
+    if in_ci():
+        pytest.fail(f"{message}: CI runs every test; make setup must install it", pytrace=False)
+    pytest.skip(message)
 
 
 @dataclass
@@ -133,7 +152,9 @@ def caote_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CaoteServ
 
     model = model_dir()
     if not (model / "config.json").exists():
-        pytest.skip(f"embedded model missing at {model}; run `python -m vllm_caote.models`")
+        missing(
+            f"embedded model at {model}", "make setup-serve, or python -m vllm_caote.models fetch"
+        )
 
     port = _free_port()
     log_path = tmp_path_factory.mktemp("vllm_server") / "server.log"

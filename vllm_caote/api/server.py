@@ -29,34 +29,27 @@ budgeted HTTP request (a context variable set by the middleware), pops it from t
 keeps it for the middleware, which adds a top-level ``"kv_eviction"`` object to the JSON
 response, or to the final SSE chunk of a stream (the usage chunk when there is one,
 otherwise the last chunk before ``[DONE]``). Requests without a budget are not touched.
+
+Imports run one way: this module uses :mod:`.middleware` and :mod:`.state` (the per-app
+:class:`~vllm_caote.api.state.Runtime` and the stats capture, shared with the middleware);
+neither imports this one.
 """
 
 from __future__ import annotations
 
-import contextvars
 import logging
 import sys
-from collections.abc import AsyncGenerator, Awaitable, Callable, MutableMapping
+from collections.abc import Callable
 from typing import Any
 
-from vllm_caote.config import STATS_KEY, settings
-from vllm_caote.engine.output_processor import CHOICES_KEY
-
-from .params import EvictionParamError, Limits, check_budget
+from .middleware import KvEvictionMiddleware
+from .state import Runtime, _wrap_generate
 
 logger = logging.getLogger("vllm_caote.api")
 
 POLICIES_PATH = "/v1/kv_eviction/policies"
-_GENERATE_PATHS = frozenset({"/v1/completions", "/v1/chat/completions", "/v1/responses"})
-# Bodies without these bytes cannot name our keys (b"\\u" catches escaped key names).
-_MARKERS = (b"kv_budget", b"kv_policy", b"\\u")
 _APP_MODULE = "vllm.entrypoints.launchers.app"
 _IMPORTERS = ("vllm.entrypoints.launchers.api_server.entry", "vllm.entrypoints.openai.api_server")
-
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
 
 
 # ---------------------------------------------------------------------------------------
@@ -99,8 +92,6 @@ def _wrap_build_app(build_app: Callable[..., Any]) -> Callable[..., Any]:
             return app
         from starlette.middleware import Middleware
 
-        from .middleware import KvEvictionMiddleware
-
         runtime = Runtime()
         plugin = EvictionEndpoints(runtime)
         plugin.attach_router(app)
@@ -119,45 +110,8 @@ def _wrap_build_app(build_app: Callable[..., Any]) -> Callable[..., Any]:
 
 
 # ---------------------------------------------------------------------------------------
-# Server state and the endpoint plugin
+# The endpoint plugin
 # ---------------------------------------------------------------------------------------
-class Runtime:
-    """Per-app settings, filled in once the engine client exists."""
-
-    def __init__(self) -> None:
-        self.limits: Limits | None = None
-        self.info: dict[str, Any] = {}
-
-    def configure(self, vllm_config: Any) -> None:
-        s = settings(vllm_config)
-        block_size = int(vllm_config.cache_config.block_size)
-        limits = Limits.for_engine(block_size, int(vllm_config.model_config.max_model_len), s)
-        if s.default_budget:
-            try:
-                check_budget(s.default_budget, "kv_eviction.default_budget", limits)
-            except EvictionParamError as e:
-                raise ValueError(f"vllm-caote: bad server default: {e}") from None
-        self.limits = limits
-        self.info = {
-            "policies": list(limits.policies),
-            "default_policy": limits.default_policy,
-            "default_budget": limits.default_budget,
-            "min_budget": limits.min_budget,
-            "max_model_len": limits.max_budget,
-            "block_size": block_size,
-            "sink_tokens": s.sinks,
-            "prefill_chunk": s.prefill_chunk,
-            "window": s.window,
-        }
-        logger.info(
-            "vllm-caote API: kv_budget 0 or [%d, %d], default budget %d, default policy %s",
-            limits.min_budget,
-            limits.max_budget,
-            limits.default_budget,
-            limits.default_policy,
-        )
-
-
 class EvictionEndpoints:
     """Follows vLLM's ``EndpointPlugin`` protocol (``vllm.plugins.endpoint_plugins``).
 
@@ -186,69 +140,3 @@ class EvictionEndpoints:
         if self.runtime.limits is None:
             return JSONResponse({"error": "vllm-caote is not initialised"}, status_code=503)
         return JSONResponse(self.runtime.info)
-
-
-# ---------------------------------------------------------------------------------------
-# Statistics capture (engine client side)
-# ---------------------------------------------------------------------------------------
-class _Capture:
-    """Eviction stats of the engine requests of one HTTP request, in submission order: one
-    slot per prompt, each a list with one entry per choice (``n``)."""
-
-    __slots__ = ("slots",)
-
-    def __init__(self) -> None:
-        self.slots: list[list[dict[str, Any] | None] | None] = []
-
-    def stats(self) -> dict[str, Any] | None:
-        """Stats of the first choice that has any (like ``kv_transfer_params``)."""
-        return next((s for c in self.slots if c for s in c if s is not None), None)
-
-    def per_choice(self) -> list[dict[str, Any] | None] | None:
-        """Stats per response choice (prompt-major, as vLLM numbers choices), when some
-        prompt had ``n > 1``; None otherwise."""
-        if not any(c and len(c) > 1 for c in self.slots):
-            return None
-        return [s for c in self.slots for s in (c or [None])]
-
-    async def track(self, gen: AsyncGenerator[Any, None]) -> AsyncGenerator[Any, None]:
-        slot = len(self.slots)
-        self.slots.append(None)
-        try:
-            async for out in gen:
-                choices = pop_stats(out)
-                if choices is not None:
-                    self.slots[slot] = choices
-                yield out
-        finally:
-            await gen.aclose()
-
-
-_CAPTURE: contextvars.ContextVar[_Capture | None] = contextvars.ContextVar(
-    "vllm_caote_capture", default=None
-)
-
-
-def pop_stats(output: Any) -> list[dict[str, Any] | None] | None:
-    """Remove the eviction stats from ``output.kv_transfer_params``; return them per choice
-    (one entry unless ``n > 1``, see :mod:`vllm_caote.engine.output_processor`)."""
-    params = getattr(output, "kv_transfer_params", None)
-    if not isinstance(params, dict) or STATS_KEY not in params:
-        return None
-    rest = {k: v for k, v in params.items() if k not in (STATS_KEY, CHOICES_KEY)}
-    output.kv_transfer_params = rest or None
-    return params.get(CHOICES_KEY) or [params[STATS_KEY]]
-
-
-def _wrap_generate(generate: Callable[..., Any]) -> Callable[..., Any]:
-    if getattr(generate, "_caote_wrapped", False):
-        return generate
-
-    def generate_with_kv_eviction(*args: Any, **kwargs: Any) -> AsyncGenerator[Any, None]:
-        gen = generate(*args, **kwargs)
-        capture = _CAPTURE.get()
-        return gen if capture is None else capture.track(gen)
-
-    generate_with_kv_eviction.__wrapped__ = generate  # type: ignore[attr-defined]
-    generate_with_kv_eviction._caote_wrapped = True  # type: ignore[attr-defined]
-    return generate_with_kv_eviction
