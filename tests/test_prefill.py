@@ -163,3 +163,131 @@ def test_adaptive_room_check_counts_prefix_hits_held_by_others_as_no_cost(llm):
     assert stats["eviction_events"] == 1, stats  # whole prompt, evicted once at its end
     assert stats["peak_tokens"] >= len(prompt), stats
     assert preempted == 0
+
+
+def _crowd(llm, wait_s: int, tag: str):
+    """Six ~1.5k-token budgeted prompts at once into the 40-block pool (room for three whole
+    prompts), with ``prefill_wait`` = ``wait_s``; per request: its stats, the steps it waited
+    before its first prompt step, and the blocks it held after every step."""
+    import dataclasses
+    import time
+
+    from vllm_caote.eval.common import sampling
+
+    sched, engine = _sched(llm), llm.llm_engine
+    bs = sched.cache_config.block_size
+    assert llm.reset_prefix_cache()
+    old = sched.caote.settings
+    sched.caote.settings = dataclasses.replace(old, prefill_wait=wait_s)
+    ids = {f"{tag}-{i}": _ids(llm, 1500 + 16 * i, 60000 + 3000 * i) for i in range(6)}
+    for rid, prompt in ids.items():
+        engine.add_request(
+            rid, {"prompt_token_ids": prompt}, sampling(4, budget=384, ignore_eos=True)
+        )
+    outputs, waited, held, preempted, step_s = {}, {}, {}, 0, []
+    try:
+        while engine.has_unfinished_requests():
+            t0 = time.monotonic()
+            for o in engine.step():
+                if o.finished:
+                    outputs[o.request_id] = o
+            step_s.append(time.monotonic() - t0)
+            total = 0
+            for internal, req in sched.requests.items():
+                rid = internal[: len(f"{tag}-0")]
+                blocks = sched.kv_cache_manager.num_held_blocks(internal)
+                total += blocks
+                held.setdefault(rid, []).append(blocks)
+                if req.num_computed_tokens == 0:
+                    waited[rid] = waited.get(rid, 0) + 1
+                preempted = max(preempted, req.num_preemptions)
+            assert total <= POOL_BLOCKS
+    finally:
+        sched.caote.settings = old
+    stats = {rid: outputs[rid].kv_transfer_params["kv_eviction"] for rid in ids}
+    return stats, waited, held, preempted, step_s, bs
+
+
+def test_adaptive_under_pressure_prompts_take_turns_whole_instead_of_going_blockwise(llm):
+    """The pool holds three whole prompts at a time: the others wait (holding no block) for a
+    whole-prompt prefill to end and shrink to its budget, then are read whole themselves:
+    every prompt is evicted once, with its question in view; nobody is preempted; a waiting
+    request holds nothing; every request holds at most its budget's blocks once decoding."""
+    stats, waited, held, preempted, _, bs = _crowd(llm, 60, "turns")
+    assert all(s["eviction_events"] == 1 for s in stats.values()), stats
+    assert any(waited.values()), "no prompt had to wait: the pool was not under pressure"
+    assert preempted == 0
+    cap = math.ceil(384 / bs) + 1
+    for rid, series in held.items():
+        assert series[-1] <= cap, (rid, series)
+
+
+@pytest.mark.parametrize("wait_s", [3, 0])
+def test_adaptive_wait_for_headroom_is_bounded(llm, wait_s):
+    """A prompt waits for a budgeted prompt in whole-prompt prefill that stalls (held back
+    through the scheduler's seam, its blocks still held); the wait's clock advances 1 s per
+    step. After ``prefill_wait`` seconds it goes block-wise (within the block-wise bound)
+    instead of waiting more; with 0 it never waits. Nobody is preempted, nothing deadlocks."""
+    import dataclasses
+
+    from vllm_caote.eval.common import sampling
+
+    sched, engine = _sched(llm), llm.llm_engine
+    assert llm.reset_prefix_cache()
+    old = sched.caote.settings
+    sched.caote.settings = dataclasses.replace(old, prefill_wait=wait_s)
+    now = [0.0]
+    sched.caote.clock = lambda: now[0]
+    tag = f"stall{wait_s}"
+    engine.add_request(f"{tag}-hog", {"prompt_token_ids": _ids(llm, 1200, 70000)},
+                       sampling(200, ignore_eos=True))  # fmt: skip
+    engine.add_request(f"{tag}-releaser", {"prompt_token_ids": _ids(llm, 3200, 72000)},
+                       sampling(4, budget=384, ignore_eos=True))  # fmt: skip
+    stalled = {"on": False}
+
+    def hold(request) -> bool:  # the releaser stalls mid-prompt while the waiter waits
+        return (stalled["on"] and request.request_id.startswith(f"{tag}-releaser")
+                and request.num_computed_tokens < request.num_prompt_tokens)  # fmt: skip
+
+    sched.caote.hold_back = hold
+    outputs, waited, steps, preempted, first = {}, 0, 0, 0, None
+    try:
+        engine.step()  # hog whole, releaser part of its prompt (the step's token budget)
+        rel = next(r for r in sched.requests.values() if r.request_id.startswith(f"{tag}-rel"))
+        assert 0 < rel.num_computed_tokens < rel.num_prompt_tokens
+        stalled["on"] = True
+        engine.add_request(f"{tag}-waiter", {"prompt_token_ids": _ids(llm, 1500, 76000)},
+                           sampling(4, budget=164, ignore_eos=True))  # fmt: skip
+        while engine.has_unfinished_requests() and steps < 400:
+            steps += 1
+            now[0] += 1.0
+            for o in engine.step():
+                if o.finished:
+                    outputs[o.request_id] = o
+            waiter = [r for r in sched.requests.values() if r.request_id.startswith(f"{tag}-w")]
+            if waiter and waiter[0].num_computed_tokens == 0:
+                waited += 1
+            elif f"{tag}-waiter" in outputs or waiter:
+                if waiter and first is None:
+                    first = waiter[0].num_computed_tokens
+                stalled["on"] = False
+            preempted = max([preempted] + [r.num_preemptions for r in sched.requests.values()])
+    finally:
+        sched.caote.settings, sched.caote.clock, sched.caote.hold_back = old, time_monotonic(), None
+    assert not engine.has_unfinished_requests(), "deadlock: requests never finished"
+    stats = outputs[f"{tag}-waiter"].kv_transfer_params["kv_eviction"]
+    assert stats["eviction_events"] > 1, stats  # block-wise after the wait
+    # its first chunk, under pressure, within the block-wise bound (keep 256 + chunk)
+    assert first is not None and first <= 256 + _sched(llm).caote.chunk, first
+    # waited the bound (in clock seconds = steps), then at most the step in which its first
+    # chunk found its blocks; with 0, no wait for headroom at all
+    assert (wait_s <= waited <= wait_s + 2) if wait_s else waited <= 1, waited
+    # the releaser, short of room once the waiter took its chunk, went block-wise itself
+    assert "error" not in outputs[f"{tag}-releaser"].kv_transfer_params["kv_eviction"]
+    assert preempted == 0
+
+
+def time_monotonic():
+    import time
+
+    return time.monotonic

@@ -50,6 +50,10 @@ class EvictionSettings:
     prefill: str = "adaptive"
     # block-wise prefill chunk in tokens (0 = "oneshot", whatever `prefill` says)
     prefill_chunk: int = 512
+    # adaptive prefill under memory pressure: seconds a budgeted prompt may wait for another
+    # budgeted prompt's whole-prompt prefill to end (and shrink to its budget) before it goes
+    # block-wise; 0 = never wait
+    prefill_wait: int = 60
 
     def min_budget(self, block_size: int) -> int:
         """Smallest sensible budget: sinks + observation window + one block."""
@@ -99,7 +103,7 @@ def settings(vllm_config: Any = None) -> EvictionSettings:
         else:
             values[name] = _as_int(name, raw, source.rstrip("=."))
     s = EvictionSettings(**values)
-    for name in ("default_budget", "sinks", "prefill_chunk"):
+    for name in ("default_budget", "sinks", "prefill_chunk", "prefill_wait"):
         if getattr(s, name) < 0:
             raise SettingsError(f"kv_eviction setting {name} must be >= 0, got {getattr(s, name)}")
     if s.window < 1:

@@ -15,8 +15,11 @@ Invariants kept here, for a request with budget ``B``, block size ``bs`` and pre
     ``keep + chunk`` tokens, later ones ``chunk``, each followed by an eviction to ``keep``);
   - ``adaptive`` (default): the whole prompt is cached and evicted once at its end, with the
     prompt's end (the question) in the observation window, *only while the pool has free blocks
-    for the rest of the prompt plus one per running request*; otherwise it falls back to
-    ``blockwise`` for the rest of the prompt, so under memory pressure the blockwise bound holds;
+    for the rest of the prompt plus one per running request that may still grow*. Without
+    room, a prompt not yet started waits, holding no block, while budgeted prompts in
+    whole-prompt prefill will give it the room when they shrink to their budgets (at most
+    ``prefill_wait`` seconds); otherwise, or once started, it goes ``blockwise`` for the rest
+    of the prompt, so under memory pressure the blockwise bound holds;
   - ``oneshot``: the whole prompt, evicted once at its end (SnapKV's setting; no prefill bound);
 * blocks are given back only for evictions the worker *confirmed* (the step's
   :data:`~vllm_caote.engine.plan.REPORT_ATTR`). A planned eviction that was not confirmed
@@ -61,6 +64,8 @@ class RequestBudget:
     fresh: bool = True  # not scheduled since it arrived or was preempted
     shared: int = 0  # leading tokens read from the prefix cache: shared, never evicted
     steps_left_out: int = 0  # steps vLLM ran without it while it ran on an evicted cache
+    waiting_since: float | None = None  # waiting for headroom to read its prompt whole
+    wait_expired: bool = False  # waited prefill_wait seconds: block-wise from now on
     started: float = field(default_factory=time.monotonic)
 
     def stats(self) -> dict:
@@ -103,6 +108,7 @@ class SchedulerEviction:
         #: leaves it out of the step through its own ``num_new_tokens == 0`` path, as it does
         #: when a token, encoder or DP-balancing budget runs out in front of it.
         self.hold_back: Callable[[object], bool] | None = None
+        self.clock: Callable[[], float] = time.monotonic  # the prefill wait's clock (tests)
 
     # -- BlockBudgets (asked by the KV cache coordinator) --------------------------------------
 
@@ -148,29 +154,80 @@ class SchedulerEviction:
         if computed >= request.num_prompt_tokens:
             return num_new_tokens  # decoding: one token (or a replay after preemption)
         cache = computed - st.evicted
-        st.blockwise = self.mode == "blockwise" or not self._room_for_prompt(
-            request, computed, cache, st
-        )
-        if not st.blockwise:
-            return num_new_tokens
+        bs = self.block_size
+        spare, held = self._spare_blocks(request, computed, st)  # growth reserve taken out
+        if self.mode == "adaptive":
+            short = cdiv(cache + request.num_prompt_tokens - computed, bs) - held - spare
+            if short <= 0:
+                st.blockwise, st.waiting_since = False, None
+                return num_new_tokens
+            if st.fresh and self._wait_for_headroom(st, short):
+                return 0  # vLLM leaves it waiting this step; it holds no block meanwhile
+        st.blockwise = True
         # its own tokens never exceed keep + chunk: the first chunk may be keep + chunk tokens
         own = cache - (computed if st.fresh else st.shared)  # before its first step: all hits
-        return min(num_new_tokens, max(st.keep + self.chunk - own, self.block_size))
+        n = min(num_new_tokens, max(st.keep + self.chunk - own, bs))
+        # the chunk takes only blocks the running requests will not need to grow, so vLLM never
+        # has to preempt one of them (or this request) to make room for it
+        fits = (held + spare) * bs - cache
+        if st.fresh:
+            return max(min(n, fits), 0)  # 0: not admitted this step; it holds nothing meanwhile
+        # started: it holds blocks, so it never stalls on this (with every running request a
+        # budgeted prefill, stalling could wait forever); with no room at all, vLLM decides
+        return min(n, fits) if fits > 0 else n
 
-    def _room_for_prompt(self, request, computed: int, cache: int, st: RequestBudget) -> bool:
-        """Free blocks for the rest of the prompt, leaving one per running request to grow.
+    def _spare_blocks(self, request, computed: int, st: RequestBudget) -> tuple[int, int]:
+        """``(free blocks less one for every running request that may still grow, blocks the
+        request counts as held)``.
 
         Blocks it holds already, and before its first step its prefix-cache hits (whole blocks
-        it is about to take), are not blocks it still needs; hits that sit in the free queue
-        leave the free count when it takes them, hits other requests hold do not."""
-        rest = request.num_prompt_tokens - computed
+        it is about to take), count as held; hits that sit in the free queue leave the free
+        count when it takes them, hits other requests hold do not. A budgeted request at its
+        block cap does not grow: its next block comes with an eviction."""
         held = self.kv.num_held_blocks(request.request_id)
         free = self.kv.block_pool.get_num_free_blocks()
         if st.fresh and held == 0 and computed:
             held = computed // self.block_size
             free -= self.kv.num_free_hit_blocks(request, computed)
-        need = cdiv(cache + rest, self.block_size) - held
-        return free - need >= len(self.scheduler.running) + 1
+        growing = 1  # the request itself, once its prompt is in
+        for other in self.scheduler.running:
+            o = self.requests.get(other.request_id)
+            at_cap = (
+                o is not None
+                and other.num_computed_tokens >= other.num_prompt_tokens
+                and self.kv.num_held_blocks(other.request_id) >= self._cap_blocks(o)
+            )
+            growing += not at_cap
+        return free - growing, held
+
+    def _cap_blocks(self, st: RequestBudget) -> int:
+        """Blocks a budgeted request holds at most once its prompt is in."""
+        return cdiv(st.shared + st.keep, self.block_size) + 1
+
+    def _wait_for_headroom(self, st: RequestBudget, short: int) -> bool:
+        """Under pressure, a fresh prompt waits (holding nothing) for budgeted prompts now in
+        whole-prompt prefill to end and shrink to their budgets, when that gives it the room:
+        so prompts take turns being read whole, with the question in view, instead of being
+        evicted block-wise before it. The wait is bounded (``prefill_wait`` seconds), and
+        there is none when nothing in flight will give blocks back: no deadlock."""
+        limit = self.settings.prefill_wait
+        now = self.clock()
+        if limit <= 0 or st.wait_expired:
+            return False
+        if st.waiting_since is None:
+            st.waiting_since = now
+        if now - st.waiting_since > limit:
+            st.wait_expired = True
+            return False
+        releasing = 0
+        for other in self.scheduler.running:
+            o = self.requests.get(other.request_id)
+            if o is None or o.blockwise or other.num_computed_tokens >= other.num_prompt_tokens:
+                continue
+            # it takes the rest of its prompt's blocks, then evicts back to its cap: net, the
+            # pool gains what it holds now beyond the cap (negative while it has just begun)
+            releasing += self.kv.num_held_blocks(other.request_id) - self._cap_blocks(o)
+        return releasing >= short
 
     def plan(self, scheduler_output) -> None:
         """Decide, per scheduled budgeted request, whether it evicts after this step."""
