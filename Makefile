@@ -29,9 +29,9 @@ PYTEST_ARGS ?=
 SERVE_STAMP := $(VENV)/.vllm-caote-serve-$(FLAVOR)
 STAMP := $(VENV)/.vllm-caote-dev-$(FLAVOR)
 
-.PHONY: setup setup-serve serve test lint fmt bench eval loadtest clean help
+.PHONY: setup setup-serve serve test lint fmt bench bench-quality eval loadtest clean help
 help:
-	@echo "make serve | test | lint | bench | eval | loadtest | setup | setup-serve | clean"
+	@echo "make serve | test | lint | bench | bench-quality | eval | loadtest | setup | setup-serve | clean"
 
 setup-serve: $(SERVE_STAMP)
 
@@ -46,7 +46,7 @@ $(STAMP): $(SERVE_STAMP) scripts/system-deps.sh
 	scripts/install.sh --python $(PY) --flavor $(FLAVOR) --dev --editable
 	scripts/system-deps.sh
 	@# Test-only peer: NVIDIA kvpress's presses, unpacked (not installed: its pins clash with ours).
-	-$(PY) -m pip download -q --no-deps --only-binary :all: kvpress==0.5.5 -d $(VENV)/kvpress-dl \
+	$(PY) -m pip download -q --no-deps --only-binary :all: kvpress==0.5.5 -d $(VENV)/kvpress-dl \
 	  && $(PY) -m zipfile -e $(VENV)/kvpress-dl/kvpress-0.5.5-py3-none-any.whl $(VENV)/kvpress-src
 	@touch $@
 
@@ -71,6 +71,10 @@ fmt: setup
 
 bench: setup
 	$(PY) -m vllm_caote.bench $(ARGS)
+
+# Quality at capacity: retrieval prompts sent at once into a 40-block pool, stock vs policies.
+bench-quality: setup
+	$(PY) -m loadtest.quality --start-server $(ARGS)
 
 eval: setup
 	$(PY) -m vllm_caote.eval $(ARGS)

@@ -76,6 +76,124 @@ def multikey_case(tokenizer, context_tokens: int, n_keys: int = 4, seed: int = 0
     return PasskeyCase(prompt, keys[target], context_tokens, depths[target])
 
 
+# -- the retrieval suite: several phrasings, two haystacks, each key stated once -------------
+
+#: passkey needles, each stating the key once: at a sentence end, mid-sentence, sentence start
+PASSKEY_NEEDLES = {
+    "end": " The secret passkey is {key}. ",
+    "mid": " The passkey {key} opens the archive door, so keep it safe. ",
+    "lead": " {key} is the secret passkey that you must remember. ",
+}
+#: multi-key needles (one per labelled number), as above
+MULTIKEY_NEEDLES = {
+    "end": " The special magic number for {name} is {key}. ",
+    "mid": " The special magic number {key} belongs to {name}, and nobody else. ",
+    "lead": " {key} is the special magic number for {name}. ",
+}
+HAYSTACKS = ("essays", "kjv")
+
+
+@dataclass(frozen=True)
+class RetrievalCase:
+    prompt: str  # chat-formatted, ready for generation
+    answer: str  # the 5-digit key asked for
+    task: str  # "passkey" | "multikey"
+    phrasing: str  # a key of PASSKEY_NEEDLES / MULTIKEY_NEEDLES
+    haystack: str  # "essays" | "kjv"
+    depth: float  # where the asked-for needle sits (0..1)
+    context_tokens: int
+
+
+def _kjv_ids(tokenizer) -> list[int]:
+    cache = getattr(tokenizer, "_caote_kjv_ids", None)
+    if cache is None:
+        verses = load_kjv()
+        text = " ".join((v.get("text") or v.get("verse") or "").strip() for v in verses[:12000])
+        cache = tokenizer.encode(text, add_special_tokens=False)
+        try:
+            tokenizer._caote_kjv_ids = cache
+        except AttributeError:
+            pass
+    return cache
+
+
+def haystack_ids(tokenizer, haystack: str) -> list[int]:
+    if haystack == "essays":
+        return _essay_ids(tokenizer)
+    if haystack == "kjv":
+        return _kjv_ids(tokenizer)
+    raise ValueError(f"unknown haystack {haystack!r}; valid: {HAYSTACKS}")
+
+
+def retrieval_case(
+    tokenizer,
+    task: str,
+    context_tokens: int,
+    depth: float,
+    phrasing: str,
+    haystack: str,
+    seed: int = 0,
+    n_keys: int = 4,
+) -> RetrievalCase:
+    """One retrieval prompt. ``passkey``: one key at ``depth``. ``multikey``: ``n_keys``
+    labelled keys spread over the haystack, the asked-for one at the slot nearest ``depth``."""
+    rng = random.Random(f"rs-{task}-{seed}-{context_tokens}-{depth}-{phrasing}-{haystack}")
+    ids = haystack_ids(tokenizer, haystack)
+    start = rng.randint(0, max(0, len(ids) - context_tokens - 1))
+    hay = ids[start : start + context_tokens]
+    if task == "passkey":
+        keys, names, depths = [str(rng.randint(10000, 99999))], [None], [depth]
+        target, question = 0, QUESTION
+        needles = [PASSKEY_NEEDLES[phrasing].format(key=keys[0])]
+    elif task == "multikey":
+        names = rng.sample(MULTIKEY_NAMES, n_keys)
+        keys = [str(rng.randint(10000, 99999)) for _ in names]
+        depths = [(i + 0.5) / n_keys for i in range(n_keys)]
+        target = min(range(n_keys), key=lambda i: abs(depths[i] - depth))
+        question = MULTIKEY_QUESTION.format(name=names[target])
+        needles = [
+            MULTIKEY_NEEDLES[phrasing].format(name=n, key=k)
+            for n, k in zip(names, keys, strict=True)
+        ]
+    else:
+        raise ValueError(f"unknown retrieval task {task!r}")
+    cuts = [int(len(hay) * d) for d in depths]
+    text, prev = "", 0
+    for cut, needle in zip(cuts, needles, strict=True):
+        text += tokenizer.decode(hay[prev:cut]) + needle
+        prev = cut
+    text += tokenizer.decode(hay[prev:])
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": text + question}], tokenize=False, add_generation_prompt=True
+    )
+    return RetrievalCase(
+        prompt, keys[target], task, phrasing, haystack, depths[target], context_tokens
+    )
+
+
+def retrieval_suite(
+    tokenizer,
+    context_tokens: int,
+    n: int,
+    tasks: tuple[str, ...] = ("passkey",),
+    depths: tuple[float, ...] = (0.25, 0.75),
+    seed: int = 0,
+) -> list[RetrievalCase]:
+    """``n`` cases cycling over task x phrasing x haystack x depth (12 for one task with the
+    default depths), so every phrasing and haystack is equally represented and a policy tuned
+    to one template shows; each further round takes new keys and haystack offsets."""
+    grid = [(t, p, h, d) for t in tasks for p in PASSKEY_NEEDLES for h in HAYSTACKS for d in depths]
+    cases = []
+    for i in range(n):
+        task, phrasing, haystack, depth = grid[i % len(grid)]
+        cases.append(
+            retrieval_case(
+                tokenizer, task, context_tokens, depth, phrasing, haystack, seed + i // len(grid)
+            )
+        )
+    return cases
+
+
 def filler_prompt_ids(tokenizer, n_tokens: int, offset: int = 0) -> list[int]:
     """Exactly ``n_tokens`` token ids of essay text (for capacity and block-bound checks)."""
     ids = _essay_ids(tokenizer)

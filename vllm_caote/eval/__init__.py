@@ -6,9 +6,13 @@
 
 Tasks
 -----
-``passkey``: a 5-digit passkey hidden at ``--depths`` of ``--contexts`` tokens of Paul Graham's
-essays (:func:`vllm_caote.tasks.passkey_case`); accuracy = the exact passkey appears in the
-greedy answer (12 tokens), with Wilson 95% intervals.
+``passkey``: a 5-digit passkey hidden at ``--depths`` of ``--contexts`` tokens; accuracy = the
+exact passkey appears in the greedy answer (12 tokens), with Wilson 95% intervals. With
+``--suite retrieval`` (default) every prompt is one of three needle phrasings, each stating the
+key once (at a sentence end, mid-sentence, leading), in one of two haystacks (Paul Graham's
+essays, the KJV), and the report breaks accuracy down by both
+(:func:`vllm_caote.tasks.retrieval_case`); ``--suite classic`` is the 0.2 release's single
+template in the essays, which states the key twice (:func:`vllm_caote.tasks.passkey_case`).
 
 ``multikey``: RULER's multi-key needle: four labelled 5-digit numbers spread over the context,
 the question names one (:func:`vllm_caote.tasks.multikey_case`); accuracy as for passkey.
@@ -65,7 +69,7 @@ TASKS = ("passkey", "multikey", "ppl", "longbench")
 
 DEFAULTS = dict(
     contexts="1024,1536",
-    depths="0.1,0.3,0.5,0.7,0.9",
+    depths="0.2,0.5,0.8",
     samples=1,
     budgets="0.125,0.25,0.5",
     ppl_passages=2,
@@ -153,6 +157,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=None,
         help="prefill mode of budgeted prompts (CAOTE_PREFILL, default adaptive): the whole "
         "prompt while the pool has room, block-wise under memory pressure",
+    )
+    p.add_argument(
+        "--suite",
+        choices=("retrieval", "classic"),
+        default="retrieval",
+        help="passkey/multikey prompts: 'retrieval' (three needle phrasings, each stating the "
+        "key once, in the essays and the KJV; reported per phrasing and haystack) or "
+        "'classic' (the 0.2 release's one template, which states the key twice)",
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="bench/results")
@@ -293,6 +305,7 @@ def main(argv=None) -> int:
             policies=policies,
             tasks=tasks,
             seed=args.seed,
+            suite=args.suite,
             quick=args.quick,
             command="python -m vllm_caote.eval " + " ".join(argv or sys.argv[1:]),
         ),

@@ -42,6 +42,13 @@ def summarize(rows: list[dict]) -> dict:
                 ci95=[lo, hi],
                 accuracy_by_context={c: sum(v) / len(v) for c, v in by_ctx.items()},
             )
+            for key in ("phrasing", "haystack"):  # the retrieval suite's breakdowns
+                groups_k: dict = {}
+                for r in rs:
+                    if key in r:
+                        groups_k.setdefault(r[key], []).append(r["correct"])
+                if groups_k:
+                    cell[f"correct_by_{key}"] = {g: [sum(v), len(v)] for g, v in groups_k.items()}
         elif task == "longbench":
             f1 = [r["f1"] for r in rs]
             mean = statistics.fmean(f1)
@@ -180,6 +187,7 @@ def render_md(result: dict) -> str:
             if pol in tab:
                 lines.append(f"| {pol} | " + " | ".join(fmt(tab[pol].get(c)) for c in cols) + " |")
         lines.append("")
+        lines += _breakdown(tab, task, cfg["policies"], labels)
     t = result.get("targets") or {}
     if t:
         lines += ["## Targets", ""]
@@ -212,6 +220,30 @@ def render_md(result: dict) -> str:
     if result.get("notes"):
         lines += ["## Notes", ""] + [f"- {n}" for n in result["notes"]] + [""]
     return "\n".join(lines)
+
+
+def _breakdown(tab: dict, task: str, policies: list[str], labels: list[str]) -> list[str]:
+    """Per needle phrasing and haystack (retrieval suite): a policy tuned to one template
+    shows as one strong column."""
+    keys = sorted({g for cells in tab.values() for c in cells.values()
+                   for g in c.get("correct_by_phrasing", {})})  # fmt: skip
+    hays = sorted({g for cells in tab.values() for c in cells.values()
+                   for g in c.get("correct_by_haystack", {})})  # fmt: skip
+    if not keys:
+        return []
+    out = [f"{task} by needle phrasing and haystack (correct / prompts):", "",
+           "| policy | budget | " + " | ".join(keys + hays) + " |",
+           "|---" * (2 + len(keys) + len(hays)) + "|"]  # fmt: skip
+    for pol in [FULL, *policies]:
+        for label in labels:
+            c = tab.get(pol, {}).get(label)
+            if not c:
+                continue
+            ph, hy = c.get("correct_by_phrasing", {}), c.get("correct_by_haystack", {})
+            vals = [ph.get(k, [0, 0]) for k in keys] + [hy.get(h, [0, 0]) for h in hays]
+            name = "full cache" if pol == FULL else pol
+            out.append(f"| {name} | {label} | " + " | ".join(f"{a}/{b}" for a, b in vals) + " |")
+    return out + [""]
 
 
 _FAMILY_COLOR = {

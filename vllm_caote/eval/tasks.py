@@ -108,9 +108,38 @@ class _Batch:
         return rows
 
 
+def _retrieval(llm, args, grid, policies, task: str) -> list[dict]:
+    """The retrieval suite (``--suite retrieval``): every needle phrasing x haystack x depth
+    x sample, each stating the key once (:func:`vllm_caote.tasks.retrieval_case`)."""
+    from vllm_caote.tasks import HAYSTACKS, PASSKEY_NEEDLES, retrieval_case
+
+    tok = llm.get_tokenizer()
+    batch = _Batch(task)
+    for ctx in _ints(args.contexts):
+        for phrasing in PASSKEY_NEEDLES:
+            for haystack in HAYSTACKS:
+                for depth in _floats(args.depths):
+                    for s in range(args.samples):
+                        case = retrieval_case(tok, task, ctx, depth, phrasing, haystack,
+                                              seed=args.seed * 1000 + s)  # fmt: skip
+                        meta = dict(context=ctx, depth=case.depth, sample=s,
+                                    passkey=case.answer, phrasing=phrasing, haystack=haystack)  # fmt: skip
+                        for cell in _cells(policies, grid[ctx]):
+                            # multi-key answers restate the question first: 24 tokens
+                            batch.add(case.prompt, cell, 24 if task == "multikey" else 12, meta)
+
+    def finish(m, o):
+        text = o.outputs[0].text
+        return dict(answer=text, correct=m["passkey"] in text)
+
+    return batch.run(llm, finish)
+
+
 def run_passkey(llm, args, grid, policies) -> list[dict]:
     from vllm_caote.tasks import passkey_case
 
+    if getattr(args, "suite", "classic") == "retrieval":
+        return _retrieval(llm, args, grid, policies, "passkey")
     tok = llm.get_tokenizer()
     batch = _Batch("passkey")
     for ctx in _ints(args.contexts):
@@ -132,6 +161,8 @@ def run_multikey(llm, args, grid, policies) -> list[dict]:
     """RULER-style multi-key retrieval: 4 labelled numbers, the question asks for one."""
     from vllm_caote.tasks import multikey_case
 
+    if getattr(args, "suite", "classic") == "retrieval":
+        return _retrieval(llm, args, grid, policies, "multikey")
     tok = llm.get_tokenizer()
     batch = _Batch("multikey")
     n_cases = max(1, len(_floats(args.depths))) * args.samples
