@@ -604,3 +604,22 @@ def test_policies_on_cuda_match_cpu(name):
     assert torch.equal(select_keep(gpu, 20, 8, 2).cpu(), select_keep(cpu, 20, 8, 2))
     gpu32 = p.score(k.cuda().bfloat16(), v.cuda().bfloat16(), queries=q.cuda().bfloat16())
     assert gpu32.dtype == torch.float32 and gpu32.device.type == "cuda"
+
+
+def test_select_keep_span_keeps_the_neighbours_of_a_peak():
+    """span r: a high-scoring token is kept with the r tokens either side of it (a number is
+    several tokens); span 0 keeps the single best tokens."""
+    scores = torch.zeros(2, 40)
+    scores[:, 20] = 5.0  # one peak
+    scores[:, 30] = 1.0  # a lesser, isolated token
+    scores[1, 5] = float("nan")  # NaN stays the lowest score
+    plain = select_keep(scores, keep=4 + 4 + 2, protect_recent=4, sinks=4)
+    assert {20, 30} <= set(plain[0].tolist())
+    spans = select_keep(scores, keep=4 + 4 + 5, protect_recent=4, sinks=4, span=2)
+    for row in spans.tolist():
+        assert set(range(18, 23)) <= set(row), row  # the peak's whole span
+        assert 5 not in row
+        assert row == sorted(set(row)) and len(row) == 13
+    # the registry: SnapKV-based policies select spans, TOVA-based ones (measured worse) not
+    assert get_policy("caote-snapkv").span == 3 and get_policy("snapkv").span == 3
+    assert get_policy("caote-tova").span == 0 and get_policy("h2o").span == 0

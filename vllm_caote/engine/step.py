@@ -398,7 +398,11 @@ def _compact(ev, work: RowWork, name, impl, layer, policy, layout, kv_cache, cac
     # the protected head (shared prefix-cache blocks) is kept like sinks, and never written
     head = work.plan.protected
     keep_idx = select_keep(
-        scores, work.plan.evict_to, protect_recent=cfg.window, sinks=max(cfg.sinks, head)
+        scores,
+        work.plan.evict_to,
+        protect_recent=cfg.window,
+        sinks=max(cfg.sinks, head),
+        span=policy.span,
     )
     d = raw_keys.shape[-1]
     gather_idx = keep_idx[:, head:].unsqueeze(-1).expand(-1, -1, d)

@@ -99,6 +99,8 @@ class Policy:
     nonnegative: ClassVar[bool] = False
     #: the scores combine every head of the layer (knob ``reduce_heads`` sums across ranks)
     cross_head: ClassVar[bool] = False
+    #: tokens kept around each selected one (``select_keep(span=...)``): whole spans
+    span: ClassVar[int] = 0
 
     def __post_init__(self) -> None:
         if self.meta not in _METAS:
@@ -271,7 +273,10 @@ class TOVAPolicy(Policy):
 
 @dataclass(frozen=True)
 class SnapKVPolicy(Policy):
-    """SnapKV: window-voted attention, pooled over tokens, averaged over the group."""
+    """SnapKV: window-voted attention, pooled over tokens, averaged over the group; kept in
+    spans of 3 tokens either side (see ``select_keep``)."""
+
+    span: ClassVar[int] = 3
 
     needs_attention: ClassVar[bool] = True
     needs_queries: ClassVar[bool] = True
