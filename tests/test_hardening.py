@@ -277,15 +277,15 @@ def test_h2o_counts_every_query_exactly_once():
 
 @pytest.fixture(scope="module")
 def fp8_server(tmp_path_factory):
-    from conftest import CaoteServer, _free_port, _stop, _wait_healthy
+    from conftest import CaoteServer, _free_port, _stop, _wait_healthy, missing
 
     from vllm_caote.models import engine_dtype, model_dir
 
     model = model_dir()
     if not (model / "config.json").exists():
-        pytest.skip("embedded model missing")
+        missing("the embedded model", "make setup-serve")
     if not torch.cpu._is_avx512_supported():
-        pytest.skip("vLLM-CPU's fp8 KV cache needs AVX-512 or AMX")
+        missing("an AVX-512 or AMX CPU (vLLM-CPU's fp8 KV cache)", "CI's CPU has AVX-512")
     port = _free_port()
     log_path = tmp_path_factory.mktemp("fp8") / "server.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith("CAOTE_")}

@@ -133,13 +133,14 @@ def test_integration_doc_is_the_register():
 
 
 def _args(**kw):
+    from conftest import missing
     from vllm.engine.arg_utils import EngineArgs
 
     from vllm_caote.models import model_dir
 
     model = model_dir()
     if not (model / "config.json").exists():
-        pytest.skip("embedded model missing; run `python -m vllm_caote.models fetch`")
+        missing("the embedded model", "python -m vllm_caote.models fetch")
     base = dict(model=str(model), max_model_len=2048, enforce_eager=True, dtype="float32")
     base.update(kw)
     return EngineArgs(**base)

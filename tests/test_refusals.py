@@ -23,13 +23,14 @@ pytestmark = pytest.mark.engine
 
 def _tiny_model(tmp_path, config, name: str | None = None) -> str:
     import torch
+    from conftest import missing
     from transformers import AutoModelForCausalLM
 
     from vllm_caote.models import model_dir
 
     src = model_dir()
     if not (src / "config.json").exists():
-        pytest.skip("embedded model missing; run `python -m vllm_caote.models fetch`")
+        missing("the embedded model", "python -m vllm_caote.models fetch")
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config)
     out = tmp_path / (name or type(config).__name__)
