@@ -25,6 +25,7 @@ that names what to install.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -135,6 +136,51 @@ def _stop(proc: subprocess.Popen) -> None:
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=10)
+
+
+def stock_greedy(cases: list[dict], tmp_path: Path) -> list[list[int]]:
+    """Greedy token ids of stock vLLM (plugin disabled, its own process) for
+    ``[{"prompt_token_ids": [...], "max_tokens": n}, ...]`` (``tests/stock_generate.py``)."""
+    inp, out = tmp_path / "stock_in.json", tmp_path / "stock_out.json"
+    inp.write_text(json.dumps(cases))
+    env = dict(os.environ, CAOTE_DISABLE="1", VLLM_ENABLE_V1_MULTIPROCESSING="1")
+    proc = subprocess.run(
+        [sys.executable, str(Path(__file__).with_name("stock_generate.py")), str(inp), str(out)],
+        env=env, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
+@contextlib.contextmanager
+def own_server(log_dir: Path, *flags: str, kv_space_gib: str | None = None):
+    """A real OpenAI server of the test's own (the embedded model, eager, fp32 on CPU, the
+    plugin from its entry point) with extra vLLM ``flags``; stopped on exit."""
+    from vllm_caote.models import engine_dtype, model_dir
+
+    model = model_dir()
+    if not (model / "config.json").exists():
+        missing("the embedded model", "make setup-serve")
+    port = _free_port()
+    log_path = log_dir / "server.log"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CAOTE_")}
+    if kv_space_gib is not None:
+        env.setdefault("VLLM_CPU_KVCACHE_SPACE", kv_space_gib)
+    cmd = [
+        sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
+        "--served-model-name", SERVED_MODEL, "--dtype", engine_dtype(), "--enforce-eager",
+        "--host", "127.0.0.1", "--port", str(port), *flags,
+    ]  # fmt: skip
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
+    server = CaoteServer(base_url=f"http://127.0.0.1:{port}", log_path=log_path, process=proc)
+    try:
+        _wait_healthy(server, STARTUP_TIMEOUT_S)
+        yield server
+    finally:
+        _stop(proc)
 
 
 @pytest.fixture(scope="session")

@@ -6,12 +6,8 @@ manager and block pool directly.
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
@@ -97,26 +93,17 @@ def test_plugin_is_loaded_through_its_entry_point(llm):
 def test_noop_when_budget_covers_sequence_matches_stock_vllm(llm, tmp_path):
     """Invariant 2 (and 5): budget >= prompt + max_tokens, or no budget, gives stock tokens,
     also when batched with a request that does evict."""
-    tok = _tok(llm)
+    from conftest import stock_greedy
+
     from vllm_caote.tasks import filler_prompt_ids
 
+    tok = _tok(llm)
     cases = [
         {"prompt_token_ids": filler_prompt_ids(tok, 300, 0), "max_tokens": 24},
         {"prompt_token_ids": filler_prompt_ids(tok, 420, 5000), "max_tokens": 24},
         {"prompt_token_ids": filler_prompt_ids(tok, 250, 9000), "max_tokens": 24},
     ]
-    inp, out = tmp_path / "in.json", tmp_path / "out.json"
-    inp.write_text(json.dumps(cases))
-    env = dict(os.environ, CAOTE_DISABLE="1", VLLM_ENABLE_V1_MULTIPROCESSING="1")
-    proc = subprocess.run(
-        [sys.executable, str(Path(__file__).with_name("stock_generate.py")), str(inp), str(out)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    stock = json.loads(out.read_text())
+    stock = stock_greedy(cases, tmp_path)
 
     prompts = [{"prompt_token_ids": c["prompt_token_ids"]} for c in cases]
     long_prompt = {"prompt_token_ids": filler_prompt_ids(tok, 1200, 20000)}

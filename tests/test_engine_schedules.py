@@ -11,12 +11,6 @@ tokens for a step, so vLLM takes exactly that path (its own ``num_new_tokens == 
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
 pytestmark = pytest.mark.engine
@@ -50,22 +44,6 @@ def _params(max_tokens, budget=None, policy="caote-snapkv"):
     return sampling(max_tokens, budget=budget, policy=policy, ignore_eos=True)
 
 
-def _stock(cases: list[dict], tmp_path: Path) -> list[list[int]]:
-    """Greedy tokens of stock vLLM (plugin disabled, its own process)."""
-    inp, out = tmp_path / "in.json", tmp_path / "out.json"
-    inp.write_text(json.dumps(cases))
-    env = dict(os.environ, CAOTE_DISABLE="1", VLLM_ENABLE_V1_MULTIPROCESSING="1")
-    proc = subprocess.run(
-        [sys.executable, str(Path(__file__).with_name("stock_generate.py")), str(inp), str(out)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(out.read_text())
-
-
 def worker_blocks_mismatch(llm) -> list[str]:
     """Every budgeted request: the runner's record of its blocks (``CachedRequestState``, and
     the persistent batch's row when it is in the batch) equals the KV cache manager's list."""
@@ -93,6 +71,8 @@ def test_compacted_request_left_out_of_a_step_keeps_its_own_blocks(llm, tmp_path
     out of one step; unbudgeted requests that arrive afterwards take those freed blocks. When
     it comes back, the runner's row must hold the KV manager's blocks, not the freed ones, and
     the unbudgeted answers must equal stock vLLM's."""
+    from conftest import stock_greedy
+
     from vllm_caote.tasks import filler_prompt_ids
 
     tok = llm.get_tokenizer()
@@ -102,7 +82,7 @@ def test_compacted_request_left_out_of_a_step_keeps_its_own_blocks(llm, tmp_path
     evicting = filler_prompt_ids(tok, 1100, 0)
     probes = [filler_prompt_ids(tok, 900, 30000), filler_prompt_ids(tok, 1000, 60000)]
     max_tokens = 2 * bs  # the evicting request decodes past a block boundary after it returns
-    stock = _stock([{"prompt_token_ids": p, "max_tokens": 24} for p in probes], tmp_path)
+    stock = stock_greedy([{"prompt_token_ids": p, "max_tokens": 24} for p in probes], tmp_path)
 
     engine = llm.llm_engine
     engine.add_request("evicting", {"prompt_token_ids": evicting}, _params(max_tokens, 256))

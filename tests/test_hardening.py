@@ -10,8 +10,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -277,35 +275,13 @@ def test_h2o_counts_every_query_exactly_once():
 
 @pytest.fixture(scope="module")
 def fp8_server(tmp_path_factory):
-    from conftest import CaoteServer, _free_port, _stop, _wait_healthy, missing
+    from conftest import missing, own_server
 
-    from vllm_caote.models import engine_dtype, model_dir
-
-    model = model_dir()
-    if not (model / "config.json").exists():
-        missing("the embedded model", "make setup-serve")
     if not torch.cpu._is_avx512_supported():
         missing("an AVX-512 or AMX CPU (vLLM-CPU's fp8 KV cache)", "CI's CPU has AVX-512")
-    port = _free_port()
-    log_path = tmp_path_factory.mktemp("fp8") / "server.log"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CAOTE_")}
-    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    cmd = [
-        sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
-        "--served-model-name", "smollm2", "--dtype", engine_dtype(), "--enforce-eager",
-        "--max-model-len", "4096", "--kv-cache-dtype", "fp8", "--host", "127.0.0.1",
-        "--port", str(port),
-    ]  # fmt: skip
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
-        )
-    server = CaoteServer(base_url=f"http://127.0.0.1:{port}", log_path=log_path, process=proc)
-    try:
-        _wait_healthy(server, 300.0)
+    with own_server(tmp_path_factory.mktemp("fp8"), "--max-model-len", "4096",
+                    "--kv-cache-dtype", "fp8", kv_space_gib="1") as server:  # fmt: skip
         yield server
-    finally:
-        _stop(proc)
 
 
 @pytest.mark.server

@@ -15,12 +15,7 @@ through a seam; this test keeps the end-to-end check and prints the count it saw
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
 
@@ -35,32 +30,16 @@ FLAGS = [
 
 @pytest.fixture(scope="module")
 def tight_server(tmp_path_factory):
-    from conftest import CaoteServer, _free_port, _stop, _wait_healthy
+    from conftest import own_server
 
-    from vllm_caote.models import engine_dtype, model_dir
-
-    port = _free_port()
-    log_path = tmp_path_factory.mktemp("tight") / "server.log"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CAOTE_")}
-    cmd = [
-        sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir()),
-        "--served-model-name", "smollm2", "--dtype", engine_dtype(), "--enforce-eager",
-        "--gpu-memory-utilization", "0.3", "--host", "127.0.0.1", "--port", str(port), *FLAGS,
-    ]  # fmt: skip
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
-        )
-    server = CaoteServer(base_url=f"http://127.0.0.1:{port}", log_path=log_path, process=proc)
-    try:
-        _wait_healthy(server, 300.0)
+    with own_server(tmp_path_factory.mktemp("tight"), "--gpu-memory-utilization", "0.3",
+                    *FLAGS) as server:  # fmt: skip
         yield server
-    finally:
-        _stop(proc)
 
 
 def test_probes_unchanged_beside_chunked_evictions_on_a_tight_schedule(tight_server, tmp_path):
     import requests
+    from conftest import stock_greedy
     from transformers import AutoTokenizer
 
     from vllm_caote.models import model_dir
@@ -70,16 +49,7 @@ def test_probes_unchanged_beside_chunked_evictions_on_a_tight_schedule(tight_ser
     budgeted = [filler_prompt_ids(tok, 1400, 20000 * i) for i in range(4)]
     probes = [filler_prompt_ids(tok, 600, 100000 + 9000 * i) for i in range(3)]
 
-    cases = [{"prompt_token_ids": p, "max_tokens": 24} for p in probes]
-    inp, out = tmp_path / "in.json", tmp_path / "out.json"
-    inp.write_text(json.dumps(cases))
-    env = dict(os.environ, CAOTE_DISABLE="1", VLLM_ENABLE_V1_MULTIPROCESSING="1")
-    proc = subprocess.run(
-        [sys.executable, str(Path(__file__).with_name("stock_generate.py")), str(inp), str(out)],
-        env=env, capture_output=True, text=True, timeout=900,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    stock = json.loads(out.read_text())
+    stock = stock_greedy([{"prompt_token_ids": p, "max_tokens": 24} for p in probes], tmp_path)
 
     def ask(prompt, max_tokens, **extra):
         body = {"model": "smollm2", "prompt": prompt, "max_tokens": max_tokens,
