@@ -71,22 +71,27 @@ def plot(r: dict, out_dir: Path, stem: str) -> list[str]:
     stock = cells[0]
     fractions = sorted({c["budget"] for c in cells[1:]}, reverse=True)
     markers = dict(zip(fractions, "os^vD", strict=False))
+    names = list(dict.fromkeys(c["policy"] for c in cells[1:]))
     for c in cells[1:]:
         caote = c["policy"].startswith(("caote", "fast-caote"))
-        ax.scatter(c["peak_running"], 100 * c["accuracy"], marker=markers.get(c["budget"], "o"),
-                   color="tab:red" if caote else "tab:blue", s=50, alpha=0.8)  # fmt: skip
-        ax.annotate(f"{c['policy']}@{c['budget']}", (c["peak_running"], 100 * c["accuracy"]),
-                    fontsize=7, xytext=(4, 2), textcoords="offset points")  # fmt: skip
+        # policies side by side at their shared concurrency, so equal points stay readable
+        x = c["peak_running"] + 0.18 * (names.index(c["policy"]) - (len(names) - 1) / 2)
+        ax.scatter(x, 100 * c["accuracy"], marker=markers.get(c["budget"], "o"),
+                   color="tab:red" if caote else "tab:blue", s=45, alpha=0.85)  # fmt: skip
+        ax.annotate(c["policy"], (x, 100 * c["accuracy"]), fontsize=6, rotation=60,
+                    xytext=(0, 5), textcoords="offset points", ha="left")  # fmt: skip
+    for budget, m in markers.items():
+        ax.scatter([], [], marker=m, color="gray", label=f"budget {budget} tokens")
     ax.scatter(stock["peak_running"], 100 * stock["accuracy"], marker="*", s=220, color="black",
                label="full cache (stock vLLM)", zorder=5)  # fmt: skip
     ax.scatter([], [], color="tab:red", label="CAOTE policies")
     ax.scatter([], [], color="tab:blue", label="base policies")
     ax.set_xlabel("peak requests running at once (vllm:num_requests_running)")
     ax.set_ylabel(f"retrieval accuracy, % of {stock['n']} prompts")
-    ax.set_ylim(-5, 105)
+    ax.set_ylim(-5, 115)
     ax.set_title(f"{r['requests']} prompts of ~{r['prompt_tokens_mean']:.0f} tokens at once")
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower right", fontsize=8)
+    ax.legend(loc="lower left", fontsize=8)
     path = Path(out_dir) / f"{stem}.png"
     fig.tight_layout()
     fig.savefig(path, dpi=120)
