@@ -153,9 +153,12 @@ def stock_greedy(cases: list[dict], tmp_path: Path) -> list[list[int]]:
 
 
 @contextlib.contextmanager
-def own_server(log_dir: Path, *flags: str, kv_space_gib: str | None = None):
+def own_server(
+    log_dir: Path, *flags: str, kv_space_gib: str | None = None, env: dict | None = None
+):
     """A real OpenAI server of the test's own (the embedded model, eager, fp32 on CPU, the
-    plugin from its entry point) with extra vLLM ``flags``; stopped on exit."""
+    plugin from its entry point) with extra vLLM ``flags``, no ``CAOTE_*`` variable but those
+    in ``env``; stopped on exit."""
     from vllm_caote.models import engine_dtype, model_dir
 
     model = model_dir()
@@ -163,9 +166,11 @@ def own_server(log_dir: Path, *flags: str, kv_space_gib: str | None = None):
         missing("the embedded model", "make setup-serve")
     port = _free_port()
     log_path = log_dir / "server.log"
+    extra = env or {}
     env = {k: v for k, v in os.environ.items() if not k.startswith("CAOTE_")}
     if kv_space_gib is not None:
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", kv_space_gib)
+    env.update(extra)
     cmd = [
         sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
         "--served-model-name", SERVED_MODEL, "--dtype", engine_dtype(), "--enforce-eager",
@@ -194,7 +199,7 @@ def caote_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CaoteServ
         yield server
         return
 
-    from vllm_caote.models import engine_dtype, model_dir
+    from vllm_caote.models import model_dir
 
     model = model_dir()
     if not (model / "config.json").exists():
@@ -202,41 +207,11 @@ def caote_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CaoteServ
             f"embedded model at {model}", "make setup-serve, or python -m vllm_caote.models fetch"
         )
 
-    port = _free_port()
-    log_path = tmp_path_factory.mktemp("vllm_server") / "server.log"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CAOTE_")}
-    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
-    env["CAOTE_WINDOW"] = "32"  # the default, through the environment fallback
-    cmd = [
-        sys.executable,
-        "-m",
-        "vllm.entrypoints.openai.api_server",
-        "--model",
-        str(model),
-        "--served-model-name",
-        SERVED_MODEL,
-        "--dtype",
-        engine_dtype(),
-        "--enforce-eager",
-        "--gpu-memory-utilization",
-        "0.3",
-        "--additional-config",
-        json.dumps(SERVER_CONFIG),
-        "--max-model-len",
-        str(MAX_MODEL_LEN),
-        "--enable-log-requests",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-    ]
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
-        )
-    server = CaoteServer(base_url=f"http://127.0.0.1:{port}", log_path=log_path, process=proc)
-    try:
-        _wait_healthy(server, STARTUP_TIMEOUT_S)
+    flags = [
+        "--gpu-memory-utilization", "0.3", "--additional-config", json.dumps(SERVER_CONFIG),
+        "--max-model-len", str(MAX_MODEL_LEN), "--enable-log-requests",
+    ]  # fmt: skip
+    # CAOTE_WINDOW: the default, through the environment fallback
+    with own_server(tmp_path_factory.mktemp("vllm_server"), *flags, kv_space_gib="2",
+                    env={"CAOTE_WINDOW": "32"}) as server:  # fmt: skip
         yield server
-    finally:
-        _stop(proc)

@@ -8,6 +8,7 @@ Blocks are read from vLLM's own KV cache manager after every step.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, field
 
 import pytest
@@ -273,7 +274,7 @@ def test_adaptive_wait_for_headroom_is_bounded(llm, wait_s):
                 stalled["on"] = False
             preempted = max([preempted] + [r.num_preemptions for r in sched.requests.values()])
     finally:
-        sched.caote.settings, sched.caote.clock, sched.caote.hold_back = old, time_monotonic(), None
+        sched.caote.settings, sched.caote.clock, sched.caote.hold_back = old, time.monotonic, None
     assert not engine.has_unfinished_requests(), "deadlock: requests never finished"
     stats = outputs[f"{tag}-waiter"].kv_transfer_params["kv_eviction"]
     assert stats["eviction_events"] > 1, stats  # block-wise after the wait
@@ -285,9 +286,3 @@ def test_adaptive_wait_for_headroom_is_bounded(llm, wait_s):
     # the releaser, short of room once the waiter took its chunk, went block-wise itself
     assert "error" not in outputs[f"{tag}-releaser"].kv_transfer_params["kv_eviction"]
     assert preempted == 0
-
-
-def time_monotonic():
-    import time
-
-    return time.monotonic
