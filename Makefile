@@ -74,13 +74,13 @@ bench: setup
 
 # Quality at capacity: retrieval prompts sent at once into a 40-block pool, stock vs policies.
 bench-quality: setup
-	$(PY) -m loadtest.quality --start-server $(ARGS)
+	$(PY) -m vllm_caote.bench.loadtest.quality --start-server $(ARGS)
 
 eval: setup
-	$(PY) -m vllm_caote.eval $(ARGS)
+	$(PY) -m vllm_caote.bench.eval $(ARGS)
 
 loadtest: setup
-	$(PY) -m loadtest $(ARGS)
+	$(PY) -m vllm_caote.bench.loadtest $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis

@@ -18,7 +18,7 @@ BUDGET = 164  # the minimum on vLLM-CPU: 4 sinks + 32 window + one 128-token blo
 
 @pytest.fixture(scope="module")
 def llm():
-    from vllm_caote.eval.common import close_llm, make_llm  # engine core in this process
+    from vllm_caote.bench.eval.common import close_llm, make_llm  # engine core in this process
 
     # Strict block-wise prefill, so every step of a prompt holds the block bound (the adaptive
     # default and its fallback are tested in test_prefill.py).
@@ -95,7 +95,7 @@ def test_noop_when_budget_covers_sequence_matches_stock_vllm(llm, tmp_path):
     also when batched with a request that does evict."""
     from conftest import stock_greedy
 
-    from vllm_caote.tasks import filler_prompt_ids
+    from vllm_caote.bench.tasks import filler_prompt_ids
 
     tok = _tok(llm)
     cases = [
@@ -131,7 +131,7 @@ def test_noop_when_budget_covers_sequence_matches_stock_vllm(llm, tmp_path):
 def test_blocks_held_stay_within_budget(llm, budget, prompt_len):
     """Invariant 1: ceil(B/bs)+1 blocks while decoding, + one prefill chunk while prefilling,
     read from vLLM's KV cache manager after every step, for prompts 4-16x the budget."""
-    from vllm_caote.tasks import filler_prompt_ids
+    from vllm_caote.bench.tasks import filler_prompt_ids
 
     sched = _scheduler(llm)
     bs = sched.cache_config.block_size
@@ -164,7 +164,7 @@ def test_blocks_held_stay_within_budget(llm, budget, prompt_len):
 
 def test_blocks_return_to_pool_after_finish_and_abort(llm):
     """Invariant 4: the pool's free-block count is back at its start afterwards."""
-    from vllm_caote.tasks import filler_prompt_ids
+    from vllm_caote.bench.tasks import filler_prompt_ids
 
     pool = _scheduler(llm).kv_cache_manager.block_pool
     tok = _tok(llm)
@@ -182,8 +182,8 @@ def test_blocks_return_to_pool_after_finish_and_abort(llm):
 
 def test_every_policy_runs_end_to_end_in_one_batch(llm):
     """All policies at a small budget, each request with its own policy, in one batch."""
+    from vllm_caote.bench.tasks import filler_prompt_ids
     from vllm_caote.scoring import policy_names
-    from vllm_caote.tasks import filler_prompt_ids
 
     tok = _tok(llm)
     names = policy_names()
@@ -239,7 +239,7 @@ def test_passkey_survives_eviction(llm):
     in its cache, now at other slots but with their true RoPE positions, and must be found;
     the one at depth 0.2 (~1065 tokens before the end) is evicted whole and must be missed
     (finding it would mean the cache held more than its budget)."""
-    from vllm_caote.tasks import passkey_case
+    from vllm_caote.bench.tasks import passkey_case
 
     tok = _tok(llm)
     sched = _scheduler(llm)

@@ -10,8 +10,8 @@ import math
 import pytest
 from conftest import missing
 
-from vllm_caote.eval import FULL, budget_grid, render_md, summarize, targets
-from vllm_caote.eval.common import wilson
+from vllm_caote.bench.eval import FULL, budget_grid, render_md, summarize, targets
+from vllm_caote.bench.eval.common import wilson
 
 
 def test_wilson_interval_known_values():
@@ -70,11 +70,11 @@ def _ppl(policy, label, nll):
 
 
 def _result(s: dict, policies: list[str]) -> dict:
-    """An eval result around summary ``s``, as ``vllm_caote.eval.main`` builds it."""
+    """An eval result around summary ``s``, as ``vllm_caote.bench.eval.main`` builds it."""
     return dict(
         config=dict(
             model="/m/SmolLM2",
-            command="python -m vllm_caote.eval --quick",
+            command="python -m vllm_caote.bench.eval --quick",
             contexts=[1024],
             depths=[0.5],
             samples=4,
@@ -98,8 +98,8 @@ def test_results_json_is_written_when_matplotlib_is_missing(tmp_path, monkeypatc
     """On a box installed without the `bench` extra the numbers survive the plotting step."""
     import sys
 
-    from vllm_caote.eval.common import write_results
-    from vllm_caote.eval.report import plot
+    from vllm_caote.bench.eval.common import write_results
+    from vllm_caote.bench.eval.report import plot
 
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` raises
     rows = _pk(FULL, FULL, 4) + _pk("caote-snapkv", "0.25", 4) + _pk("snapkv", "0.25", 3)
@@ -146,7 +146,7 @@ def test_summary_targets_and_report():
 
 
 def test_loadtest_helpers():
-    from loadtest import _parse_budgets, check_loopback, pct
+    from vllm_caote.bench.loadtest import _parse_budgets, check_loopback, pct
 
     assert _parse_budgets("none,512,0") == [None, 512, None]
     assert pct([1, 2, 3, 4], 50) == 2.5 and pct([], 50) is None
@@ -158,7 +158,7 @@ def test_loadtest_helpers():
 
 
 def test_bench_decode_variants_bracket_the_sequence():
-    from vllm_caote.bench import decode_variants
+    from vllm_caote.bench.engine import decode_variants
 
     class A:
         decode_prompt, decode_tokens = 300, 136
@@ -170,7 +170,7 @@ def test_bench_decode_variants_bracket_the_sequence():
 
 
 def test_longbench_scoring_and_loading(tmp_path):
-    from vllm_caote.eval import longbench
+    from vllm_caote.bench.eval import longbench
 
     assert longbench.normalize_answer("The  Quick, brown fox!") == "quick brown fox"
     assert longbench.token_f1("the brown fox", "quick brown fox") == pytest.approx(0.8)
@@ -235,7 +235,7 @@ def test_multikey_case_hides_every_key_and_asks_for_one():
         missing("embedded model", "make setup-serve, or python -m vllm_caote.models fetch")
     from transformers import AutoTokenizer
 
-    from vllm_caote.tasks import MULTIKEY_NEEDLE, multikey_case
+    from vllm_caote.bench.tasks import MULTIKEY_NEEDLE, multikey_case
 
     tok = AutoTokenizer.from_pretrained(model_dir())
     case = multikey_case(tok, 1024, n_keys=4, seed=3)
@@ -245,3 +245,21 @@ def test_multikey_case_hides_every_key_and_asks_for_one():
     assert MULTIKEY_NEEDLE.format(name=asked, key=case.passkey) in case.prompt
     assert 1024 <= len(tok.encode(case.prompt)) <= 1024 + 150
     assert multikey_case(tok, 1024, seed=3) == case  # deterministic
+
+
+def test_the_plugin_loads_without_the_harness():
+    """What vLLM loads (the plugin entry points, the engine, API and metrics modules) must not
+    import the benchmark/eval harness: it is a separate subpackage with its own extra."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, vllm_caote.plugin as p; p.register();"
+        "import vllm_caote.engine.model_runner, vllm_caote.engine.scheduler, vllm_caote.engine.worker;"
+        "import vllm_caote.api.server, vllm_caote.metrics.logger;"
+        "bad = sorted(m for m in sys.modules if m.startswith('vllm_caote.bench'));"
+        "print(bad); sys.exit(1 if bad else 0)"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr[-2000:]
+    assert r.stdout.strip().endswith("[]")

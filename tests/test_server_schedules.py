@@ -42,8 +42,8 @@ def test_probes_unchanged_beside_chunked_evictions_on_a_tight_schedule(tight_ser
     from conftest import stock_greedy
     from transformers import AutoTokenizer
 
+    from vllm_caote.bench.tasks import filler_prompt_ids
     from vllm_caote.models import model_dir
-    from vllm_caote.tasks import filler_prompt_ids
 
     tok = AutoTokenizer.from_pretrained(model_dir())
     budgeted = [filler_prompt_ids(tok, 1400, 20000 * i) for i in range(4)]

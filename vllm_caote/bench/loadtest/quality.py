@@ -1,10 +1,10 @@
 """Quality at capacity, as one joint measurement through the real OpenAI server.
 
-    python -m loadtest.quality --start-server            # make bench-quality
-    python -m loadtest.quality --url http://127.0.0.1:8000 --policies caote-snapkv
+    python -m vllm_caote.bench.loadtest.quality --start-server            # make bench-quality
+    python -m vllm_caote.bench.loadtest.quality --url http://127.0.0.1:8000 --policies caote-snapkv
 
 ``--requests`` retrieval prompts of ``--context-tokens`` tokens (the retrieval suite of
-:func:`vllm_caote.tasks.retrieval_suite`: three needle phrasings, each stating the key once,
+:func:`vllm_caote.bench.tasks.retrieval_suite`: three needle phrasings, each stating the key once,
 in the essays and the KJV haystacks) are sent *at once* into a pool that cannot hold them all
 (``--start-server`` passes ``--num-gpu-blocks-override 40``): first with no budget (stock
 vLLM), then for each policy at each fraction of the prompt. Every cell sends the same prompts;
@@ -26,7 +26,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from loadtest.server import check_loopback, start_server, stop_server
+from vllm_caote.bench.loadtest.server import check_loopback, start_server, stop_server
 
 POLICIES = "caote-snapkv,snapkv,caote-tova,tova,caote-h2o,h2o,keydiff"
 PREEMPT = re.compile(r"^vllm:num_preemptions_total\{[^}]*\}\s+([0-9.eE+-]+)", re.M)
@@ -35,7 +35,7 @@ WAITING = re.compile(r"^vllm:num_requests_waiting\{[^}]*\}\s+([0-9.eE+-]+)", re.
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m loadtest.quality", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m vllm_caote.bench.loadtest.quality", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--url", help="a loopback server you started (prefix caching off, please)")
@@ -111,8 +111,8 @@ async def _cell(url, model, cases, budget, policy, args) -> dict:
 
 
 def summarize_cell(cases, outs, wall, samples, preemptions, budget, policy) -> dict:
-    from loadtest import pct
-    from vllm_caote.eval.common import wilson
+    from vllm_caote.bench.eval.common import wilson
+    from vllm_caote.bench.loadtest import pct
 
     rows = [
         dict(task=c.task, phrasing=c.phrasing, haystack=c.haystack, depth=c.depth,
@@ -158,8 +158,8 @@ async def run(args, url) -> dict:
     from tqdm import tqdm
     from transformers import AutoTokenizer
 
-    from vllm_caote.eval.common import resolve_model
-    from vllm_caote.tasks import retrieval_suite
+    from vllm_caote.bench.eval.common import resolve_model
+    from vllm_caote.bench.tasks import retrieval_suite
 
     with urllib.request.urlopen(url + "/v1/models", timeout=10) as r:
         served = json.load(r)["data"]
@@ -197,8 +197,8 @@ async def run(args, url) -> dict:
 
 
 def main(argv=None) -> int:
-    from loadtest.quality_report import plot, render_md
-    from vllm_caote.eval.common import environment, write_results
+    from vllm_caote.bench.eval.common import environment, write_results
+    from vllm_caote.bench.loadtest.quality_report import plot, render_md
 
     args = parse_args(argv)
     out = Path(args.out)
@@ -214,7 +214,7 @@ def main(argv=None) -> int:
     finally:
         stop_server(proc)
     res.update(
-        command="python -m loadtest.quality " + " ".join(argv or sys.argv[1:]),
+        command="python -m vllm_caote.bench.loadtest.quality " + " ".join(argv or sys.argv[1:]),
         server_cmd=server_cmd,
         wall_s=time.perf_counter() - t0,
         environment=environment(),

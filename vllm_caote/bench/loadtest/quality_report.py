@@ -1,4 +1,4 @@
-"""Markdown table and plot of ``python -m loadtest.quality``."""
+"""Markdown table and plot of ``python -m vllm_caote.bench.loadtest.quality``."""
 
 from __future__ import annotations
 

@@ -31,8 +31,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from vllm_caote import bench_shared
-from vllm_caote.eval.common import (
+from vllm_caote.bench import shared_prefix
+from vllm_caote.bench.eval.common import (
     Driver,
     block_size_of,
     environment,
@@ -103,7 +103,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def capacity(llm, args, bar) -> dict:
-    from vllm_caote.tasks import filler_prompt_ids
+    from vllm_caote.bench.tasks import filler_prompt_ids
 
     tok = llm.get_tokenizer()
     res = {}
@@ -155,7 +155,7 @@ def decode_variants(args, min_budget: int, bs: int) -> dict:
 
 
 def decode(llm, args, bar, min_budget: int, bs: int) -> dict:
-    from vllm_caote.tasks import filler_prompt_ids
+    from vllm_caote.bench.tasks import filler_prompt_ids
 
     tok = llm.get_tokenizer()
     variants = decode_variants(args, min_budget, bs)
@@ -295,7 +295,7 @@ def render_md(r: dict) -> str:
         "",
     ]
     if r.get("shared_prefix"):
-        lines += bench_shared.render_md(r["shared_prefix"])
+        lines += shared_prefix.render_md(r["shared_prefix"])
     if r.get("notes"):
         lines += ["## Notes", ""] + [f"- {n}" for n in r["notes"]] + [""]
     return "\n".join(lines)
@@ -357,7 +357,7 @@ def main(argv=None) -> int:
         bar.set_postfix_str("decode")
         dec = decode(llm, args, bar, min_b, bs)
         bar.set_postfix_str("shared prefix")
-        shared = bench_shared.shared_prefix(llm, args.policy, requests=3 if args.quick else 6)
+        shared = shared_prefix.shared_prefix(llm, args.policy, requests=3 if args.quick else 6)
     cfg = {k: v for k, v in vars(args).items() if k not in ("out", "tag")}
     cfg.update(
         model=str(llm.llm_engine.model_config.model),

@@ -1,8 +1,8 @@
 """Load test of a real vLLM OpenAI server with the vllm-caote plugin (loopback only).
 
-    python -m loadtest --start-server                       # starts its own server (make serve)
-    python -m loadtest --url http://127.0.0.1:8000          # a server you started
-    python -m loadtest --start-server --quick
+    python -m vllm_caote.bench.loadtest --start-server                       # starts its own server (make serve)
+    python -m vllm_caote.bench.loadtest --url http://127.0.0.1:8000          # a server you started
+    python -m vllm_caote.bench.loadtest --start-server --quick
 
 Three parts, each bounded in request count and in time:
 
@@ -43,8 +43,8 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
-from loadtest.report import render_md
-from loadtest.server import check_loopback, start_server, stop_server
+from vllm_caote.bench.loadtest.report import render_md
+from vllm_caote.bench.loadtest.server import check_loopback, start_server, stop_server
 
 DEFAULTS = dict(
     requests=12,
@@ -74,7 +74,7 @@ WAITING = re.compile(r"^vllm:num_requests_waiting\{[^}]*\}\s+([0-9.eE+-]+)", re.
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        prog="python -m loadtest",
+        prog="python -m vllm_caote.bench.loadtest",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -184,7 +184,7 @@ async def mixed(url, model, tok, args) -> dict:
     import aiohttp
     from tqdm import tqdm
 
-    from vllm_caote.tasks import filler_prompt_ids
+    from vllm_caote.bench.tasks import filler_prompt_ids
 
     budgets = _parse_budgets(args.budgets)
     sem = asyncio.Semaphore(args.concurrency)
@@ -244,7 +244,7 @@ def _metrics(url: str) -> tuple[float, float]:
 async def capacity(url, model, tok, args) -> dict:
     import aiohttp
 
-    from vllm_caote.tasks import filler_prompt_ids
+    from vllm_caote.bench.tasks import filler_prompt_ids
 
     res = {}
     for phase, (mode, budget) in enumerate((("stock", None), ("budgeted", args.cap_budget))):
@@ -308,7 +308,7 @@ async def throughput(url, model, tok, args) -> dict:
     TTFT, errors; ratios against stock in the same pool."""
     import aiohttp
 
-    from vllm_caote.tasks import filler_prompt_ids
+    from vllm_caote.bench.tasks import filler_prompt_ids
 
     n, length = args.cap_requests, args.cap_prompt_tokens
     res: dict = {}
@@ -350,7 +350,7 @@ async def room(url, model, tok, args) -> dict:
     (4x compression) prompts of ``--prompt-tokens`` tokens, each prompt new to the server."""
     import aiohttp
 
-    from vllm_caote.tasks import filler_prompt_ids
+    from vllm_caote.bench.tasks import filler_prompt_ids
 
     length, budget = args.prompt_tokens, args.prompt_tokens // 4
     by: dict[str, list] = {"stock": [], "4x": []}
@@ -375,7 +375,7 @@ async def room(url, model, tok, args) -> dict:
 async def _run(args, url) -> dict:
     from transformers import AutoTokenizer
 
-    from vllm_caote.eval.common import resolve_model
+    from vllm_caote.bench.eval.common import resolve_model
 
     with urllib.request.urlopen(url + "/v1/models", timeout=10) as r:
         served = json.load(r)["data"]
@@ -410,7 +410,7 @@ def main(argv=None) -> int:
     finally:
         stop_server(proc)
     res.update(
-        command="python -m loadtest " + " ".join(argv or sys.argv[1:]),
+        command="python -m vllm_caote.bench.loadtest " + " ".join(argv or sys.argv[1:]),
         server_cmd=server_cmd,
         budgets=args.budgets,
         policy=args.policy,
@@ -426,7 +426,7 @@ def main(argv=None) -> int:
         else None,
         wall_s=time.perf_counter() - t0,
     )
-    from vllm_caote.eval.common import write_results
+    from vllm_caote.bench.eval.common import write_results
 
     print(write_results(out, args.tag, res, render_md))
     return 0

@@ -1,8 +1,8 @@
 """Long-context quality of KV eviction, measured through the real vLLM engine.
 
-    python -m vllm_caote.eval                      # default grid (embedded SmolLM2-135M)
-    python -m vllm_caote.eval --quick              # reduced grid, a few minutes on a CPU
-    python -m vllm_caote.eval --model meta-llama/Llama-3.1-8B-Instruct --contexts 8192,16384
+    python -m vllm_caote.bench.eval                      # default grid (embedded SmolLM2-135M)
+    python -m vllm_caote.bench.eval --quick              # reduced grid, a few minutes on a CPU
+    python -m vllm_caote.bench.eval --model meta-llama/Llama-3.1-8B-Instruct --contexts 8192,16384
 
 Tasks
 -----
@@ -11,11 +11,11 @@ exact passkey appears in the greedy answer (12 tokens), with Wilson 95% interval
 ``--suite retrieval`` (default) every prompt is one of three needle phrasings, each stating the
 key once (at a sentence end, mid-sentence, leading), in one of two haystacks (Paul Graham's
 essays, the KJV), and the report breaks accuracy down by both
-(:func:`vllm_caote.tasks.retrieval_case`); ``--suite classic`` is the 0.2 release's single
-template in the essays, which states the key twice (:func:`vllm_caote.tasks.passkey_case`).
+(:func:`vllm_caote.bench.tasks.retrieval_case`); ``--suite classic`` is the 0.2 release's single
+template in the essays, which states the key twice (:func:`vllm_caote.bench.tasks.passkey_case`).
 
 ``multikey``: RULER's multi-key needle: four labelled 5-digit numbers spread over the context,
-the question names one (:func:`vllm_caote.tasks.multikey_case`); accuracy as for passkey.
+the question names one (:func:`vllm_caote.bench.tasks.multikey_case`); accuracy as for passkey.
 ``depths x samples`` prompts per context.
 
 ``ppl``: perplexity of contiguous KJV passages of ``context`` tokens by teacher forcing through
@@ -42,7 +42,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from vllm_caote.eval.common import (
+from vllm_caote.bench.eval.common import (
     block_size_of,
     environment,
     make_llm,
@@ -50,8 +50,8 @@ from vllm_caote.eval.common import (
     scheduler_of,
     write_results,
 )
-from vllm_caote.eval.report import plot, render_md, summarize, targets
-from vllm_caote.eval.tasks import (
+from vllm_caote.bench.eval.report import plot, render_md, summarize, targets
+from vllm_caote.bench.eval.tasks import (
     CAOTE_PAIRS,
     FULL,
     _floats,
@@ -89,7 +89,7 @@ QUICK = dict(
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        prog="python -m vllm_caote.eval",
+        prog="python -m vllm_caote.bench.eval",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -307,7 +307,7 @@ def main(argv=None) -> int:
             seed=args.seed,
             suite=args.suite,
             quick=args.quick,
-            command="python -m vllm_caote.eval " + " ".join(argv or sys.argv[1:]),
+            command="python -m vllm_caote.bench.eval " + " ".join(argv or sys.argv[1:]),
         ),
         environment=environment(),
         summary=summary,

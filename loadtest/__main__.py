@@ -1,5 +1,0 @@
-import sys
-
-from loadtest import main
-
-sys.exit(main())

@@ -1,0 +1,5 @@
+import sys
+
+from vllm_caote.bench.loadtest import main
+
+sys.exit(main())
