@@ -62,6 +62,7 @@ def _rank(rank: int, init: str, out) -> None:
         )
         from vllm_caote.engine.plan import StepPlan
         from vllm_caote.engine.step import Ranks, RowWork, StepContext, WorkerEviction, _HeadSum
+        from vllm_caote.scoring import get_policy
 
         group = torch.distributed.group.WORLD
         ranks = Ranks(WORLD, group, group)
@@ -74,9 +75,10 @@ def _rank(rank: int, init: str, out) -> None:
         ev = WorkerEviction(_runner(), ranks)
         ev.num_kv_layers = 2
         plan = StepPlan(offset=0, evict_to=8, policy="caote-tova", reset=False)
+        tova = get_policy(plan.policy)
         rows = [
-            RowWork("ok", 0, 0, 1, 40, 39, torch.arange(10), plan, layers_compacted=2),
-            RowWork("bad", 1, 1, 2, 40, 39, torch.arange(10), plan, layers_compacted=2),
+            RowWork("ok", 0, 0, 1, 40, 39, torch.arange(10), plan, tova, layers_compacted=2),
+            RowWork("bad", 1, 1, 2, 40, 39, torch.arange(10), plan, tova, layers_compacted=2),
         ]
         if rank == 1:
             rows[1].error = "OutOfMemoryError in layer model.layers.1.self_attn.attn"

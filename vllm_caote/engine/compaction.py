@@ -71,8 +71,10 @@ class PagedLayout:
         nb = -(-k // bs)
         ids = block_ids[:nb]
         if self.kind == "channels":
-            # whole blocks [nb, H, bs, 2d] rewritten; the padding past K is never read
-            tok = keys.new_zeros(h, nb * bs, 2 * d, dtype=kv_cache.dtype)
+            # whole blocks [nb, H, bs, 2d] rewritten; the padding past K is never read (zeroed:
+            # a kernel that reads a whole block and masks must not meet NaN bytes)
+            tok = keys.new_empty(h, nb * bs, 2 * d, dtype=kv_cache.dtype)
+            tok[:, k:].zero_()
             tok[:, :k, :d] = keys
             tok[:, :k, d:] = values
             kv_cache.index_copy_(0, ids, tok.view(h, nb, bs, 2 * d).permute(1, 0, 2, 3))
@@ -83,7 +85,8 @@ class PagedLayout:
             (vr, self.value_perm, self.value_order, values),
         ):
             # whole blocks are rewritten without being read: the padding past K is never read
-            tok = src.new_zeros(h, nb * bs, d, dtype=region.dtype)
+            tok = src.new_empty(h, nb * bs, d, dtype=region.dtype)
+            tok[:, k:].zero_()
             tok[:, :k] = src
             tok = tok.view(h, nb, bs, d).permute(1, 0, 2, 3)  # [nb, H, bs, d]
             if order == "tokens":
@@ -94,6 +97,16 @@ class PagedLayout:
                 packed = torch.empty(nb, h, bs * d, dtype=region.dtype, device=region.device)
                 packed[:, :, perm.to(region.device)] = tok.reshape(nb, h, bs * d)
             region.index_copy_(0, ids, packed)
+
+
+def take_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``x[h, index[h, j]]`` for ``x`` ``[H, n, d]`` and ``index`` ``[H, K]``: ``[H, K, d]``.
+
+    One ``index_select`` over the flattened tokens (``torch.gather`` with an index expanded
+    over ``d`` is several times slower on CPU for the same result)."""
+    h, n, d = x.shape
+    rows = index + torch.arange(h, device=index.device).unsqueeze(1) * n
+    return x.reshape(h * n, d).index_select(0, rows.reshape(-1)).view(h, -1, d)
 
 
 def channels_layout() -> PagedLayout:

@@ -31,15 +31,15 @@ import torch
 from vllm_caote.config import settings
 from vllm_caote.engine import compaction
 from vllm_caote.engine.plan import PLAN_ATTR, REPORT_ATTR, StepPlan, cdiv
+from vllm_caote.engine.queries import QueryRings
 from vllm_caote.scoring import get_policy, select_keep
+from vllm_caote.scoring.registry import Policy
 
 logger = logging.getLogger("vllm.vllm_caote.engine")
 
 
 @dataclass
 class LayerState:
-    ring: torch.Tensor | None = None  # [Hq, w, d] last w queries, slot = token index % w
-    recorded: int = 0  # queries written to the ring (prefix-cache hits have none)
     h2o: torch.Tensor | None = None  # [Hkv, cache_len] running attention sum (H2O policies)
 
 
@@ -60,6 +60,7 @@ class RowWork:
     seen_before: int  # true token count before this step
     block_ids: torch.Tensor  # [ceil(cache_len / bs)] long, on the cache's device
     plan: StepPlan
+    policy: Policy
     layers_compacted: int = 0
     error: str | None = None  # set by the first layer that failed; later layers skip the row
 
@@ -69,6 +70,10 @@ class StepContext:
     num_tokens: int
     rows: list[RowWork]
     layers_seen: int = 0  # attention layers that ran the eviction hook on this batch
+
+    def __post_init__(self) -> None:
+        # rows with work in every layer beyond recording queries: an eviction, or H2O's sum
+        self.per_layer = [w for w in self.rows if w.plan.evict_to is not None or w.policy.stateful]
 
 
 class Ranks:
@@ -120,6 +125,7 @@ class WorkerEviction:
         self.settings = settings(runner.vllm_config)
         self.ranks = ranks if ranks is not None else Ranks.of_tensor_parallel()
         self.requests: dict[str, RequestState] = {}
+        self.rings = QueryRings(self.settings.window, runner.device)
         self.plans: dict[str, StepPlan] = {}
         self.step: StepContext | None = None
         self.num_kv_layers = 0  # attention layers with a KV cache (set at KV-cache init)
@@ -143,15 +149,18 @@ class WorkerEviction:
     def update_states(self, scheduler_output) -> None:
         for rid in scheduler_output.finished_req_ids:
             self.requests.pop(rid, None)
+            self.rings.release(rid)
         self.plans = getattr(scheduler_output, PLAN_ATTR, None) or {}
         for rid, p in self.plans.items():
             if p.reset:
                 self.requests.pop(rid, None)
+                self.rings.release(rid)
 
     # 2. inputs ----------------------------------------------------------------------------
     def prepare_inputs(self, num_scheduled_tokens: np.ndarray) -> None:
         self.step = None
         if not self.plans:
+            self.rings.plan_step(())
             return
         r = self.runner
         ib = r.input_batch
@@ -174,9 +183,14 @@ class WorkerEviction:
             rows.append(
                 RowWork(
                     rid, row, int(qsl[row]), int(qsl[row + 1]), cache_len, computed,
-                    blocks.to(r.device), plan,
+                    blocks.to(r.device), plan, get_policy(plan.policy),
                 )
             )  # fmt: skip
+        self.rings.plan_step(
+            (w.req_id, w.q_start, w.q_end, w.seen_before)
+            for w in rows
+            if w.policy.needs_queries and not w.policy.stateful
+        )
         if offsets.any():
             off = torch.from_numpy(offsets).to(r.seq_lens.device)
             r.seq_lens[:num_reqs] -= off.to(r.seq_lens.dtype)
@@ -268,9 +282,10 @@ def after_attention(impl, layer, query: torch.Tensor, kv_cache: torch.Tensor, ki
     ev.step.layers_seen += 1
     name = getattr(layer, "layer_name", None) or str(id(layer))
     query = compaction.dequantize_queries(query, layer)
+    ev.rings.record(name, query)  # every recording row at once
     layout = None
-    for work in ev.step.rows:
-        policy = get_policy(work.plan.policy)
+    for work in ev.step.per_layer:
+        policy = work.policy
         # A score that sums over the layer's heads needs every rank's heads: each rank joins
         # that sum for every planned row, even one it already failed, so none waits forever.
         joint = _cross_rank(ev, work, policy)
@@ -285,8 +300,6 @@ def after_attention(impl, layer, query: torch.Tensor, kv_cache: torch.Tensor, ki
             if policy.stateful:
                 cache = _read(layout, kv_cache, work, impl, layer)
                 _advance_h2o(ev, work, name, impl, policy, query, cache[2])
-            elif policy.needs_queries:
-                _record_queries(ev, work, name, query)
             if work.plan.evict_to is None:
                 continue
             if ev.skip_compaction is not None and ev.skip_compaction(work.req_id):
@@ -350,33 +363,6 @@ def _advance_h2o(ev, work: RowWork, name: str, impl, policy, query, keys) -> Non
     ls.h2o = policy.advance(q, keys, ls.h2o, scale=getattr(impl, "scale", None))
 
 
-def _record_queries(ev: WorkerEviction, work: RowWork, name: str, query: torch.Tensor) -> None:
-    w = ev.settings.window
-    ls = ev.request(work.req_id).layers.setdefault(name, LayerState())
-    q = query[work.q_start : work.q_end]  # [n, Hq, d]
-    n = q.shape[0]
-    if ls.ring is None:
-        ls.ring = q.new_zeros(q.shape[1], w, q.shape[2])
-    m = min(n, w)
-    newest = q[n - m :].transpose(0, 1)  # [Hq, m, d]
-    start = (work.seen_before + n - m) % w  # ring slot of the oldest of them
-    first = min(m, w - start)  # slices, not index tensors: this runs per layer, per step
-    ls.ring[:, start : start + first] = newest[:, :first]
-    if first < m:
-        ls.ring[:, : m - first] = newest[:, first:]
-    ls.recorded += n
-
-
-def _window_queries(ev: WorkerEviction, work: RowWork, name: str) -> torch.Tensor | None:
-    ls = ev.request(work.req_id).layers.get(name)
-    if ls is None or ls.ring is None:
-        return None
-    w = min(ev.settings.window, ls.recorded)  # tokens read from the prefix cache have no query
-    total = work.seen_before + (work.q_end - work.q_start)
-    order = torch.arange(total - w, total, device=ls.ring.device) % ev.settings.window
-    return ls.ring[:, order]
-
-
 def _compact(ev, work: RowWork, name, impl, layer, policy, layout, kv_cache, cache, joint) -> None:
     cfg = ev.settings
     raw_keys, raw_values, keys, values = cache or _read(layout, kv_cache, work, impl, layer)
@@ -384,7 +370,10 @@ def _compact(ev, work: RowWork, name, impl, layer, policy, layout, kv_cache, cac
     if policy.stateful:
         scores = policy.score_from_state(values, ls.h2o)
     else:
-        queries = _window_queries(ev, work, name) if policy.needs_queries else None
+        queries = None
+        if policy.needs_queries:
+            total = work.seen_before + (work.q_end - work.q_start)
+            queries = ev.rings.window_queries(work.req_id, name, total)
         # one rank: the plain mean (bit-for-bit the single-process scores)
         knobs = {"reduce_heads": joint} if joint.ranks is not None else {}
         scores, _ = policy.score_with_state(
@@ -404,14 +393,13 @@ def _compact(ev, work: RowWork, name, impl, layer, policy, layout, kv_cache, cac
         sinks=max(cfg.sinks, head),
         span=policy.span,
     )
-    d = raw_keys.shape[-1]
-    gather_idx = keep_idx[:, head:].unsqueeze(-1).expand(-1, -1, d)
+    moved = keep_idx[:, head:]
     # the stored (possibly quantised) bytes move; nothing is re-quantised
     layout.write(
         kv_cache,
         work.block_ids[head // kv_cache.shape[2] :],
-        torch.gather(raw_keys, 1, gather_idx),
-        torch.gather(raw_values, 1, gather_idx),
+        compaction.take_tokens(raw_keys, moved),
+        compaction.take_tokens(raw_values, moved),
     )
     if ls.h2o is not None:
         ls.h2o = torch.gather(ls.h2o, 1, keep_idx.to(ls.h2o.device))

@@ -51,9 +51,9 @@ def attention_weights(
     k = as_compute(keys, dt)
     s = (1.0 / math.sqrt(d)) if scale is None else float(scale)
     logits = torch.einsum("hgwd,hnd->hgwn", q, k) * s
-    if causal and w > 0:
-        # query i is token n-w+i: it must not see keys after itself
-        qpos = torch.arange(n - w, n, device=keys.device).unsqueeze(1)  # [w, 1]
-        kpos = torch.arange(n, device=keys.device).unsqueeze(0)  # [1, n]
-        logits = logits.masked_fill(kpos > qpos, float("-inf"))
+    if causal and w > 1:
+        # query i is token n-w+i: it must not see keys after itself, all of which lie in the
+        # last w columns (masking only those: the window is small, the cache is not)
+        later = torch.ones(w, w, dtype=torch.bool, device=keys.device).triu_(1)
+        logits[..., n - w :].masked_fill_(later, float("-inf"))
     return torch.softmax(logits, dim=-1)
