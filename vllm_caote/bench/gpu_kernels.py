@@ -1,0 +1,748 @@
+"""``python -m vllm_caote.bench.gpu_kernels``: eviction kernels on a paged cache, torch only.
+
+For a machine with a GPU but without vLLM (or network): one request's KV cache in
+FlashAttention's paged layout at Llama-3.1-8B shapes (32 layers, 8 KV heads, 32 query heads,
+head 128, bf16), evicted with the plugin's own functions, timed next to one decode attention
+over the same cache, and checked against a CPU float32 reference.
+
+One **eviction** of one request is, for each layer, the worker's own per-layer compaction,
+:func:`vllm_caote.engine.step._compact`, called as ``after_attention`` calls it after the stock
+attention kernel: gather the request's tokens from its blocks
+(:meth:`~vllm_caote.engine.compaction.PagedLayout.read`), score them with the policy against the
+window queries, :func:`~vllm_caote.scoring.select_keep` (sinks and the observation window kept)
+and write the kept tokens into the first blocks of the request's block table, in place. The
+benchmark does not re-implement any of it, so it times whatever the engine runs today;
+:class:`EngineEviction` is the only code here that knows ``_compact``'s signature (the CI test
+fails if it changes). Not timed, as in the engine they run every step rather than at an
+eviction: recording the window queries, and advancing H2O's running sum.
+
+The cache: vLLM 0.32 views each layer's FlashAttention cache as ``[num_blocks, Hkv, block_size,
+2*d]`` (keys and values side by side on the last dim) over memory ordered ``LBNHC``, i.e.
+``[layers, num_blocks, block_size, Hkv, 2*d]``; the request's block table is a random subset
+of the blocks in random order, so the gather is as scattered as in a long-running server.
+
+The **decode baseline** is ``torch.nn.functional.scaled_dot_product_attention`` of one query
+token (all query heads) over the request's whole cache, per layer, over every layer, timed the
+same way. It reads contiguous K/V (no gather): a lower bound of a paged decode kernel, so the
+ratio ``eviction / decode`` errs against eviction. Two GQA forms are timed (query heads packed
+per KV head; ``enable_gqa``); the faster is the baseline.
+
+Correctness: before the timed runs of each (context, budget, policy), the request is evicted on
+a freshly filled cache, and for its first and last layers what the cache then holds (read back
+from the raw memory, not through the engine's layout code) is compared with the policy run on
+CPU float32 copies of the request's tokens (no paging, scoring + ``select_keep`` only): every
+compacted token must be an exact copy of a source token (keys and values together, in token
+order), the kept indices (recovered from the compacted tokens) must overlap the reference's by
+``--min-overlap`` per KV head (identical in float32 on CPU; bf16 on a GPU may flip near-ties),
+and every block the eviction must not write must be unchanged.
+
+Output: JSON (``--out``, default ``bench/results/gpu_kernels.json``) and a Markdown table next to
+it. Exit status 1 when a check fails. ``--tiny`` runs tiny shapes on CPU in seconds (CI).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+import torch.nn.functional as F
+
+from vllm_caote.config import EvictionSettings
+from vllm_caote.engine import compaction
+from vllm_caote.engine.plan import StepPlan, cdiv
+from vllm_caote.scoring import Policy, get_policy, policy_names, select_keep
+
+DEFAULT_POLICIES = ("caote-snapkv", "snapkv", "caote-tova", "keydiff", "streaming")
+LLAMA_8B = {"layers": 32, "kv_heads": 8, "q_heads": 32, "head_size": 128}
+TINY = {"layers": 2, "kv_heads": 2, "q_heads": 4, "head_size": 16}
+DEFAULT_CONTEXTS = (4096, 16384, 32768)
+DEFAULT_BUDGETS = (1024, 2048, 4096)
+TINY_CONTEXTS = (256, 512)
+TINY_BUDGETS = (64, 128)
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+TARGET = "eviction < one decode step's attention at Llama-3.1-8B shapes, 32k cache (on a GPU)"
+
+
+def log(msg: str) -> None:
+    print(f"[gpu_kernels] {msg}", file=sys.stderr, flush=True)
+
+
+@dataclass(frozen=True)
+class Shape:
+    layers: int
+    kv_heads: int
+    q_heads: int
+    head_size: int
+    dtype: str
+    block_size: int
+    window: int
+    sinks: int
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    def is_llama_8b(self) -> bool:
+        return all(getattr(self, k) == v for k, v in LLAMA_8B.items()) and self.dtype == "bfloat16"
+
+
+# -- the paged cache ---------------------------------------------------------------------------
+class PagedRequest:
+    """One request of ``context`` tokens in FlashAttention's paged cache, every layer."""
+
+    def __init__(self, shape: Shape, context: int, device: torch.device, seed: int) -> None:
+        self.shape, self.context, self.device, self.seed = shape, context, device, seed
+        bs, h, d = shape.block_size, shape.kv_heads, shape.head_size
+        self.nblk = cdiv(context, bs)
+        self.num_blocks = self.nblk + max(1, self.nblk // 4)  # other requests' blocks too
+        # vLLM 0.32 (LBNHC): memory [L, B, N, H, 2d]; a layer's view is logical [B, H, N, 2d]
+        self.raw = torch.empty(
+            shape.layers, self.num_blocks, bs, h, 2 * d, dtype=shape.torch_dtype, device=device
+        )
+        self.caches = [self.raw[i].permute(0, 2, 1, 3) for i in range(shape.layers)]
+        gen = torch.Generator().manual_seed(seed)
+        self.block_ids = torch.randperm(self.num_blocks, generator=gen)[: self.nblk].to(device)
+        q = torch.randn(shape.layers, shape.q_heads, shape.window, d, generator=gen)
+        self.queries = q.to(device=device, dtype=shape.torch_dtype)  # [L, Hq, w, d] the window
+        self.layout = compaction.channels_layout()
+
+    def refill(self) -> None:
+        """The same random contents every time (a fresh, un-evicted cache)."""
+        gen = torch.Generator(device=self.device)
+        gen.manual_seed(self.seed)
+        self.raw.normal_(generator=gen)
+
+    def tokens(self, layer: int, length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values ``[Hkv, length, d]`` read from the raw memory: not through
+        :class:`~vllm_caote.engine.compaction.PagedLayout` (an independent reading)."""
+        n = self.context if length is None else length
+        d = self.shape.head_size
+        blocks = self.raw[layer].index_select(0, self.block_ids)  # [nblk, bs, H, 2d]
+        tok = blocks.reshape(-1, self.shape.kv_heads, 2 * d)[:n].permute(1, 0, 2)
+        return tok[..., :d], tok[..., d:]
+
+    def release(self) -> None:
+        del self.raw, self.caches, self.queries
+
+
+# -- the product code path ---------------------------------------------------------------------
+class EngineEviction:
+    """One request's eviction in every layer through the worker's own per-layer compaction,
+    ``engine.step._compact``, with the state the worker holds when it calls it (the window
+    queries, H2O's running sum). The only code here that knows ``_compact``'s signature."""
+
+    REQ = "bench-request"
+
+    def __init__(self, req: PagedRequest, policy: Policy, keep: int, settings) -> None:
+        from vllm_caote.engine import step  # torch + numpy only (no vLLM at import)
+
+        self.step, self.req, self.policy = step, req, policy
+        n = req.context
+        self.names = [f"model.layers.{i}.self_attn.attn" for i in range(req.shape.layers)]
+        # the worker's ring holds [w, Hq, d] per request and hands out a [Hq, w, d] view
+        self.window = {
+            name: req.queries[i].transpose(0, 1).contiguous() for i, name in enumerate(self.names)
+        }
+        self.state = step.RequestState()
+        self.h2o = dict(zip(self.names, h2o_states(req, policy), strict=True))
+        self.ev = SimpleNamespace(settings=settings, request=lambda req_id: self.state, rings=self)
+        plan = StepPlan(offset=0, evict_to=keep, policy=policy.name, reset=False)
+        # a decode step of the request: one new token, its cache `n` tokens after the KV write
+        row = dict(
+            req_id=self.REQ, row=0, q_start=0, q_end=1, cache_len=n, seen_before=n - 1,
+            block_ids=req.block_ids, plan=plan, policy=policy,
+        )  # fmt: skip
+        names = {f.name for f in fields(step.RowWork)}
+        self.work = step.RowWork(**{k: v for k, v in row.items() if k in names})
+        self.impl = SimpleNamespace(scale=None, kv_cache_dtype="auto")
+
+    def window_queries(self, req_id: str, layer: str, total: int) -> torch.Tensor:
+        """``QueryRings.window_queries`` of the worker: the last ``w`` queries, ``[Hq, w, d]``."""
+        return self.window[layer].transpose(0, 1)
+
+    def __call__(self) -> None:
+        step = self.step
+        for i, name in enumerate(self.names):
+            if self.h2o[name] is not None:  # the sum before this eviction (it shrinks with it)
+                self.state.layers[name] = step.LayerState(h2o=self.h2o[name])
+            step._compact(
+                self.ev, self.work, name, self.impl, None, self.policy, self.req.layout,
+                self.req.caches[i], None, step._HeadSum(None),
+            )  # fmt: skip
+
+
+# -- timing ------------------------------------------------------------------------------------
+class Clock:
+    """Start and stop on the device's timeline: CUDA events, or ``perf_counter`` on CPU (whose
+    ops are synchronous)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+
+    def _now(self):
+        if self.cuda:
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            return ev
+        return time.perf_counter()
+
+    def time_ms(self, fn: Callable[[], None]) -> float:
+        start = self._now()
+        fn()
+        stop = self._now()
+        if self.cuda:
+            torch.cuda.synchronize()
+            return start.elapsed_time(stop)
+        return (stop - start) * 1e3
+
+
+def timed(fn: Callable[[], None], device, repeats: int, warmup: int, seconds: float) -> dict:
+    """Median of ``repeats`` runs after ``warmup`` (fewer repeats once ``seconds`` of timed
+    runs have passed: big shapes stay within the time guard)."""
+    clock = Clock(device)
+    for _ in range(warmup):
+        clock.time_ms(fn)
+    totals: list[float] = []
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        totals.append(clock.time_ms(fn))
+        if time.perf_counter() - t0 > seconds:
+            break
+    return {
+        "ms": statistics.median(totals),
+        "ms_min": min(totals),
+        "ms_all": totals,
+        "repeats": len(totals),
+    }
+
+
+# -- decode baseline ---------------------------------------------------------------------------
+def _decode_packed(q, k, v):
+    # one token, every query head: GQA packs the G heads of a KV head as G queries (FA pack_gqa)
+    hq, d = q.shape
+    hkv = k.shape[1]
+    return F.scaled_dot_product_attention(q.view(1, hkv, hq // hkv, d), k, v).reshape(hq, d)
+
+
+def _decode_gqa(q, k, v):
+    hq, d = q.shape
+    out = F.scaled_dot_product_attention(q.view(1, hq, 1, d), k, v, enable_gqa=True)
+    return out.reshape(hq, d)
+
+
+DECODE_FORMS = {"packed": _decode_packed, "enable_gqa": _decode_gqa}
+
+
+def measure_decode(req: PagedRequest, args) -> dict:
+    """One decode step's attention over the request's full cache, every layer."""
+    shape = req.shape
+    kv = []
+    for layer in range(shape.layers):
+        k, v = req.tokens(layer)
+        kv.append((k.contiguous().unsqueeze(0), v.contiguous().unsqueeze(0)))
+    gen = torch.Generator().manual_seed(args.seed + 1)
+    qs = torch.randn(shape.layers, shape.q_heads, shape.head_size, generator=gen)
+    qs = qs.to(device=req.device, dtype=shape.torch_dtype)
+    out: dict = {"context": req.context, "forms": {}}
+    ref = None
+    for name, fn in DECODE_FORMS.items():
+        try:
+            o = fn(qs[0], *kv[0])
+        except (RuntimeError, TypeError) as e:  # a torch without this form
+            out["forms"][name] = {"error": f"{type(e).__name__}: {e}"}
+            continue
+        if ref is None:
+            ref = o.float()
+        agree = torch.allclose(o.float(), ref, atol=2e-2, rtol=2e-2)
+
+        def step(fn=fn):
+            for layer in range(shape.layers):
+                fn(qs[layer], *kv[layer])
+
+        t = timed(step, req.device, args.repeats, args.warmup, args.config_seconds)
+        out["forms"][name] = {**_round(t), "agrees": bool(agree)}
+    ok = {n: f for n, f in out["forms"].items() if "ms" in f}
+    best = min(ok, key=lambda n: ok[n]["ms"])
+    out.update(
+        form=best,
+        ms_per_step=ok[best]["ms"],
+        ms_per_layer=ok[best]["ms"] / shape.layers,
+        forms_agree=all(f["agrees"] for f in ok.values()),
+    )
+    return out
+
+
+# -- correctness -------------------------------------------------------------------------------
+class Reference:
+    """The policy on CPU float32 copies of the request's tokens (no paging), per layer."""
+
+    def __init__(self, req: PagedRequest, layers: list[int], settings) -> None:
+        self.req, self.layers, self.settings = req, layers, settings
+        self.src: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.scores: dict[tuple[str, int], torch.Tensor] = {}
+
+    def snapshot(self) -> bool:
+        """Copy the fresh cache's tokens (first call); later calls check the refill matches."""
+        same = True
+        for layer in self.layers:
+            k, v = (t.float().cpu() for t in self.req.tokens(layer))
+            if layer in self.src:
+                same &= torch.equal(k, self.src[layer][0]) and torch.equal(v, self.src[layer][1])
+            else:
+                self.src[layer] = (k, v)
+        return same
+
+    def keep(self, policy: Policy, layer: int, keep: int) -> torch.Tensor:
+        key = (policy.name, layer)
+        if key not in self.scores:
+            k, v = self.src[layer]
+            q = self.req.queries[layer].float().cpu()
+            if policy.stateful:
+                self.scores[key] = policy.score_from_state(v, policy.advance(q, k))
+            else:
+                self.scores[key] = policy.score_with_state(
+                    k, v, queries=q if policy.needs_queries else None, sinks=self.settings.sinks
+                )[0]
+        s = self.settings
+        return select_keep(
+            self.scores[key], keep, protect_recent=s.window, sinks=s.sinks, span=policy.span
+        )
+
+
+def h2o_states(req: PagedRequest, policy: Policy) -> list[torch.Tensor | None]:
+    """H2O's running sums as the engine holds them before an eviction (not timed: the engine
+    advances them every step, not at eviction)."""
+    if not policy.stateful:
+        return [None] * req.shape.layers
+    out = []
+    for layer in range(req.shape.layers):
+        k, _ = req.layout.read(req.caches[layer], req.block_ids, req.context)
+        out.append(policy.advance(req.queries[layer], k))
+    return out
+
+
+def _fingerprints(x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """An exact integer hash per token of float32 ``x`` ``[H, n, d]``: its bits times small
+    random weights, summed in int64 (no rounding, no overflow: 2^31 * 2^20 * d < 2^63)."""
+    return (x.contiguous().view(torch.int32).long() * weights).sum(-1)
+
+
+def kept_indices(src: torch.Tensor, out: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """Which source token each compacted token is: ``(index [H, K], all found exactly)``."""
+    d = src.shape[-1]
+    gen = torch.Generator().manual_seed(1234)
+    w = torch.randint(1, 2**20, (d,), generator=gen, dtype=torch.long)
+    fs, fo = _fingerprints(src, w), _fingerprints(out, w)
+    fs_sorted, order = fs.sort(dim=-1)
+    pos = torch.searchsorted(fs_sorted, fo).clamp_max(src.shape[1] - 1)
+    idx = order.gather(1, pos)
+    found = torch.equal(fs.gather(1, idx), fo)
+    return idx, found
+
+
+def check_eviction(req, ref: Reference, policy, keep, before: dict, min_overlap) -> dict:
+    """What the cache holds after the engine's eviction, for the checked layers, against the
+    CPU reference's selection (read from the raw memory, not through the engine's layout)."""
+    res = {
+        "layers": ref.layers,
+        "indices_equal": True,
+        "overlap_min": 1.0,
+        "moved_exact": True,
+        "equals_reference": True,
+        "untouched": True,
+    }
+    written = req.block_ids[: cdiv(keep, req.shape.block_size)]
+    for layer in ref.layers:
+        src_k, src_v = ref.src[layer]
+        out_k, out_v = (t.float().cpu() for t in req.tokens(layer, keep))
+        dev_idx, found = kept_indices(src_k, out_k)
+        gi = dev_idx.unsqueeze(-1).expand(-1, -1, src_k.shape[-1])
+        # every kept token an exact copy of a source token, its value with it, in token order
+        res["moved_exact"] &= (
+            found
+            and torch.equal(out_k, torch.gather(src_k, 1, gi))
+            and torch.equal(out_v, torch.gather(src_v, 1, gi))
+            and bool((dev_idx[:, 1:] > dev_idx[:, :-1]).all())
+        )
+        ref_idx = ref.keep(policy, layer, keep)
+        ri = ref_idx.unsqueeze(-1).expand(-1, -1, src_k.shape[-1])
+        res["equals_reference"] &= torch.equal(out_k, torch.gather(src_k, 1, ri)) and torch.equal(
+            out_v, torch.gather(src_v, 1, ri)
+        )
+        res["indices_equal"] &= torch.equal(dev_idx, ref_idx)
+        for h in range(dev_idx.shape[0]):
+            common = torch.isin(dev_idx[h], ref_idx[h]).sum().item()
+            res["overlap_min"] = min(res["overlap_min"], common / ref_idx.shape[1])
+        mask = torch.ones(req.num_blocks, dtype=torch.bool, device=req.device)
+        mask[written] = False
+        res["untouched"] &= torch.equal(req.raw[layer][mask], before[layer][mask])
+    res = {k: (bool(v) if isinstance(v, bool) else v) for k, v in res.items()}
+    res["passed"] = bool(
+        res["moved_exact"] and res["untouched"] and res["overlap_min"] >= min_overlap
+    )
+    return res
+
+
+# -- the run -----------------------------------------------------------------------------------
+def _round(d: dict) -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, float):
+            out[k] = round(v, 4)
+        elif isinstance(v, list):
+            out[k] = [round(x, 4) if isinstance(x, float) else x for x in v]
+        elif isinstance(v, dict):
+            out[k] = _round(v)
+        else:
+            out[k] = v
+    return out
+
+
+def environment(device: torch.device) -> dict:
+    import vllm_caote
+
+    env = {
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "device": str(device),
+        "cpu_threads": torch.get_num_threads(),
+        "vllm_caote": vllm_caote.__version__,
+        "vllm_imported": any(m == "vllm" or m.startswith("vllm.") for m in sys.modules),
+    }
+    if device.type == "cuda":
+        p = torch.cuda.get_device_properties(device)
+        env.update(
+            device_name=p.name,
+            capability=f"{p.major}.{p.minor}",
+            memory_gib=round(p.total_memory / 2**30, 1),
+        )
+    else:
+        env["device_name"] = platform.processor() or platform.machine()
+    try:
+        env["git_commit"] = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            cwd=Path(__file__).resolve().parent,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        env["git_commit"] = None
+    return env
+
+
+def run(args) -> dict:
+    t_start = time.perf_counter()
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # the events record on the current device's stream
+    shape = Shape(
+        args.layers,
+        args.kv_heads,
+        args.q_heads,
+        args.head_size,
+        args.dtype,
+        args.block_size,
+        args.window,
+        args.sinks,
+    )
+    settings = EvictionSettings(window=args.window, sinks=args.sinks)
+    policies = [get_policy(p) for p in args.policies]
+    checked = sorted({0, shape.layers - 1})
+    report: dict = {
+        "tool": "vllm_caote.bench.gpu_kernels",
+        "env": environment(device),
+        "shape": asdict(shape),
+        "args": {k: v for k, v in vars(args).items()},
+        "target": TARGET,
+        "decode": [],
+        "evictions": [],
+        "skipped": [],
+    }
+    log(f"{device} {shape}")
+    for ctx in args.contexts:
+        budgets = [b for b in args.budgets if b < ctx]
+        if not budgets:
+            continue
+        if time.perf_counter() - t_start > args.time_limit:
+            report["skipped"].append({"context": ctx, "reason": "time limit"})
+            continue
+        req = PagedRequest(shape, ctx, device, args.seed + ctx)
+        req.refill()
+        mib = req.raw.numel() * req.raw.element_size() / 2**20
+        log(f"context {ctx}: paged cache {mib:.0f} MiB, {req.nblk} of {req.num_blocks} blocks")
+        dec = measure_decode(req, args)
+        report["decode"].append(_round(dec))
+        log(f"  decode attention {dec['ms_per_step']:.3f} ms/step ({dec['form']})")
+        ref = Reference(req, checked, settings)
+        for budget in budgets:
+            keep = cdiv(budget, shape.block_size) * shape.block_size  # as the scheduler plans
+            for policy in policies:
+                if time.perf_counter() - t_start > args.time_limit:
+                    report["skipped"].append(
+                        {"context": ctx, "budget": budget, "policy": policy.name, "reason": "time limit"}
+                    )  # fmt: skip
+                    continue
+                req.refill()
+                refill_same = ref.snapshot()
+                before = {layer: req.raw[layer].clone() for layer in checked}
+                evict = EngineEviction(req, policy, keep, settings)
+                evict()  # the checked eviction, on the fresh cache (also a warmup)
+                check = check_eviction(req, ref, policy, keep, before, args.min_overlap)
+                check["refill_reproducible"] = bool(refill_same)
+                check["passed"] = check["passed"] and check["refill_reproducible"]
+                del before
+                # the cache is compacted in place again each run: the same work, on contents
+                # of the same kind (the first `keep` tokens are some of the same random tokens)
+                t = timed(evict, device, args.repeats, args.warmup, args.config_seconds)
+                row = {
+                    "context": ctx,
+                    "budget": budget,
+                    "keep": keep,
+                    "policy": policy.name,
+                    "ms_per_eviction": t["ms"],
+                    "ms_per_layer": t["ms"] / shape.layers,
+                    "ms_min": t["ms_min"],
+                    "repeats": t["repeats"],
+                    "decode_ms_per_step": dec["ms_per_step"],
+                    "ratio_to_decode": t["ms"] / dec["ms_per_step"],
+                    "check": check,
+                }
+                report["evictions"].append(_round(row))
+                log(
+                    f"  budget {budget} {policy.name}: {t['ms']:.3f} ms/eviction "
+                    f"({row['ratio_to_decode']:.1f}x decode) check "
+                    f"{'ok' if check['passed'] else 'FAILED'} overlap {check['overlap_min']:.4f}"
+                )
+        del ref
+        req.release()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    checks = [r["check"] for r in report["evictions"]]
+    failures = [
+        {k: r[k] for k in ("context", "budget", "policy", "check")}
+        for r in report["evictions"]
+        if not r["check"]["passed"]
+    ]
+    failures += [
+        {"context": d["context"], "check": "decode forms disagree"}
+        for d in report["decode"]
+        if not d["forms_agree"]
+    ]
+    report["correctness"] = {
+        "passed": bool(checks) and not failures,
+        "checks": len(checks),
+        "min_overlap_required": args.min_overlap,
+        "overlap_min": min((c["overlap_min"] for c in checks), default=None),
+        "indices_equal_all": all(c["indices_equal"] for c in checks),
+        "failures": failures,
+    }
+    report["target_result"] = target_result(report, shape, device)
+    report["complete"] = not report["skipped"]
+    report["env"]["vllm_imported"] = any(m == "vllm" or m.startswith("vllm.") for m in sys.modules)
+    report["wall_s"] = round(time.perf_counter() - t_start, 2)
+    return report
+
+
+def target_result(report: dict, shape: Shape, device: torch.device) -> dict:
+    rows = [r for r in report["evictions"] if r["context"] == 32768]
+    applicable = device.type == "cuda" and shape.is_llama_8b() and bool(rows)
+    per_policy = {}
+    for r in rows:
+        worst = per_policy.get(r["policy"], 0.0)
+        per_policy[r["policy"]] = max(worst, r["ratio_to_decode"])
+    return {
+        "applicable": applicable,
+        "why_not": None
+        if applicable
+        else "needs --device cuda, the default 8B shapes (bf16) and a 32768-token context",
+        "worst_ratio_per_policy": per_policy,
+        "met_per_policy": {p: v < 1.0 for p, v in per_policy.items()} if applicable else None,
+    }
+
+
+def render_md(report: dict) -> str:
+    env, shape = report["env"], report["shape"]
+    lines = [
+        "# Eviction kernels vs decode attention (`python -m vllm_caote.bench.gpu_kernels`)",
+        "",
+        f"Device: {env['device']} ({env.get('device_name')}), torch {env['torch']}, "
+        f"CUDA {env['cuda']}. Shape: {shape['layers']} layers, {shape['kv_heads']} KV heads, "
+        f"{shape['q_heads']} query heads, head {shape['head_size']}, {shape['dtype']}, "
+        f"blocks of {shape['block_size']}, window {shape['window']}, sinks {shape['sinks']}.",
+        "",
+        "One eviction = every layer of one request through the engine's `step._compact`: "
+        "gather + score + select + compact in place. Decode = SDPA of one token over the same full cache, every layer "
+        "(contiguous K/V). Times: median ms.",
+        "",
+        "| context | decode ms/step | decode ms/layer | form |",
+        "|---:|---:|---:|---|",
+    ]
+    for d in report["decode"]:
+        lines.append(
+            f"| {d['context']} | {d['ms_per_step']:.3f} | {d['ms_per_layer']:.4f} | {d['form']} |"
+        )
+    lines += [
+        "",
+        "| context | budget | policy | ms/eviction | ms/layer | min ms | runs | x decode "
+        "| check (overlap) |",
+        "|---:|---:|---|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in report["evictions"]:
+        c = r["check"]
+        lines.append(
+            f"| {r['context']} | {r['budget']} | {r['policy']} | {r['ms_per_eviction']:.3f} | "
+            f"{r['ms_per_layer']:.4f} | {r['ms_min']:.3f} | {r['repeats']} | "
+            f"{r['ratio_to_decode']:.2f} | {'ok' if c['passed'] else 'FAILED'} "
+            f"({c['overlap_min']:.4f}) |"
+        )
+    cor = report["correctness"]
+    tr = report["target_result"]
+    lines += [
+        "",
+        f"Correctness: {'passed' if cor['passed'] else 'FAILED'} ({cor['checks']} checks, "
+        f"min overlap {cor['overlap_min']}, indices identical everywhere: "
+        f"{cor['indices_equal_all']}).",
+        "",
+        f"Target ({report['target']}): "
+        + (
+            ", ".join(
+                f"{p} {'met' if ok else 'missed'} ({tr['worst_ratio_per_policy'][p]:.2f}x)"
+                for p, ok in tr["met_per_policy"].items()
+            )
+            if tr["applicable"]
+            else f"not applicable here ({tr['why_not']})"
+        )
+        + ".",
+    ]
+    if report["skipped"]:
+        lines += ["", f"Skipped (time limit): {len(report['skipped'])} configurations."]
+    lines += ["", f"Wall time {report['wall_s']} s.", ""]
+    return "\n".join(lines)
+
+
+def _ints(s: str) -> list[int]:
+    return [int(x) for x in s.split(",") if x.strip()]
+
+
+def parse_args(argv: list[str] | None = None):
+    ap = argparse.ArgumentParser(
+        prog="python -m vllm_caote.bench.gpu_kernels",
+        description="Eviction (gather + score + select + compact) on a paged KV cache vs one "
+        "decode attention, torch only; checked against a CPU float32 reference.",
+    )
+    ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
+    ap.add_argument(
+        "--tiny",
+        action="store_true",
+        help="tiny shapes on CPU in fp32 (2 layers, 2 KV heads, 4 query heads, head 16, "
+        "contexts 256,512, budgets 64,128): seconds, for CI",
+    )
+    ap.add_argument("--layers", type=int)
+    ap.add_argument("--kv-heads", type=int)
+    ap.add_argument("--q-heads", type=int)
+    ap.add_argument("--head-size", type=int)
+    ap.add_argument("--contexts", type=_ints, help="cache lengths (default 4096,16384,32768)")
+    ap.add_argument(
+        "--budgets", type=_ints, help="tokens kept (default 1024,2048,4096; those < context)"
+    )
+    ap.add_argument(
+        "--policies",
+        default=",".join(DEFAULT_POLICIES),
+        help=f"comma list or 'all' (default {','.join(DEFAULT_POLICIES)}); from {policy_names()}",
+    )
+    ap.add_argument("--repeats", type=int, help="timed runs (median; default 10, --tiny 3)")
+    ap.add_argument("--warmup", type=int, default=1, help="untimed runs after the checked one")
+    ap.add_argument("--block-size", type=int, default=16)
+    ap.add_argument("--dtype", choices=sorted(DTYPES), help="default bfloat16 (--tiny: float32)")
+    ap.add_argument("--window", type=int, default=EvictionSettings.window)
+    ap.add_argument("--sinks", type=int, default=EvictionSettings.sinks)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--min-overlap", type=float, default=0.99)
+    ap.add_argument(
+        "--time-limit",
+        type=float,
+        default=210.0,
+        help="seconds after which no new configuration starts (default 210: the default grid "
+        "stays under 5 minutes)",
+    )
+    ap.add_argument(
+        "--config-seconds",
+        type=float,
+        default=4.0,
+        help="stop repeating a configuration after this many seconds of timed runs",
+    )
+    ap.add_argument("--out", type=Path, help="JSON path (default bench/results/gpu_kernels.json)")
+    args = ap.parse_args(argv)
+    if args.device is None:
+        args.device = "cpu" if args.tiny or not torch.cuda.is_available() else "cuda"
+    base = TINY if args.tiny else LLAMA_8B
+    for k, v in base.items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    if args.contexts is None:
+        args.contexts = list(TINY_CONTEXTS if args.tiny else DEFAULT_CONTEXTS)
+    if args.budgets is None:
+        args.budgets = list(TINY_BUDGETS if args.tiny else DEFAULT_BUDGETS)
+    if args.repeats is None:
+        args.repeats = 3 if args.tiny else 10
+    if args.dtype is None:
+        args.dtype = "float32" if args.tiny else "bfloat16"
+    if args.out is None:
+        name = "gpu_kernels_tiny.json" if args.tiny else "gpu_kernels.json"
+        args.out = Path("bench") / "results" / name
+    if args.policies.strip().lower() == "all":
+        args.policies = policy_names()
+    else:
+        args.policies = [get_policy(p).name for p in args.policies.split(",") if p.strip()]
+    if args.q_heads % args.kv_heads:
+        ap.error(f"--q-heads {args.q_heads} must be a multiple of --kv-heads {args.kv_heads}")
+    low = args.window + args.sinks
+    if any(b < low for b in args.budgets):
+        ap.error(f"budgets must be >= window + sinks = {low}")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        ap.error("--device cuda: torch sees no CUDA device (use --device cpu)")
+    if (
+        args.device == "cpu"
+        and not args.tiny
+        and args.layers * args.kv_heads * args.head_size > 8192
+    ):
+        log("CPU at large shapes is slow: it proves correctness, not GPU speed (try --tiny)")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    report = run(args)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    args_json = {k: (str(v) if isinstance(v, Path) else v) for k, v in report["args"].items()}
+    report["args"] = args_json
+    out.write_text(json.dumps(report, indent=1) + "\n")
+    out.with_suffix(".md").write_text(render_md(report))
+    cor = report["correctness"]
+    log(
+        f"wrote {out} and {out.with_suffix('.md')} in {report['wall_s']} s; correctness "
+        f"{'passed' if cor['passed'] else 'FAILED'}"
+    )
+    if not cor["passed"]:
+        for f in cor["failures"]:
+            log(f"  failed: {f}")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
