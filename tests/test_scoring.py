@@ -623,3 +623,21 @@ def test_select_keep_span_keeps_the_neighbours_of_a_peak():
     # the registry: SnapKV-based policies select spans, TOVA-based ones (measured worse) not
     assert get_policy("caote-snapkv").span == 3 and get_policy("snapkv").span == 3
     assert get_policy("caote-tova").span == 0 and get_policy("h2o").span == 0
+
+
+@pytest.mark.parametrize("name", ["tova", "caote-tova", "fast-caote-tova"])
+@pytest.mark.parametrize("causal", [True, False])
+def test_tova_from_queries_scores_the_newest_query_only_and_equals_the_full_window(name, causal):
+    """TOVA policies compute only the newest query's attention row (one query's cost, not the
+    window's): their scores from queries equal those from the whole window's attention."""
+    g = torch.Generator().manual_seed(7)
+    hkv, grp, w, n, d = 3, 3, 8, 40, 16
+    q = torch.randn(hkv * grp, w, d, generator=g, dtype=torch.float64)
+    k = torch.randn(hkv, n, d, generator=g, dtype=torch.float64)
+    v = torch.randn(hkv, n, d, generator=g, dtype=torch.float64)
+    pol = get_policy(name)
+    assert pol.last_query_only
+    want = pol.score(k, v, attn=attention_weights(q, k, causal=causal), causal=causal)
+    torch.testing.assert_close(
+        pol.score(k, v, queries=q, causal=causal), want, rtol=1e-12, atol=1e-12
+    )

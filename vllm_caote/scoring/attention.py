@@ -50,7 +50,7 @@ def attention_weights(
     q = as_compute(queries, dt).reshape(hkv, g, w, d)
     k = as_compute(keys, dt)
     s = (1.0 / math.sqrt(d)) if scale is None else float(scale)
-    logits = torch.einsum("hgwd,hnd->hgwn", q, k) * s
+    logits = torch.einsum("hgwd,hnd->hgwn", q, k).mul_(s)
     if causal and w > 1:
         # query i is token n-w+i: it must not see keys after itself, all of which lie in the
         # last w columns (masking only those: the window is small, the cache is not)

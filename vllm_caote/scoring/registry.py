@@ -101,6 +101,9 @@ class Policy:
     cross_head: ClassVar[bool] = False
     #: tokens kept around each selected one (``select_keep(span=...)``): whole spans
     span: ClassVar[int] = 0
+    #: the scores read only the newest window query's attention (TOVA): the others' attention
+    #: is not computed (the newest query sees every key, so its row is the same either way)
+    last_query_only: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         if self.meta not in _METAS:
@@ -212,6 +215,8 @@ class Policy:
         if attn is None:
             if queries is None:
                 raise ValueError(f"policy {self.name!r} needs `queries` or `attn`")
+            if self.last_query_only:
+                queries = queries[:, -1:]
             return attention_weights(queries, keys, scale=k["scale"], causal=k["causal"])
         hkv, n = keys.shape[0], keys.shape[1]
         if attn.dim() != 4 or attn.shape[0] != hkv or attn.shape[-1] != n:
@@ -260,6 +265,7 @@ class TOVAPolicy(Policy):
     needs_attention: ClassVar[bool] = True
     needs_queries: ClassVar[bool] = True
     nonnegative: ClassVar[bool] = True
+    last_query_only: ClassVar[bool] = True
 
     def _base(self, keys, attn, h2o_prev, sinks, k):
         scores = tova_scores(attn, head_average=k["head_average"], reduce_heads=k["reduce_heads"])
