@@ -69,6 +69,8 @@ fmt: setup
 	$(PY) -m ruff check --fix .
 	$(PY) -m ruff format .
 
+# Engine benchmark (in-process). The serving benchmarks on a real OpenAI server: `make
+# bench-quality` (quality at capacity) and `make bench-decode` (decode-heavy throughput).
 bench: setup
 	$(PY) -m vllm_caote.bench $(ARGS)
 
@@ -76,11 +78,26 @@ bench: setup
 bench-quality: setup
 	$(PY) -m vllm_caote.bench.loadtest.quality --start-server $(ARGS)
 
+# Decode-heavy throughput: 24 x (1024 prompt + 512 output) tokens at once into a 40-block pool,
+# stock vs budgets at 4x and 8x compression, then perplexity at the same budgets (~30 min on 2
+# cores). ARGS=--quick for a short check.
+.PHONY: bench-decode
+bench-decode: setup
+	$(PY) -m vllm_caote.bench.loadtest.decode --start-server $(ARGS)
+
 eval: setup
 	$(PY) -m vllm_caote.bench.eval $(ARGS)
 
 loadtest: setup
 	$(PY) -m vllm_caote.bench.loadtest $(ARGS)
+
+# Deployment images, built and run with podman from local Debian bases (no registry needed):
+# vllm-caote:cpu served and checked, the compose stack with Prometheus, the CUDA Dockerfile on
+# a stand-in base. Also run by `make test` (tests/test_deploy.py). ARGS=phases, e.g. ARGS=serve.
+.PHONY: image-test
+image-test:
+	scripts/system-deps.sh
+	scripts/image-test.sh $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis

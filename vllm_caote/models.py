@@ -248,6 +248,8 @@ def _convert(gguf_path: Path, out: Path) -> None:
         )
     )
     _verify_model(tmp, meta)
+    for f in tmp.iterdir():  # safetensors writes owner-only files: a server user must read them
+        f.chmod(0o644)
     steps.update()
     steps.close()
     shutil.rmtree(out, ignore_errors=True)
