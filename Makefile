@@ -79,7 +79,7 @@ bench-quality: setup
 	$(PY) -m vllm_caote.bench.loadtest.quality --start-server $(ARGS)
 
 # Decode-heavy throughput: 24 x (1024 prompt + 512 output) tokens at once into a 40-block pool,
-# stock vs budgets at 4x and 8x compression, then perplexity at the same budgets (~30 min on 2
+# stock vs budgets at 4x and 8x compression, then perplexity at the same budgets (~20 min on 2
 # cores). ARGS=--quick for a short check.
 .PHONY: bench-decode
 bench-decode: setup

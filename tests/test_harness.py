@@ -263,3 +263,126 @@ def test_the_plugin_loads_without_the_harness():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr[-2000:]
     assert r.stdout.strip().endswith("[]")
+
+
+def test_decode_heavy_budgets_follow_the_plugins_rounding():
+    from vllm_caote.bench.loadtest.decode import (
+        budget_for,
+        label_of,
+        parse_compressions,
+        pool_holds,
+        ppl_fractions,
+    )
+
+    # 1024 + 512 tokens, 128-token blocks, minimum 164 (4 sinks + 32 window + one block)
+    b8 = budget_for(1024, 512, 8, block_size=128, min_budget=164)
+    assert (b8["budget"], b8["keep"], b8["cap_blocks"], b8["clamped"]) == (192, 256, 3, False)
+    assert b8["kept_compression"] == 1536 / 256
+    b4 = budget_for(1024, 512, 4, block_size=128, min_budget=164)
+    assert (b4["budget"], b4["keep"], b4["cap_blocks"]) == (384, 384, 4)
+    # ceil, then the engine minimum: 1152 / 8 = 144 < 164
+    b = budget_for(1024, 128, 8, block_size=128, min_budget=164)
+    assert (b["budget"], b["keep"], b["clamped"]) == (164, 256, True)
+    assert budget_for(1000, 1, 3, block_size=32, min_budget=68)["budget"] == 334  # ceil(1001/3)
+    # a 40-block pool: 3 stock requests at 12 blocks, 13 at the 8x cap, 10 at the 4x cap
+    assert [pool_holds(40, n) for n in (12, 3, 4)] == [3, 13, 10]
+    assert parse_compressions("4, 8") == [4.0, 8.0] and label_of(8.0) == "8x"
+    assert label_of(None) == "stock" and label_of(2.5) == "2.5x"
+    with pytest.raises(ValueError):
+        parse_compressions("1,4")
+    # the eval's budget grid turns the fractions back into exactly these budgets
+    infos = [b4, b8, b]
+    fr = ppl_fractions(infos)
+    assert [round(f * i["sequence_tokens"]) for f, i in zip(fr, infos, strict=True)] == [
+        384,
+        192,
+        164,
+    ]
+    grid = budget_grid([1536], fr[:2], min_budget=164)[1536]
+    assert [t for _, _, t, _ in grid] == [384, 192, None]
+
+
+def _poll(t, running, waiting, steps, gen, ev=0.0, events=0, prompt=0):
+    return dict(t=t, running=running, waiting=waiting, steps=steps, generation_tokens=gen,
+                eviction_s=ev, evictions=events, prompt_tokens=prompt, preemptions=0,
+                prefix_cache_hits=0, evicted_tokens=0)  # fmt: skip
+
+
+def test_decode_heavy_steady_state_keeps_only_pure_decode_intervals():
+    from vllm_caote.bench.loadtest.decode import decode_steady_state, is_decode_interval
+
+    s = [
+        _poll(0.0, 4, 6, 10, 100),
+        _poll(1.0, 4, 6, 20, 140, ev=0.02, events=1),  # 10 steps x 4 tokens: decode
+        _poll(2.0, 4, 6, 30, 175, ev=0.50, events=2),  # 35 < 40: someone was in prefill
+        _poll(3.0, 4, 6, 35, 195, ev=0.52, events=3, prompt=1024),  # a prompt finished
+        _poll(4.0, 4, 6, 45, 235, ev=0.56, events=4, prompt=1024),  # decode
+        _poll(5.0, 3, 6, 55, 265, ev=0.56, events=4, prompt=1024),  # one finished
+        _poll(6.0, 3, 0, 65, 295, ev=0.60, events=5, prompt=1024),  # decode, but nobody waited
+        _poll(7.0, 3, 0, 75, 325, ev=0.64, events=6, prompt=1024),  # (waiting at the start: 0)
+    ]
+    kept = [i for i in range(len(s) - 1) if is_decode_interval(s[i], s[i + 1])]
+    assert kept == [0, 3, 5]
+    d = decode_steady_state(s)
+    assert d["intervals"] == 3 and d["seconds"] == pytest.approx(3.0)
+    assert d["steps"] == 30 and d["step_ms"] == pytest.approx(100.0)
+    assert d["output_tokens_per_s"] == pytest.approx((40 + 40 + 30) / 3)
+    assert d["mean_running"] == pytest.approx((4 + 4 + 3) / 3)
+    # eviction share: (0.02 + 0.04 + 0.04) s of eviction in 3 s of decode steps
+    assert d["eviction_share"] == pytest.approx(0.10 / 3)
+    assert d["eviction_ms_per_step"] == pytest.approx(100 * 0.10 / 30 * 10)
+    assert decode_steady_state(s[:1]) == dict(seconds=0.0, intervals=0)
+
+
+def test_decode_heavy_summary_ratios_and_targets():
+    from vllm_caote.bench.loadtest.decode import (
+        add_ratios,
+        check_targets,
+        middle_half,
+        summarize_config,
+    )
+    from vllm_caote.bench.loadtest.decode_report import render_md
+
+    class Out:
+        def __init__(self, ttft, latency, n, ok=True):
+            self.success, self.ttft, self.latency, self.output_tokens = ok, ttft, latency, n
+            self.prompt_len, self.error = 1024, "" if ok else "boom"
+
+    def cfg(label, running, tpot, evict, budget=None):
+        samples = [_poll(t, running, 5, 10 * t, 10 * t * running, ev=evict * t) for t in range(11)]
+        before, after = samples[0], samples[-1]
+        info = None if budget is None else dict(compression=float(label[:-1]), budget=budget,
+                                                 keep=256, sequence_tokens=1536)  # fmt: skip
+        outs = [Out(1.0, 1.0 + tpot * 511, 512) for _ in range(running)] + [Out(0, 0, 0, False)]
+        return summarize_config(label, info, outs, 10.0, samples, before, after)
+
+    stock, b8 = cfg("stock", 3, 0.1, 0.0), cfg("8x", 12, 0.2, 0.03, budget=192)
+    assert stock["output_tokens_per_s"] == pytest.approx(3 * 512 / 10)
+    assert stock["ok"] == 3 and stock["errors"] == 1 and stock["error_samples"] == ["boom"]
+    assert stock["tpot_p50_ms"] == pytest.approx(100.0)
+    assert b8["eviction_share"] == pytest.approx(0.03) and b8["evictions"] == 0
+    mid = middle_half(b8["samples"], 10.0)  # the polls in [2.5, 7.5]: t = 3 .. 7
+    assert mid["seconds"] == pytest.approx(4.0) and mid["samples"] == 5
+    assert mid["eviction_share"] == pytest.approx(0.03) and mid["step_ms"] == pytest.approx(100)
+    configs = [stock, b8]
+    add_ratios(configs)
+    assert b8["output_tokens_per_s_ratio"] == pytest.approx(4.0)
+    assert b8["peak_running_ratio"] == pytest.approx(4.0)
+    assert b8["tpot_p50_ms_ratio"] == pytest.approx(2.0)
+    assert b8["decode"]["output_tokens_per_s_ratio"] == pytest.approx(4.0)
+    rows = {r["metric"]: r for r in check_targets(configs) if r["config"] == "8x"}
+    assert rows["output_tokens_per_s_ratio"]["met"] and rows["mean_running_ratio"]["met"]
+    assert rows["eviction_share_decode"]["value"] == pytest.approx(0.03)
+    assert rows["eviction_share_decode"]["met"]
+    missing_4x = [r for r in check_targets(configs) if r["config"] == "4x"]
+    assert missing_4x and not any(r["met"] for r in missing_4x)  # no 4x run: not met
+    tight = check_targets(configs, {"8x": dict(eviction_share_decode=0.01)})
+    assert not tight[0]["met"]
+    md = render_md(
+        dict(requests=4, prompt_tokens=1024, output_tokens=512, sequence_tokens=1536,
+             pool_blocks=40, block_size=128, policy="caote-snapkv", pool_holds={"stock": 3},
+             configs=configs, targets=check_targets(configs), command="x", wall_s=20.0)
+    )  # fmt: skip
+    assert "| 8x | 192 (256) | 614.4 | 4.00x |" in md
+    assert "output tokens/s vs stock 4.00x (target >= 3x): **met**" in md
+    assert "4x: output tokens/s vs stock - (target >= 2x): **missed**" in md

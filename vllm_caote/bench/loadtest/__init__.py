@@ -44,7 +44,8 @@ import urllib.request
 from pathlib import Path
 
 from vllm_caote.bench.loadtest.report import render_md
-from vllm_caote.bench.loadtest.server import check_loopback, start_server, stop_server
+from vllm_caote.bench.loadtest.server import check_loopback as check_loopback  # re-exported
+from vllm_caote.bench.loadtest.server import serving
 
 DEFAULTS = dict(
     requests=12,
@@ -399,16 +400,9 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    proc, server_cmd = None, None
-    try:
-        if args.start_server:
-            proc, url, server_cmd = start_server(args, out / f"{args.tag}_server.log")
-        else:
-            url = check_loopback(args.url)
+    with serving(args, out / f"{args.tag}_server.log") as (url, server_cmd):
         t0 = time.perf_counter()
         res = asyncio.run(_run(args, url))
-    finally:
-        stop_server(proc)
     res.update(
         command="python -m vllm_caote.bench.loadtest " + " ".join(argv or sys.argv[1:]),
         server_cmd=server_cmd,

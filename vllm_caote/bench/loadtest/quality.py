@@ -26,7 +26,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from vllm_caote.bench.loadtest.server import check_loopback, start_server, stop_server
+from vllm_caote.bench.loadtest.server import serving
 
 POLICIES = "caote-snapkv,snapkv,caote-tova,tova,caote-h2o,h2o,keydiff"
 PREEMPT = re.compile(r"^vllm:num_preemptions_total\{[^}]*\}\s+([0-9.eE+-]+)", re.M)
@@ -203,16 +203,9 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    proc, server_cmd = None, None
-    try:
-        if args.start_server:
-            proc, url, server_cmd = start_server(args, out / f"{args.tag}_server.log")
-        else:
-            url = check_loopback(args.url)
+    with serving(args, out / f"{args.tag}_server.log") as (url, server_cmd):
         t0 = time.perf_counter()
         res = asyncio.run(run(args, url))
-    finally:
-        stop_server(proc)
     res.update(
         command="python -m vllm_caote.bench.loadtest.quality " + " ".join(argv or sys.argv[1:]),
         server_cmd=server_cmd,

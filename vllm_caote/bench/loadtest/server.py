@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -95,4 +97,41 @@ def stop_server(proc) -> None:
         proc.wait(timeout=10)
 
 
+@contextlib.contextmanager
+def serving(args, log_path: Path):
+    """The server a load-test part talks to: with ``args.start_server`` one started by
+    :func:`start_server` (stopped on exit, whatever happens), else ``args.url`` (loopback
+    only). Yields ``(url, server_cmd)``; ``server_cmd`` is None for a server you started."""
+    proc = None
+    try:
+        if args.start_server:
+            proc, url, cmd = start_server(args, log_path)
+        else:
+            url, cmd = check_loopback(args.url), None
+        yield url, cmd
+    finally:
+        stop_server(proc)
+
+
 # --- client -----------------------------------------------------------------------------------
+
+_SAMPLE = re.compile(r"^([A-Za-z_:][A-Za-z0-9_:]*)(?:\{[^}]*\})?\s+([0-9.eE+-]+|NaN|[+-]Inf)\s*$")
+
+
+def parse_metrics(text: str) -> dict[str, float]:
+    """Prometheus text exposition -> ``{sample name: value summed over its label sets}``
+    (``vllm:num_requests_running``, ``vllm_caote:eviction_seconds_sum``, ...)."""
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        m = _SAMPLE.match(line)
+        if m:
+            out[m.group(1)] = out.get(m.group(1), 0.0) + float(m.group(2))
+    return out
+
+
+def scrape_metrics(url: str) -> dict[str, float]:
+    """The server's ``/metrics``, through :func:`parse_metrics`."""
+    with urllib.request.urlopen(url + "/metrics", timeout=5) as r:
+        return parse_metrics(r.read().decode())
