@@ -266,7 +266,7 @@ def test_the_plugin_loads_without_the_harness():
 
 
 def test_decode_heavy_budgets_follow_the_plugins_rounding():
-    from vllm_caote.bench.loadtest.decode import (
+    from vllm_caote.bench.loadtest.decode_summary import (
         budget_for,
         label_of,
         parse_compressions,
@@ -309,7 +309,7 @@ def _poll(t, running, waiting, steps, gen, ev=0.0, events=0, prompt=0):
 
 
 def test_decode_heavy_steady_state_keeps_only_pure_decode_intervals():
-    from vllm_caote.bench.loadtest.decode import decode_steady_state, is_decode_interval
+    from vllm_caote.bench.loadtest.decode_summary import decode_steady_state, is_decode_interval
 
     s = [
         _poll(0.0, 4, 6, 10, 100),
@@ -335,7 +335,7 @@ def test_decode_heavy_steady_state_keeps_only_pure_decode_intervals():
 
 
 def test_decode_heavy_summary_ratios_and_targets():
-    from vllm_caote.bench.loadtest.decode import (
+    from vllm_caote.bench.loadtest.decode_summary import (
         add_ratios,
         check_targets,
         middle_half,

@@ -45,22 +45,21 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from types import SimpleNamespace
 
 import torch
-import torch.nn.functional as F
 
+from vllm_caote.bench.gpu_reference import Reference, check_eviction, h2o_states
+from vllm_caote.bench.gpu_timing import measure_decode, rounded, timed
 from vllm_caote.config import EvictionSettings
 from vllm_caote.engine import compaction
 from vllm_caote.engine.plan import StepPlan, cdiv
-from vllm_caote.scoring import Policy, get_policy, policy_names, select_keep
+from vllm_caote.scoring import Policy, get_policy, policy_names
 
 DEFAULT_POLICIES = ("caote-snapkv", "snapkv", "caote-tova", "keydiff", "streaming")
 LLAMA_8B = {"layers": 32, "kv_heads": 8, "q_heads": 32, "head_size": 128}
@@ -181,233 +180,7 @@ class EngineEviction:
             )  # fmt: skip
 
 
-# -- timing ------------------------------------------------------------------------------------
-class Clock:
-    """Start and stop on the device's timeline: CUDA events, or ``perf_counter`` on CPU (whose
-    ops are synchronous)."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.cuda = device.type == "cuda"
-
-    def _now(self):
-        if self.cuda:
-            ev = torch.cuda.Event(enable_timing=True)
-            ev.record()
-            return ev
-        return time.perf_counter()
-
-    def time_ms(self, fn: Callable[[], None]) -> float:
-        start = self._now()
-        fn()
-        stop = self._now()
-        if self.cuda:
-            torch.cuda.synchronize()
-            return start.elapsed_time(stop)
-        return (stop - start) * 1e3
-
-
-def timed(fn: Callable[[], None], device, repeats: int, warmup: int, seconds: float) -> dict:
-    """Median of ``repeats`` runs after ``warmup`` (fewer repeats once ``seconds`` of timed
-    runs have passed: big shapes stay within the time guard)."""
-    clock = Clock(device)
-    for _ in range(warmup):
-        clock.time_ms(fn)
-    totals: list[float] = []
-    t0 = time.perf_counter()
-    for _ in range(repeats):
-        totals.append(clock.time_ms(fn))
-        if time.perf_counter() - t0 > seconds:
-            break
-    return {
-        "ms": statistics.median(totals),
-        "ms_min": min(totals),
-        "ms_all": totals,
-        "repeats": len(totals),
-    }
-
-
-# -- decode baseline ---------------------------------------------------------------------------
-def _decode_packed(q, k, v):
-    # one token, every query head: GQA packs the G heads of a KV head as G queries (FA pack_gqa)
-    hq, d = q.shape
-    hkv = k.shape[1]
-    return F.scaled_dot_product_attention(q.view(1, hkv, hq // hkv, d), k, v).reshape(hq, d)
-
-
-def _decode_gqa(q, k, v):
-    hq, d = q.shape
-    out = F.scaled_dot_product_attention(q.view(1, hq, 1, d), k, v, enable_gqa=True)
-    return out.reshape(hq, d)
-
-
-DECODE_FORMS = {"packed": _decode_packed, "enable_gqa": _decode_gqa}
-
-
-def measure_decode(req: PagedRequest, args) -> dict:
-    """One decode step's attention over the request's full cache, every layer."""
-    shape = req.shape
-    kv = []
-    for layer in range(shape.layers):
-        k, v = req.tokens(layer)
-        kv.append((k.contiguous().unsqueeze(0), v.contiguous().unsqueeze(0)))
-    gen = torch.Generator().manual_seed(args.seed + 1)
-    qs = torch.randn(shape.layers, shape.q_heads, shape.head_size, generator=gen)
-    qs = qs.to(device=req.device, dtype=shape.torch_dtype)
-    out: dict = {"context": req.context, "forms": {}}
-    ref = None
-    for name, fn in DECODE_FORMS.items():
-        try:
-            o = fn(qs[0], *kv[0])
-        except (RuntimeError, TypeError) as e:  # a torch without this form
-            out["forms"][name] = {"error": f"{type(e).__name__}: {e}"}
-            continue
-        if ref is None:
-            ref = o.float()
-        agree = torch.allclose(o.float(), ref, atol=2e-2, rtol=2e-2)
-
-        def step(fn=fn):
-            for layer in range(shape.layers):
-                fn(qs[layer], *kv[layer])
-
-        t = timed(step, req.device, args.repeats, args.warmup, args.config_seconds)
-        out["forms"][name] = {**_round(t), "agrees": bool(agree)}
-    ok = {n: f for n, f in out["forms"].items() if "ms" in f}
-    best = min(ok, key=lambda n: ok[n]["ms"])
-    out.update(
-        form=best,
-        ms_per_step=ok[best]["ms"],
-        ms_per_layer=ok[best]["ms"] / shape.layers,
-        forms_agree=all(f["agrees"] for f in ok.values()),
-    )
-    return out
-
-
-# -- correctness -------------------------------------------------------------------------------
-class Reference:
-    """The policy on CPU float32 copies of the request's tokens (no paging), per layer."""
-
-    def __init__(self, req: PagedRequest, layers: list[int], settings) -> None:
-        self.req, self.layers, self.settings = req, layers, settings
-        self.src: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        self.scores: dict[tuple[str, int], torch.Tensor] = {}
-
-    def snapshot(self) -> bool:
-        """Copy the fresh cache's tokens (first call); later calls check the refill matches."""
-        same = True
-        for layer in self.layers:
-            k, v = (t.float().cpu() for t in self.req.tokens(layer))
-            if layer in self.src:
-                same &= torch.equal(k, self.src[layer][0]) and torch.equal(v, self.src[layer][1])
-            else:
-                self.src[layer] = (k, v)
-        return same
-
-    def keep(self, policy: Policy, layer: int, keep: int) -> torch.Tensor:
-        key = (policy.name, layer)
-        if key not in self.scores:
-            k, v = self.src[layer]
-            q = self.req.queries[layer].float().cpu()
-            if policy.stateful:
-                self.scores[key] = policy.score_from_state(v, policy.advance(q, k))
-            else:
-                self.scores[key] = policy.score_with_state(
-                    k, v, queries=q if policy.needs_queries else None, sinks=self.settings.sinks
-                )[0]
-        s = self.settings
-        return select_keep(
-            self.scores[key], keep, protect_recent=s.window, sinks=s.sinks, span=policy.span
-        )
-
-
-def h2o_states(req: PagedRequest, policy: Policy) -> list[torch.Tensor | None]:
-    """H2O's running sums as the engine holds them before an eviction (not timed: the engine
-    advances them every step, not at eviction)."""
-    if not policy.stateful:
-        return [None] * req.shape.layers
-    out = []
-    for layer in range(req.shape.layers):
-        k, _ = req.layout.read(req.caches[layer], req.block_ids, req.context)
-        out.append(policy.advance(req.queries[layer], k))
-    return out
-
-
-def _fingerprints(x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """An exact integer hash per token of float32 ``x`` ``[H, n, d]``: its bits times small
-    random weights, summed in int64 (no rounding, no overflow: 2^31 * 2^20 * d < 2^63)."""
-    return (x.contiguous().view(torch.int32).long() * weights).sum(-1)
-
-
-def kept_indices(src: torch.Tensor, out: torch.Tensor) -> tuple[torch.Tensor, bool]:
-    """Which source token each compacted token is: ``(index [H, K], all found exactly)``."""
-    d = src.shape[-1]
-    gen = torch.Generator().manual_seed(1234)
-    w = torch.randint(1, 2**20, (d,), generator=gen, dtype=torch.long)
-    fs, fo = _fingerprints(src, w), _fingerprints(out, w)
-    fs_sorted, order = fs.sort(dim=-1)
-    pos = torch.searchsorted(fs_sorted, fo).clamp_max(src.shape[1] - 1)
-    idx = order.gather(1, pos)
-    found = torch.equal(fs.gather(1, idx), fo)
-    return idx, found
-
-
-def check_eviction(req, ref: Reference, policy, keep, before: dict, min_overlap) -> dict:
-    """What the cache holds after the engine's eviction, for the checked layers, against the
-    CPU reference's selection (read from the raw memory, not through the engine's layout)."""
-    res = {
-        "layers": ref.layers,
-        "indices_equal": True,
-        "overlap_min": 1.0,
-        "moved_exact": True,
-        "equals_reference": True,
-        "untouched": True,
-    }
-    written = req.block_ids[: cdiv(keep, req.shape.block_size)]
-    for layer in ref.layers:
-        src_k, src_v = ref.src[layer]
-        out_k, out_v = (t.float().cpu() for t in req.tokens(layer, keep))
-        dev_idx, found = kept_indices(src_k, out_k)
-        gi = dev_idx.unsqueeze(-1).expand(-1, -1, src_k.shape[-1])
-        # every kept token an exact copy of a source token, its value with it, in token order
-        res["moved_exact"] &= (
-            found
-            and torch.equal(out_k, torch.gather(src_k, 1, gi))
-            and torch.equal(out_v, torch.gather(src_v, 1, gi))
-            and bool((dev_idx[:, 1:] > dev_idx[:, :-1]).all())
-        )
-        ref_idx = ref.keep(policy, layer, keep)
-        ri = ref_idx.unsqueeze(-1).expand(-1, -1, src_k.shape[-1])
-        res["equals_reference"] &= torch.equal(out_k, torch.gather(src_k, 1, ri)) and torch.equal(
-            out_v, torch.gather(src_v, 1, ri)
-        )
-        res["indices_equal"] &= torch.equal(dev_idx, ref_idx)
-        for h in range(dev_idx.shape[0]):
-            common = torch.isin(dev_idx[h], ref_idx[h]).sum().item()
-            res["overlap_min"] = min(res["overlap_min"], common / ref_idx.shape[1])
-        mask = torch.ones(req.num_blocks, dtype=torch.bool, device=req.device)
-        mask[written] = False
-        res["untouched"] &= torch.equal(req.raw[layer][mask], before[layer][mask])
-    res = {k: (bool(v) if isinstance(v, bool) else v) for k, v in res.items()}
-    res["passed"] = bool(
-        res["moved_exact"] and res["untouched"] and res["overlap_min"] >= min_overlap
-    )
-    return res
-
-
 # -- the run -----------------------------------------------------------------------------------
-def _round(d: dict) -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, float):
-            out[k] = round(v, 4)
-        elif isinstance(v, list):
-            out[k] = [round(x, 4) if isinstance(x, float) else x for x in v]
-        elif isinstance(v, dict):
-            out[k] = _round(v)
-        else:
-            out[k] = v
-    return out
-
-
 def environment(device: torch.device) -> dict:
     import vllm_caote
 
@@ -484,7 +257,7 @@ def run(args) -> dict:
         mib = req.raw.numel() * req.raw.element_size() / 2**20
         log(f"context {ctx}: paged cache {mib:.0f} MiB, {req.nblk} of {req.num_blocks} blocks")
         dec = measure_decode(req, args)
-        report["decode"].append(_round(dec))
+        report["decode"].append(rounded(dec))
         log(f"  decode attention {dec['ms_per_step']:.3f} ms/step ({dec['form']})")
         ref = Reference(req, checked, settings)
         for budget in budgets:
@@ -520,7 +293,7 @@ def run(args) -> dict:
                     "ratio_to_decode": t["ms"] / dec["ms_per_step"],
                     "check": check,
                 }
-                report["evictions"].append(_round(row))
+                report["evictions"].append(rounded(row))
                 log(
                     f"  budget {budget} {policy.name}: {t['ms']:.3f} ms/eviction "
                     f"({row['ratio_to_decode']:.1f}x decode) check "
