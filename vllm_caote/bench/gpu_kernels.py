@@ -55,6 +55,7 @@ from types import SimpleNamespace
 import torch
 
 from vllm_caote.bench.gpu_reference import Reference, check_eviction, h2o_states
+from vllm_caote.bench.gpu_report import render_md, target_result
 from vllm_caote.bench.gpu_timing import measure_decode, rounded, timed
 from vllm_caote.config import EvictionSettings
 from vllm_caote.engine import compaction
@@ -327,83 +328,6 @@ def run(args) -> dict:
     report["env"]["vllm_imported"] = any(m == "vllm" or m.startswith("vllm.") for m in sys.modules)
     report["wall_s"] = round(time.perf_counter() - t_start, 2)
     return report
-
-
-def target_result(report: dict, shape: Shape, device: torch.device) -> dict:
-    rows = [r for r in report["evictions"] if r["context"] == 32768]
-    applicable = device.type == "cuda" and shape.is_llama_8b() and bool(rows)
-    per_policy = {}
-    for r in rows:
-        worst = per_policy.get(r["policy"], 0.0)
-        per_policy[r["policy"]] = max(worst, r["ratio_to_decode"])
-    return {
-        "applicable": applicable,
-        "why_not": None
-        if applicable
-        else "needs --device cuda, the default 8B shapes (bf16) and a 32768-token context",
-        "worst_ratio_per_policy": per_policy,
-        "met_per_policy": {p: v < 1.0 for p, v in per_policy.items()} if applicable else None,
-    }
-
-
-def render_md(report: dict) -> str:
-    env, shape = report["env"], report["shape"]
-    lines = [
-        "# Eviction kernels vs decode attention (`python -m vllm_caote.bench.gpu_kernels`)",
-        "",
-        f"Device: {env['device']} ({env.get('device_name')}), torch {env['torch']}, "
-        f"CUDA {env['cuda']}. Shape: {shape['layers']} layers, {shape['kv_heads']} KV heads, "
-        f"{shape['q_heads']} query heads, head {shape['head_size']}, {shape['dtype']}, "
-        f"blocks of {shape['block_size']}, window {shape['window']}, sinks {shape['sinks']}.",
-        "",
-        "One eviction = every layer of one request through the engine's `step._compact`: "
-        "gather + score + select + compact in place. Decode = SDPA of one token over the same full cache, every layer "
-        "(contiguous K/V). Times: median ms.",
-        "",
-        "| context | decode ms/step | decode ms/layer | form |",
-        "|---:|---:|---:|---|",
-    ]
-    for d in report["decode"]:
-        lines.append(
-            f"| {d['context']} | {d['ms_per_step']:.3f} | {d['ms_per_layer']:.4f} | {d['form']} |"
-        )
-    lines += [
-        "",
-        "| context | budget | policy | ms/eviction | ms/layer | min ms | runs | x decode "
-        "| check (overlap) |",
-        "|---:|---:|---|---:|---:|---:|---:|---:|---|",
-    ]
-    for r in report["evictions"]:
-        c = r["check"]
-        lines.append(
-            f"| {r['context']} | {r['budget']} | {r['policy']} | {r['ms_per_eviction']:.3f} | "
-            f"{r['ms_per_layer']:.4f} | {r['ms_min']:.3f} | {r['repeats']} | "
-            f"{r['ratio_to_decode']:.2f} | {'ok' if c['passed'] else 'FAILED'} "
-            f"({c['overlap_min']:.4f}) |"
-        )
-    cor = report["correctness"]
-    tr = report["target_result"]
-    lines += [
-        "",
-        f"Correctness: {'passed' if cor['passed'] else 'FAILED'} ({cor['checks']} checks, "
-        f"min overlap {cor['overlap_min']}, indices identical everywhere: "
-        f"{cor['indices_equal_all']}).",
-        "",
-        f"Target ({report['target']}): "
-        + (
-            ", ".join(
-                f"{p} {'met' if ok else 'missed'} ({tr['worst_ratio_per_policy'][p]:.2f}x)"
-                for p, ok in tr["met_per_policy"].items()
-            )
-            if tr["applicable"]
-            else f"not applicable here ({tr['why_not']})"
-        )
-        + ".",
-    ]
-    if report["skipped"]:
-        lines += ["", f"Skipped (time limit): {len(report['skipped'])} configurations."]
-    lines += ["", f"Wall time {report['wall_s']} s.", ""]
-    return "\n".join(lines)
 
 
 def _ints(s: str) -> list[int]:
