@@ -335,13 +335,13 @@ def test_decode_heavy_steady_state_keeps_only_pure_decode_intervals():
 
 
 def test_decode_heavy_summary_ratios_and_targets():
+    from vllm_caote.bench.loadtest.decode_report import render_md
     from vllm_caote.bench.loadtest.decode_summary import (
         add_ratios,
         check_targets,
         middle_half,
         summarize_config,
     )
-    from vllm_caote.bench.loadtest.decode_report import render_md
 
     class Out:
         def __init__(self, ttft, latency, n, ok=True):
