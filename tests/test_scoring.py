@@ -23,6 +23,7 @@ from vllm_caote.scoring import (
     keydiff_scores,
     policy_names,
     pool_tokens,
+    query_moments,
     select_keep,
     snapkv_scores,
     streaming_scores,
@@ -473,7 +474,12 @@ ALL_NAMES = [
     "snapkv",
     "h2o",
     "tova",
+    "expected-attention",
+    "caote-expected-attention",
+    "fast-caote-expected-attention",
     "keydiff",
+    "caote-keydiff",
+    "fast-caote-keydiff",
     "streaming",
 ]
 
@@ -485,8 +491,11 @@ def test_registry_names_and_default():
     for name in ALL_NAMES:
         p = get_policy(name)
         assert p.name == name
-        assert p.needs_attention == (name not in ("keydiff", "streaming"))
-        assert p.needs_queries == p.needs_attention
+        query_agnostic = ("keydiff", "streaming", "expected-attention")
+        assert p.needs_attention == (not name.endswith(query_agnostic))
+        # Expected Attention needs no attention weights, but reads every query's moments
+        assert p.tracks_queries == name.endswith("expected-attention")
+        assert p.needs_queries == (p.needs_attention or p.tracks_queries)
         assert p.stateful == name.endswith("h2o")
         assert p.needs_values == ("caote" in name)
     assert get_policy("CAOTE_SNAPKV") is POLICIES["caote-snapkv"]
@@ -517,6 +526,12 @@ def test_every_policy_end_to_end(name, dtype):
     a = attention_weights(q, k)
     if p.needs_attention:
         torch.testing.assert_close(p.score(k, v, attn=a, sinks=2), s)
+        with pytest.raises(ValueError, match="queries"):
+            p.score(k, v)
+    elif p.tracks_queries:
+        # the queries' moments given directly give the same scores as the queries
+        moments = query_moments(q)
+        torch.testing.assert_close(p.score(k, v, query_moments=moments, sinks=2), s)
         with pytest.raises(ValueError, match="queries"):
             p.score(k, v)
     else:
@@ -641,3 +656,41 @@ def test_tova_from_queries_scores_the_newest_query_only_and_equals_the_full_wind
     torch.testing.assert_close(
         pol.score(k, v, queries=q, causal=causal), want, rtol=1e-12, atol=1e-12
     )
+
+
+def test_caote_keydiff_composes_the_shifted_key_diversity():
+    """KeyDiff's -cos is shifted to 1 - cos (same ranking, >= 0) to serve as CAOTE's alpha."""
+    _, k, v = _qkv(7, 2, 1, 1, 20, 8)
+    plain = get_policy("keydiff").score(k, v, pool_neighbours=False)
+    torch.testing.assert_close(plain, keydiff_scores(k))
+    for meta, fn in (("caote", caote_scores), ("fast-caote", fast_caote_scores)):
+        got = get_policy(f"{meta}-keydiff").score(k, v, pool_neighbours=False)
+        torch.testing.assert_close(got, fn(keydiff_scores(k) + 1.0, v))
+
+
+def test_query_moments_accumulate_in_float32_without_cancellation():
+    """Running moments over many chunks of large-offset float32 queries equal the float64
+    moments of the whole set (the shift keeps E[qq^T] - mu mu^T from cancelling)."""
+    from vllm_caote.scoring import QueryMoments
+
+    q = torch.randn(3, 600, 16, generator=_gen(2), dtype=F64) * 0.5 + 200.0
+    moments = QueryMoments()
+    for lo in range(0, 600, 37):
+        moments.update(q[:, lo : lo + 37].float())
+    mean, cov = moments.mean_cov()
+    ref_mean, ref_cov = query_moments(q)
+    torch.testing.assert_close(mean.double(), ref_mean, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(cov.double(), ref_cov, rtol=1e-3, atol=1e-3)
+
+
+def test_rank_union_keeps_the_top_of_every_ranking():
+    from vllm_caote.scoring import rank_union
+
+    a = torch.tensor([[9.0, 8.0, 7.0, 0.0, 0.0, 0.0, 1.0, 2.0]])
+    b = torch.tensor([[0.0, 0.0, 0.0, 5.0, 6.0, 7.0, 1.0, 2.0]])
+    # a alone would keep 0, 1, 2 and b alone 3, 4, 5: the union's top 4 holds the best two of each
+    kept = select_keep(rank_union(a, b), 4).tolist()[0]
+    assert kept == [0, 1, 4, 5]
+    assert torch.equal(select_keep(rank_union(a), 3), select_keep(a, 3))
+    with pytest.raises(ValueError):
+        rank_union(a, b[:, :4])

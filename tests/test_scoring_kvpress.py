@@ -18,9 +18,14 @@ from conftest import in_ci, missing
 from kvpress_peer import INSTALL_HINT, kvpress_root, press_module
 
 from vllm_caote.scoring import (
+    QueryMoments,
     attention_weights,
+    expected_attention_scores,
+    get_policy,
     h2o_scores,
     keydiff_scores,
+    mean_rotation,
+    rope_rotate,
     select_keep,
     snapkv_scores,
     streaming_scores,
@@ -40,6 +45,7 @@ def _load_presses():
         "keydiff_press",
         "streaming_llm_press",
         "observed_attention_press",
+        "expected_attention_press",
     )
     try:
         return {name: press_module(root, name) for name in names}
@@ -127,3 +133,79 @@ def test_h2o_relates_to_kvpress_observed_attention(kvp, hkv, g):
     ref = press.score(module, hidden, k[None], v[None], attentions, {})[0]
     seen_by = torch.arange(n, 0, -1, dtype=F64)
     torch.testing.assert_close(h2o_scores(full), ref * seen_by * g)
+
+
+def _rope(d: int, positions: torch.Tensor, base: float = 10000.0):
+    """Unit RoPE angles ``(cos, sin)`` ``[P, d / 2]`` (NeoX layout, as vLLM and HF Llama)."""
+    inv_freq = base ** (-torch.arange(0, d, 2, dtype=F64) / d)
+    ang = positions.to(F64)[:, None] * inv_freq[None]
+    return ang.cos(), ang.sin()
+
+
+class _HFRotary:
+    """``module.rotary_emb`` as kvpress calls it: ``(x, position_ids) -> (cos, sin)`` of
+    shape ``[1, P, d]`` with the halves duplicated (Hugging Face's layout)."""
+
+    def __init__(self, d: int):
+        self.d = d
+
+    def __call__(self, x, position_ids):
+        cos, sin = _rope(self.d, position_ids[0])
+        return torch.cat((cos, cos), -1)[None], torch.cat((sin, sin), -1)[None]
+
+
+@pytest.mark.parametrize("hkv,g", [(1, 1), (2, 3)])
+@pytest.mark.parametrize("use_covariance", [True, False])
+def test_expected_attention_matches_kvpress(kvp, hkv, g, use_covariance):
+    """Same hidden states, same projection: our scores from the engine's view of the queries
+    (RoPE-rotated by their positions, un-rotated, accumulated in two chunks) equal kvpress's."""
+    n, d, hidden_size, sinks, future = 48, 8, 12, 4, 512
+    gen = torch.Generator().manual_seed(3)
+    hidden = torch.randn(1, n, hidden_size, generator=gen, dtype=F64)
+    q_proj = torch.nn.Linear(hidden_size, hkv * g * d, bias=False).to(F64)
+    torch.nn.init.normal_(q_proj.weight, generator=gen)
+    k = torch.randn(hkv, n, d, generator=gen, dtype=F64)
+    v = torch.randn(hkv, n, d, generator=gen, dtype=F64)
+    module = SimpleNamespace(
+        config=SimpleNamespace(num_attention_heads=hkv * g, num_key_value_heads=hkv),
+        head_dim=d, q_proj=q_proj, rotary_emb=_HFRotary(d),
+    )  # fmt: skip
+    press = kvp["expected_attention_press"].ExpectedAttentionPress(
+        n_future_positions=future, n_sink=sinks, use_covariance=use_covariance
+    )
+    with torch.no_grad():
+        ref = press.score(module, hidden, k[None], v[None], None, {})[0]
+        pre = q_proj(hidden[0]).reshape(n, hkv * g, d).transpose(0, 1)  # [Hq, n, d]
+    # what the engine sees: queries rotated by their own positions; it undoes the rotation
+    cos, sin = _rope(d, torch.arange(n))
+    rotated = rope_rotate(pre, cos, sin)
+    moments = QueryMoments()
+    for lo, hi in ((sinks, 20), (20, n)):  # two steps; the sinks' queries are left out
+        moments.update(rope_rotate(rotated[:, lo:hi], cos[lo:hi], -sin[lo:hi]))
+    mean, cov = moments.mean_cov()
+    rot = mean_rotation(*_rope(d, torch.arange(n, n + future)), d)
+    got = expected_attention_scores(
+        k[:, sinks:], v[:, sinks:], mean, cov if use_covariance else None, rotation=rot
+    )
+    torch.testing.assert_close(got, ref[:, sinks:])
+    # the policy (pooling off) on the same moments gives the same scores
+    policy = get_policy("expected-attention")
+    got_policy = policy.score(
+        k[:, sinks:], v[:, sinks:], query_moments=(mean, cov), future_rotation=rot,
+        use_covariance=use_covariance, pool_neighbours=False,
+    )  # fmt: skip
+    torch.testing.assert_close(got_policy, ref[:, sinks:])
+
+
+def test_rope_rotate_undoes_itself_and_mean_rotation_matches_the_average():
+    d = 10
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 7, d, generator=gen, dtype=F64)
+    for neox in (True, False):
+        cos, sin = _rope(8, torch.arange(7))  # partial rotary: 8 of 10 features
+        y = rope_rotate(x, cos, sin, neox)
+        torch.testing.assert_close(y[..., 8:], x[..., 8:])
+        torch.testing.assert_close(rope_rotate(y, cos, -sin, neox), x)
+        # the mean rotation applied to x equals the mean of x rotated to each position
+        rot = mean_rotation(cos, sin, d, neox)
+        torch.testing.assert_close(x[:, 0] @ rot.T, rope_rotate(x[:, :1], cos, sin, neox).mean(1))

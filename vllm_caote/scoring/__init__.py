@@ -16,10 +16,18 @@ from .base import (
     tova_scores,
 )
 from .caote import caote_attention_scores, caote_scores, fast_caote_scores
+from .expected import (
+    QueryMoments,
+    expected_attention_scores,
+    mean_rotation,
+    query_moments,
+    rope_rotate,
+)
 from .registry import (
     DEFAULT_POLICY,
     KNOBS,
     POLICIES,
+    ExpectedAttentionPolicy,
     H2OPolicy,
     KeyDiffPolicy,
     Policy,
@@ -29,27 +37,34 @@ from .registry import (
     get_policy,
     policy_names,
 )
-from .select import select_keep
+from .select import rank_union, select_keep
 
 __all__ = [
     "DEFAULT_POLICY",
     "KNOBS",
     "POLICIES",
+    "ExpectedAttentionPolicy",
     "H2OPolicy",
     "KeyDiffPolicy",
     "Policy",
+    "QueryMoments",
     "SnapKVPolicy",
     "StreamingPolicy",
     "TOVAPolicy",
     "attention_weights",
     "caote_attention_scores",
     "caote_scores",
+    "expected_attention_scores",
     "fast_caote_scores",
     "get_policy",
     "h2o_scores",
     "keydiff_scores",
+    "mean_rotation",
     "policy_names",
     "pool_tokens",
+    "query_moments",
+    "rank_union",
+    "rope_rotate",
     "select_keep",
     "snapkv_scores",
     "streaming_scores",

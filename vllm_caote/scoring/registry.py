@@ -38,6 +38,7 @@ from .base import (
     tova_scores,
 )
 from .caote import caote_scores, fast_caote_scores
+from .expected import expected_attention_scores, query_moments
 
 DEFAULT_POLICY = "caote-snapkv"
 
@@ -58,6 +59,13 @@ KNOBS: Mapping[str, Any] = MappingProxyType(
         # H2O, TOVA and KeyDiff scores pooled over tokens with SnapKV's kernel, so a kept token
         # keeps its neighbours (a 5-digit number is 5 tokens); False = the papers' (kvpress's)
         "pool_neighbours": True,
+        # Expected Attention: (mean [Hq, d], cov [Hq, d, d]) of the pre-RoPE queries so far
+        # (None: the moments of ``queries``), the average rotation [d, d] of the next positions
+        # (None: identity), whether the covariance term is used, and the value-norm scaling
+        "query_moments": None,
+        "future_rotation": None,
+        "use_covariance": True,
+        "use_vnorm": True,
     }
 )
 
@@ -104,6 +112,9 @@ class Policy:
     #: the scores read only the newest window query's attention (TOVA): the others' attention
     #: is not computed (the newest query sees every key, so its row is the same either way)
     last_query_only: ClassVar[bool] = False
+    #: the scores read running moments of *every* query of the request (Expected Attention):
+    #: the caller feeds each step's queries, un-rotated, and passes knob ``query_moments``
+    tracks_queries: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         if self.meta not in _METAS:
@@ -161,7 +172,11 @@ class Policy:
             raise ValueError(f"keys must be [Hkv, n, d], got {tuple(keys.shape)}")
         if self.needs_attention:
             attn = self._attention(keys, queries, attn, k)
-        base, state = self._base(keys, attn, h2o_prev, sinks, k)
+        if self.tracks_queries and k["query_moments"] is None:
+            if queries is None:
+                raise ValueError(f"policy {self.name!r} needs `queries` or `query_moments`")
+            k["query_moments"] = query_moments(queries)
+        base, state = self._base(keys, values, attn, h2o_prev, sinks, k)
         if self.meta == "caote":
             return caote_scores(base, values, eps=k["eps"]), state
         if self.meta == "fast-caote":
@@ -223,7 +238,9 @@ class Policy:
             raise ValueError(f"attn must be [Hkv={hkv}, G, w, n={n}], got {tuple(attn.shape)}")
         return attn
 
-    def _base(self, keys, attn, h2o_prev, sinks, k) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _base(
+        self, keys, values, attn, h2o_prev, sinks, k
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         raise NotImplementedError
 
 
@@ -231,16 +248,24 @@ class Policy:
 class StreamingPolicy(Policy):
     """StreamingLLM: sinks + most recent tokens (position only)."""
 
-    def _base(self, keys, attn, h2o_prev, sinks, k):
+    def _base(self, keys, values, attn, h2o_prev, sinks, k):
         return streaming_scores(keys, sinks=sinks), None
 
 
 @dataclass(frozen=True)
 class KeyDiffPolicy(Policy):
-    """KeyDiff: ``-cos(k_j, mean unit key)``, neighbour-pooled; no queries, no attention."""
+    """KeyDiff: ``-cos(k_j, mean unit key)``, neighbour-pooled; no queries, no attention.
 
-    def _base(self, keys, attn, h2o_prev, sinks, k):
-        return _neighbours(keydiff_scores(keys, normalize_anchor=k["normalize_anchor"]), k), None
+    As a CAOTE base it is shifted to ``1 - cos`` (>= 0, the same ranking): CAOTE-KeyDiff weighs
+    each token's distance from the mean key by how far its value is from the output."""
+
+    nonnegative: ClassVar[bool] = True  # for the CAOTE forms, after the shift
+
+    def _base(self, keys, values, attn, h2o_prev, sinks, k):
+        scores = keydiff_scores(keys, normalize_anchor=k["normalize_anchor"])
+        if self.meta is not None:
+            scores = scores + 1.0
+        return _neighbours(scores, k), None
 
 
 @dataclass(frozen=True)
@@ -252,7 +277,7 @@ class H2OPolicy(Policy):
     stateful: ClassVar[bool] = True
     nonnegative: ClassVar[bool] = True
 
-    def _base(self, keys, attn, h2o_prev, sinks, k):
+    def _base(self, keys, values, attn, h2o_prev, sinks, k):
         acc = h2o_scores(attn, h2o_prev)
         return _neighbours(acc, k), acc  # the state stays the plain running sum
 
@@ -267,7 +292,7 @@ class TOVAPolicy(Policy):
     nonnegative: ClassVar[bool] = True
     last_query_only: ClassVar[bool] = True
 
-    def _base(self, keys, attn, h2o_prev, sinks, k):
+    def _base(self, keys, values, attn, h2o_prev, sinks, k):
         scores = tova_scores(attn, head_average=k["head_average"], reduce_heads=k["reduce_heads"])
         return _neighbours(scores, k), None
 
@@ -288,8 +313,33 @@ class SnapKVPolicy(Policy):
     needs_queries: ClassVar[bool] = True
     nonnegative: ClassVar[bool] = True
 
-    def _base(self, keys, attn, h2o_prev, sinks, k):
+    def _base(self, keys, values, attn, h2o_prev, sinks, k):
         return snapkv_scores(attn, kernel_size=k["kernel_size"], pooling=k["pooling"]), None
+
+
+@dataclass(frozen=True)
+class ExpectedAttentionPolicy(Policy):
+    """Expected Attention (kvpress ``ExpectedAttentionPress``): the softmax of the future
+    queries' expected logits, from the moments of every query so far moved to the next
+    positions by the average RoPE rotation, times ``||v||``; neighbour-pooled. Query-agnostic:
+    it does not need the question to be in the window, only the query distribution."""
+
+    needs_queries: ClassVar[bool] = True
+    nonnegative: ClassVar[bool] = True
+    tracks_queries: ClassVar[bool] = True
+
+    def _base(self, keys, values, attn, h2o_prev, sinks, k):
+        mean, cov = k["query_moments"]
+        scores = expected_attention_scores(
+            keys,
+            values,
+            mean,
+            cov if k["use_covariance"] else None,
+            rotation=k["future_rotation"],
+            scale=k["scale"],
+            use_vnorm=k["use_vnorm"],
+        )
+        return _neighbours(scores, k), None
 
 
 def _build() -> dict[str, Policy]:
@@ -300,7 +350,12 @@ def _build() -> dict[str, Policy]:
     out["snapkv"] = SnapKVPolicy(name="snapkv")
     out["h2o"] = H2OPolicy(name="h2o")
     out["tova"] = TOVAPolicy(name="tova")
+    for meta, prefix in ((None, ""), ("caote", "caote-"), ("fast-caote", "fast-caote-")):
+        name = prefix + "expected-attention"
+        out[name] = ExpectedAttentionPolicy(name=name, meta=meta)
     out["keydiff"] = KeyDiffPolicy(name="keydiff")
+    out["caote-keydiff"] = KeyDiffPolicy(name="caote-keydiff", meta="caote")
+    out["fast-caote-keydiff"] = KeyDiffPolicy(name="fast-caote-keydiff", meta="fast-caote")
     out["streaming"] = StreamingPolicy(name="streaming")
     return out
 
