@@ -29,6 +29,7 @@ PRESSES = {
     "tova": ("tova_press", "TOVAPress"),
     "keydiff": ("keydiff_press", "KeyDiffPress"),
     "streaming": ("streaming_llm_press", "StreamingLLMPress"),
+    "expected-attention": ("expected_attention_press", "ExpectedAttentionPress"),
 }
 
 
@@ -76,6 +77,10 @@ class KVPressPeer:
         self.model = AutoModelForCausalLM.from_pretrained(
             model_dir, dtype=torch.float32, attn_implementation="sdpa"
         ).eval()
+        # kvpress's pipeline gives every attention layer the model's rotary embedding (presses
+        # that rotate queries, as ExpectedAttentionPress, read it there); so does this peer
+        for layer in self.model.model.layers:
+            layer.self_attn.rotary_emb = self.model.model.rotary_emb
         self.press_classes = press_classes
 
     @torch.no_grad()

@@ -277,3 +277,65 @@ def test_passkey_survives_eviction(llm):
             expect.append(False)  # evicted whole
     assert expect == [False, True, True], expect  # the geometry the docstring describes
     assert results["streaming"] == expect, (results["streaming"], answers["streaming"])
+
+
+def test_expected_attention_reads_the_models_own_rope(llm):
+    """Expected Attention un-rotates vLLM's (RoPE-rotated) queries with the model's own rotary
+    table: every attention layer of SmolLM2 finds its block's rotary embedding, with the
+    frequencies of the model's config (NeoX pairing), and un-rotating a rotated query by the
+    same table gives it back."""
+    import torch
+
+    from vllm_caote.scoring import rope_rotate
+
+    core = llm.llm_engine.engine_core.engine_core
+    runner = core.model_executor.driver_worker.worker.model_runner
+    ctx = runner.vllm_config.compilation_config.static_forward_context
+    hf = runner.vllm_config.model_config.hf_config
+    layers = [n for n in ctx if n.endswith(".attn")]
+    assert len(layers) == hf.num_hidden_layers
+    d = hf.head_dim
+    expect = hf.rope_parameters["rope_theta"] ** (-torch.arange(0, d, 2, dtype=torch.float64) / d)
+    for name in layers:
+        table = runner.caote.rope.for_layer(name)
+        assert table is not None, name
+        assert table.neox and table.head_size == d
+        torch.testing.assert_close(table.inv_freq, expect, rtol=1e-5, atol=1e-7)
+    q = torch.randn(hf.num_attention_heads, 5, d)
+    pos = torch.tensor([0, 7, 300, 2047, 5000])  # past the table's end too
+    cos, sin = table.angles(pos, q.device)
+    torch.testing.assert_close(table.unrotate(rope_rotate(q, cos, sin), pos), q, atol=1e-5, rtol=0)
+
+
+def test_prefill_base_scores_chunks_read_before_the_question(llm, monkeypatch):
+    """With ``prefill_base: keydiff``, a caote-snapkv request's block-wise evictions made before
+    its prompt's end are scored by caote-keydiff (the window holds text, not the question), and
+    every eviction from the last prompt token on by caote-snapkv itself."""
+    import dataclasses
+
+    from vllm_caote.bench.tasks import filler_prompt_ids
+    from vllm_caote.engine import step
+
+    runner = llm.llm_engine.engine_core.engine_core.model_executor.driver_worker.worker
+    worker_ev = runner.model_runner.caote
+    seen: list[tuple[bool, str]] = []
+    real = step.scorer_for
+
+    def recording(policy, plan, base):
+        scorer = real(policy, plan, base)
+        if plan.evict_to is not None:
+            seen.append((plan.prompt_done, scorer.name))
+        return scorer
+
+    monkeypatch.setattr(step, "scorer_for", recording)
+    old = worker_ev.settings
+    worker_ev.settings = dataclasses.replace(old, prefill_base="keydiff")
+    try:
+        prompt = {"prompt_token_ids": filler_prompt_ids(_tok(llm), 1400, 777)}
+        out = llm.generate([prompt], _params(140, budget=BUDGET, policy="caote-snapkv"))[0]
+    finally:
+        worker_ev.settings = old
+    stats = out.kv_transfer_params["kv_eviction"]
+    assert stats["evicted_tokens"] > 0 and "error" not in stats, stats
+    assert (False, "caote-keydiff") in seen and (True, "caote-snapkv") in seen, seen
+    assert all(name == ("caote-snapkv" if done else "caote-keydiff") for done, name in seen)

@@ -179,6 +179,11 @@ def test_settings_come_from_additional_config(monkeypatch):
         _args(additional_config={"kv_eviction": {"budget": 512}}).create_engine_config()
     with pytest.raises(SettingsError, match="default_policy"):
         _args(additional_config={"kv_eviction": {"default_policy": "lru"}}).create_engine_config()
+    cfg = _args(additional_config={"kv_eviction": {"prefill_base": "KeyDiff"}})
+    assert settings(cfg.create_engine_config()).prefill_base == "keydiff"
+    assert settings().prefill_base == "own"  # the default: every eviction by the policy itself
+    with pytest.raises(SettingsError, match="prefill_base must be one of"):
+        _args(additional_config={"kv_eviction": {"prefill_base": "snapkv"}}).create_engine_config()
 
 
 @pytest.mark.parametrize(

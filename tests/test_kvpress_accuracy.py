@@ -31,6 +31,7 @@ README_COUNTS = {
     "tova": (1, 5),
     "keydiff": (1, 5),
     "streaming": (2, 2),
+    "expected-attention": (0, 2),
 }
 KEEP = 0.25
 BLOCK = 32

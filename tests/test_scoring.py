@@ -681,16 +681,3 @@ def test_query_moments_accumulate_in_float32_without_cancellation():
     ref_mean, ref_cov = query_moments(q)
     torch.testing.assert_close(mean.double(), ref_mean, rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(cov.double(), ref_cov, rtol=1e-3, atol=1e-3)
-
-
-def test_rank_union_keeps_the_top_of_every_ranking():
-    from vllm_caote.scoring import rank_union
-
-    a = torch.tensor([[9.0, 8.0, 7.0, 0.0, 0.0, 0.0, 1.0, 2.0]])
-    b = torch.tensor([[0.0, 0.0, 0.0, 5.0, 6.0, 7.0, 1.0, 2.0]])
-    # a alone would keep 0, 1, 2 and b alone 3, 4, 5: the union's top 4 holds the best two of each
-    kept = select_keep(rank_union(a, b), 4).tolist()[0]
-    assert kept == [0, 1, 4, 5]
-    assert torch.equal(select_keep(rank_union(a), 3), select_keep(a, 3))
-    with pytest.raises(ValueError):
-        rank_union(a, b[:, :4])

@@ -31,6 +31,8 @@ STATS_KEY = "kv_eviction"
 CONFIG_SECTION = "kv_eviction"
 ENV_PREFIX = "CAOTE_"
 PREFILL_MODES = ("adaptive", "blockwise", "oneshot")
+#: ``prefill_base`` values: the base score of evictions made before the prompt's end
+PREFILL_BASES = ("own", "keydiff")
 
 
 class SettingsError(ValueError):
@@ -54,6 +56,12 @@ class EvictionSettings:
     # budgeted prompt's whole-prompt prefill to end (and shrink to its budget) before it goes
     # block-wise; 0 = never wait
     prefill_wait: int = 60
+    # base score of a query-aware policy (SnapKV, TOVA and their CAOTE forms) for evictions
+    # made before the prompt's last token is read (block-wise chunks): the window then holds
+    # text, not the question. "keydiff" keeps the policy's meta-score over that query-agnostic
+    # base (caote-snapkv -> caote-keydiff); "own" keeps the policy.
+    # The eviction after the last prompt token always uses the policy itself.
+    prefill_base: str = "own"
 
     def min_budget(self, block_size: int) -> int:
         """Smallest sensible budget: sinks + observation window + one block."""
@@ -95,6 +103,12 @@ def settings(vllm_config: Any = None) -> EvictionSettings:
             values[name] = str(raw).strip().lower()
             if values[name] not in PREFILL_MODES:
                 raise SettingsError(f"{source}prefill must be one of {PREFILL_MODES}, got {raw!r}")
+        elif name == "prefill_base":
+            values[name] = str(raw).strip().lower()
+            if values[name] not in PREFILL_BASES:
+                raise SettingsError(
+                    f"{source}prefill_base must be one of {PREFILL_BASES}, got {raw!r}"
+                )
         elif name == "default_policy":
             try:
                 values[name] = get_policy(str(raw)).name

@@ -35,6 +35,8 @@ class StepPlan:
     reset: bool  # first step of a (re)started sequence: drop any worker-side state
     # leading tokens never touched: the request's prefix-cache hits (whole, shared blocks)
     protected: int = 0
+    # the step computes the prompt's last token (or a later one): the question is in the window
+    prompt_done: bool = True
 
 
 def cdiv(a: int, b: int) -> int:

@@ -255,7 +255,9 @@ class SchedulerEviction:
             st.peak_blocks = max(st.peak_blocks, self.kv.num_held_blocks(req_id))
             st.peak_tokens = max(st.peak_tokens, cache_after)
             st.tokens_seen = max(st.tokens_seen, request.num_computed_tokens)
-            plans[req_id] = StepPlan(st.evicted, evict_to, st.policy, reset, st.shared)
+            plans[req_id] = StepPlan(
+                st.evicted, evict_to, st.policy, reset, st.shared, prompt_done=prompt_done
+            )
             if evict_to is not None:
                 dropped = cache_after - evict_to
                 st.evicted += dropped

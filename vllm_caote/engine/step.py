@@ -32,7 +32,8 @@ from vllm_caote.config import settings
 from vllm_caote.engine import compaction
 from vllm_caote.engine.plan import PLAN_ATTR, REPORT_ATTR, StepPlan, cdiv
 from vllm_caote.engine.queries import QueryRings
-from vllm_caote.scoring import get_policy, select_keep
+from vllm_caote.engine.rope import FUTURE_POSITIONS, ModelRope
+from vllm_caote.scoring import QueryMoments, get_policy, select_keep
 from vllm_caote.scoring.registry import Policy
 
 logger = logging.getLogger("vllm.vllm_caote.engine")
@@ -41,6 +42,7 @@ logger = logging.getLogger("vllm.vllm_caote.engine")
 @dataclass
 class LayerState:
     h2o: torch.Tensor | None = None  # [Hkv, cache_len] running attention sum (H2O policies)
+    moments: QueryMoments | None = None  # pre-RoPE query moments (Expected Attention)
 
 
 @dataclass
@@ -63,6 +65,11 @@ class RowWork:
     policy: Policy
     layers_compacted: int = 0
     error: str | None = None  # set by the first layer that failed; later layers skip the row
+    scorer: Policy | None = None  # what scores this step's eviction (None: ``policy``)
+
+    def __post_init__(self) -> None:
+        if self.scorer is None:
+            self.scorer = self.policy
 
 
 @dataclass
@@ -72,8 +79,13 @@ class StepContext:
     layers_seen: int = 0  # attention layers that ran the eviction hook on this batch
 
     def __post_init__(self) -> None:
-        # rows with work in every layer beyond recording queries: an eviction, or H2O's sum
-        self.per_layer = [w for w in self.rows if w.plan.evict_to is not None or w.policy.stateful]
+        # rows with work in every layer beyond recording queries: an eviction, H2O's sum, or
+        # Expected Attention's query moments
+        self.per_layer = [
+            w
+            for w in self.rows
+            if w.plan.evict_to is not None or w.policy.stateful or w.policy.tracks_queries
+        ]
 
 
 class Ranks:
@@ -126,6 +138,7 @@ class WorkerEviction:
         self.ranks = ranks if ranks is not None else Ranks.of_tensor_parallel()
         self.requests: dict[str, RequestState] = {}
         self.rings = QueryRings(self.settings.window, runner.device)
+        self.rope = ModelRope(runner)
         self.plans: dict[str, StepPlan] = {}
         self.step: StepContext | None = None
         self.num_kv_layers = 0  # attention layers with a KV cache (set at KV-cache init)
@@ -180,16 +193,18 @@ class WorkerEviction:
             cache_len = computed - plan.offset + n
             nb = cdiv(cache_len, bt0.block_size)
             blocks = torch.from_numpy(bt0.block_table.np[row, :nb].astype(np.int64))
+            policy = get_policy(plan.policy)
             rows.append(
                 RowWork(
                     rid, row, int(qsl[row]), int(qsl[row + 1]), cache_len, computed,
-                    blocks.to(r.device), plan, get_policy(plan.policy),
+                    blocks.to(r.device), plan, policy,
+                    scorer=scorer_for(policy, plan, self.settings.prefill_base),
                 )
             )  # fmt: skip
         self.rings.plan_step(
             (w.req_id, w.q_start, w.q_end, w.seen_before)
             for w in rows
-            if w.policy.needs_queries and not w.policy.stateful
+            if w.policy.needs_queries and not (w.policy.stateful or w.policy.tracks_queries)
         )
         if offsets.any():
             off = torch.from_numpy(offsets).to(r.seq_lens.device)
@@ -255,6 +270,22 @@ class WorkerEviction:
         self.report = {"compacted": {}, "failed": {}}
 
 
+def scorer_for(policy: Policy, plan: StepPlan, prefill_base: str) -> Policy:
+    """What scores this step's eviction: ``policy`` itself, except for a query-aware, stateless
+    policy evicting before the prompt's end (its window then holds text, not the question)
+    when the operator chose ``prefill_base: keydiff``: then the same meta-score over KeyDiff."""
+    if (
+        prefill_base == "own"
+        or plan.prompt_done
+        or plan.evict_to is None
+        or not policy.needs_attention
+        or policy.stateful
+    ):
+        return policy
+    prefix = {None: "", "caote": "caote-", "fast-caote": "fast-caote-"}[policy.meta]
+    return get_policy(prefix + prefill_base)
+
+
 _ACTIVE: list[WorkerEviction] = []
 
 
@@ -288,7 +319,7 @@ def after_attention(impl, layer, query: torch.Tensor, kv_cache: torch.Tensor, ki
         policy = work.policy
         # A score that sums over the layer's heads needs every rank's heads: each rank joins
         # that sum for every planned row, even one it already failed, so none waits forever.
-        joint = _cross_rank(ev, work, policy)
+        joint = _cross_rank(ev, work, work.scorer)
         if work.error is not None:
             joint.poison()
             continue
@@ -300,13 +331,15 @@ def after_attention(impl, layer, query: torch.Tensor, kv_cache: torch.Tensor, ki
             if policy.stateful:
                 cache = _read(layout, kv_cache, work, impl, layer)
                 _advance_h2o(ev, work, name, impl, policy, query, cache[2])
+            if policy.tracks_queries:
+                _advance_moments(ev, work, name, query)
             if work.plan.evict_to is None:
                 continue
             if ev.skip_compaction is not None and ev.skip_compaction(work.req_id):
                 joint.poison()
                 continue
             t0 = time.perf_counter()
-            _compact(ev, work, name, impl, layer, policy, layout, kv_cache, cache, joint)
+            _compact(ev, work, name, impl, layer, work.scorer, layout, kv_cache, cache, joint)
             ev.eviction_seconds.append(time.perf_counter() - t0)
             work.layers_compacted += 1
         except Exception as e:  # noqa: BLE001 - contained per request, reported to the scheduler
@@ -363,6 +396,35 @@ def _advance_h2o(ev, work: RowWork, name: str, impl, policy, query, keys) -> Non
     ls.h2o = policy.advance(q, keys, ls.h2o, scale=getattr(impl, "scale", None))
 
 
+def _advance_moments(ev, work: RowWork, name: str, query) -> None:
+    """Expected Attention's query moments, advanced by this step's queries (pre-RoPE; the
+    sinks' queries are left out, as kvpress leaves out their hidden states)."""
+    ls = ev.request(work.req_id).layers.setdefault(name, LayerState())
+    lo = max(0, ev.settings.sinks - work.seen_before)  # rows of this step at positions < sinks
+    n = work.q_end - work.q_start
+    if lo >= n:
+        return
+    q = query[work.q_start + lo : work.q_end].transpose(0, 1)  # [Hq, m, d]
+    table = ev.rope.for_layer(name)
+    if table is not None:
+        positions = torch.arange(work.seen_before + lo, work.seen_before + n)
+        q = table.unrotate(q, positions)
+    if ls.moments is None:
+        ls.moments = QueryMoments()
+    ls.moments.update(q)
+
+
+def _moment_knobs(ev, work: RowWork, name: str, ls: LayerState) -> dict:
+    if ls.moments is None or ls.moments.count == 0:
+        raise RuntimeError("Expected Attention has no query moments for this request yet")
+    table = ev.rope.for_layer(name)
+    total = work.seen_before + (work.q_end - work.q_start)  # true tokens after this step
+    rotation = None
+    if table is not None:
+        rotation = table.future_rotation(total, FUTURE_POSITIONS, ev.runner.device)
+    return {"query_moments": ls.moments.mean_cov(), "future_rotation": rotation}
+
+
 def _compact(ev, work: RowWork, name, impl, layer, policy, layout, kv_cache, cache, joint) -> None:
     cfg = ev.settings
     raw_keys, raw_values, keys, values = cache or _read(layout, kv_cache, work, impl, layer)
@@ -371,11 +433,13 @@ def _compact(ev, work: RowWork, name, impl, layer, policy, layout, kv_cache, cac
         scores = policy.score_from_state(values, ls.h2o)
     else:
         queries = None
-        if policy.needs_queries:
+        if policy.needs_queries and not policy.tracks_queries:
             total = work.seen_before + (work.q_end - work.q_start)
             queries = ev.rings.window_queries(work.req_id, name, total)
         # one rank: the plain mean (bit-for-bit the single-process scores)
         knobs = {"reduce_heads": joint} if joint.ranks is not None else {}
+        if policy.tracks_queries:
+            knobs.update(_moment_knobs(ev, work, name, ls))
         scores, _ = policy.score_with_state(
             keys,
             values,

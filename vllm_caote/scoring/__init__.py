@@ -37,7 +37,7 @@ from .registry import (
     get_policy,
     policy_names,
 )
-from .select import rank_union, select_keep
+from .select import select_keep
 
 __all__ = [
     "DEFAULT_POLICY",
@@ -63,7 +63,6 @@ __all__ = [
     "policy_names",
     "pool_tokens",
     "query_moments",
-    "rank_union",
     "rope_rotate",
     "select_keep",
     "snapkv_scores",

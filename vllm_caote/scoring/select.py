@@ -77,26 +77,3 @@ def select_keep(
     ]
     out = torch.cat(parts, dim=-1)
     return torch.sort(out, dim=-1).values
-
-
-def rank_union(*scores: torch.Tensor) -> torch.Tensor:
-    """Scores ``[..., n]`` that rank a token by its best rank under any of ``scores``.
-
-    Each input is replaced by its per-row rank scaled to ``[0, 1]`` (1 = best) and the result
-    is their element-wise maximum, so the top ``k`` of the union holds about the top
-    ``k / len(scores)`` of every input: one list cannot crowd the others out. NaN ranks lowest.
-    """
-    if not scores:
-        raise ValueError("rank_union needs at least one score tensor")
-    out = None
-    for s in scores:
-        if s.shape != scores[0].shape:
-            raise ValueError(f"shapes differ: {tuple(s.shape)} vs {tuple(scores[0].shape)}")
-        n = s.shape[-1]
-        clean = torch.where(torch.isnan(s), torch.full_like(s, float("-inf")), s)
-        order = torch.argsort(clean, dim=-1, stable=True)
-        ranks = torch.empty_like(clean, dtype=torch.float32)
-        steps = torch.arange(n, device=s.device, dtype=torch.float32) / max(n - 1, 1)
-        ranks.scatter_(-1, order, steps.expand_as(ranks).contiguous())
-        out = ranks if out is None else torch.maximum(out, ranks)
-    return out

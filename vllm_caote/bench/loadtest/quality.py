@@ -196,6 +196,13 @@ async def run(args, url) -> dict:
     )
 
 
+def _command(env: dict, argv) -> str:
+    """The command line as run, with the ``CAOTE_*`` settings the started server inherited."""
+    settings = [f"{k}={v}" for k, v in sorted(env["env"].items()) if k.startswith("CAOTE_")]
+    cmd = "python -m vllm_caote.bench.loadtest.quality " + " ".join(argv or sys.argv[1:])
+    return " ".join([*settings, cmd])
+
+
 def main(argv=None) -> int:
     from vllm_caote.bench.eval.common import environment, write_results
     from vllm_caote.bench.loadtest.quality_report import plot, render_md
@@ -206,11 +213,12 @@ def main(argv=None) -> int:
     with serving(args, out / f"{args.tag}_server.log") as (url, server_cmd):
         t0 = time.perf_counter()
         res = asyncio.run(run(args, url))
+    env = environment()
     res.update(
-        command="python -m vllm_caote.bench.loadtest.quality " + " ".join(argv or sys.argv[1:]),
+        command=_command(env, argv),
         server_cmd=server_cmd,
         wall_s=time.perf_counter() - t0,
-        environment=environment(),
+        environment=env,
     )
     print(write_results(out, args.tag, res, render_md, plot))
     return 0
