@@ -4,7 +4,8 @@
 #   podman runc mmdebstrap    the deployment image test (scripts/image-test.sh): podman builds and
 #   uidmap catatonit netavark runs the images (runc: crun fails on hybrid-cgroup kernels), and
 #   aardvark-dns slirp4netns  mmdebstrap makes the local base images (no registry is reachable).
-#   fuse-overlayfs
+#   fuse-overlayfs iptables   netavark sets up the build/run network with iptables, which
+#                             --no-install-recommends does not bring ("netavark: No such file")
 # Installs only what is missing and only when apt-get can run. Under CI (CI=true), where every
 # test must run, a failed install fails setup; elsewhere it warns and the tests that need it
 # skip, naming the package.
@@ -22,6 +23,7 @@ needs=(
   "/usr/lib/podman/aardvark-dns aardvark-dns"
   "slirp4netns slirp4netns"
   "fuse-overlayfs fuse-overlayfs"
+  "iptables iptables"
 )
 have() { case "$1" in /*) [ -x "$1" ] ;; *) command -v "$1" >/dev/null 2>&1 ;; esac; }
 pkgs=()

@@ -187,6 +187,8 @@ def test_every_policy_runs_end_to_end_in_one_batch(llm):
 
     tok = _tok(llm)
     names = policy_names()
+    # a prompt another test sent would be read from the prefix cache (kept whole, not evicted)
+    assert llm.reset_prefix_cache()
     prompts = [
         {"prompt_token_ids": filler_prompt_ids(tok, 700, 1000 * i)} for i in range(len(names))
     ]
@@ -330,6 +332,7 @@ def test_prefill_base_scores_chunks_read_before_the_question(llm, monkeypatch):
     monkeypatch.setattr(step, "scorer_for", recording)
     old = worker_ev.settings
     worker_ev.settings = dataclasses.replace(old, prefill_base="keydiff")
+    assert llm.reset_prefix_cache()  # every chunk computed here, none read from the cache
     try:
         prompt = {"prompt_token_ids": filler_prompt_ids(_tok(llm), 1400, 777)}
         out = llm.generate([prompt], _params(140, budget=BUDGET, policy="caote-snapkv"))[0]

@@ -54,7 +54,7 @@ from types import SimpleNamespace
 
 import torch
 
-from vllm_caote.bench.gpu_reference import Reference, check_eviction, h2o_states
+from vllm_caote.bench.gpu_reference import Reference, check_eviction, h2o_states, moment_states
 from vllm_caote.bench.gpu_report import render_md, target_result
 from vllm_caote.bench.gpu_timing import measure_decode, rounded, timed
 from vllm_caote.config import EvictionSettings
@@ -155,7 +155,10 @@ class EngineEviction:
         }
         self.state = step.RequestState()
         self.h2o = dict(zip(self.names, h2o_states(req, policy), strict=True))
-        self.ev = SimpleNamespace(settings=settings, request=lambda req_id: self.state, rings=self)
+        self.moments = dict(zip(self.names, moment_states(req, policy), strict=True))
+        self.ev = SimpleNamespace(
+            settings=settings, request=lambda req_id: self.state, rings=self, rope=self
+        )
         plan = StepPlan(offset=0, evict_to=keep, policy=policy.name, reset=False)
         # a decode step of the request: one new token, its cache `n` tokens after the KV write
         row = dict(
@@ -170,11 +173,17 @@ class EngineEviction:
         """``QueryRings.window_queries`` of the worker: the last ``w`` queries, ``[Hq, w, d]``."""
         return self.window[layer].transpose(0, 1)
 
+    def for_layer(self, layer: str) -> None:
+        """``ModelRope.for_layer`` of the worker: no rotary table here (moments as given)."""
+        return None
+
     def __call__(self) -> None:
         step = self.step
         for i, name in enumerate(self.names):
-            if self.h2o[name] is not None:  # the sum before this eviction (it shrinks with it)
-                self.state.layers[name] = step.LayerState(h2o=self.h2o[name])
+            # the state before this eviction: H2O's sum (it shrinks with it), query moments
+            self.state.layers[name] = step.LayerState(
+                h2o=self.h2o[name], moments=self.moments[name]
+            )
             step._compact(
                 self.ev, self.work, name, self.impl, None, self.policy, self.req.layout,
                 self.req.caches[i], None, step._HeadSum(None),

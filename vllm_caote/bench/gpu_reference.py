@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from vllm_caote.engine.plan import cdiv
-from vllm_caote.scoring import Policy, select_keep
+from vllm_caote.scoring import Policy, QueryMoments, select_keep
 
 if TYPE_CHECKING:
     from vllm_caote.bench.gpu_kernels import PagedRequest
@@ -60,6 +60,20 @@ def h2o_states(req: PagedRequest, policy: Policy) -> list[torch.Tensor | None]:
     for layer in range(req.shape.layers):
         k, _ = req.layout.read(req.caches[layer], req.block_ids, req.context)
         out.append(policy.advance(req.queries[layer], k))
+    return out
+
+
+def moment_states(req: PagedRequest, policy: Policy) -> list[QueryMoments | None]:
+    """Expected Attention's query moments as the engine holds them before an eviction (not
+    timed: the engine advances them every step). The window queries stand in for every query,
+    already un-rotated (the bench model has no rotary table, so no rotation is applied)."""
+    if not policy.tracks_queries:
+        return [None] * req.shape.layers
+    out = []
+    for layer in range(req.shape.layers):
+        m = QueryMoments()
+        m.update(req.queries[layer])
+        out.append(m)
     return out
 
 
