@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -32,22 +32,18 @@ from vllm_caote.config import settings
 from vllm_caote.engine import compaction
 from vllm_caote.engine.plan import PLAN_ATTR, REPORT_ATTR, StepPlan, cdiv
 from vllm_caote.engine.queries import QueryRings
-from vllm_caote.engine.rope import FUTURE_POSITIONS, ModelRope
-from vllm_caote.scoring import QueryMoments, get_policy, select_keep
+from vllm_caote.engine.rope import ModelRope
+from vllm_caote.engine.state import (
+    LayerState,
+    RequestState,
+    advance_h2o,
+    advance_moments,
+    moment_knobs,
+)
+from vllm_caote.scoring import get_policy, select_keep
 from vllm_caote.scoring.registry import Policy
 
 logger = logging.getLogger("vllm.vllm_caote.engine")
-
-
-@dataclass
-class LayerState:
-    h2o: torch.Tensor | None = None  # [Hkv, cache_len] running attention sum (H2O policies)
-    moments: QueryMoments | None = None  # pre-RoPE query moments (Expected Attention)
-
-
-@dataclass
-class RequestState:
-    layers: dict[str, LayerState] = field(default_factory=dict)
 
 
 @dataclass
@@ -330,9 +326,16 @@ def after_attention(impl, layer, query: torch.Tensor, kv_cache: torch.Tensor, ki
             cache = None
             if policy.stateful:
                 cache = _read(layout, kv_cache, work, impl, layer)
-                _advance_h2o(ev, work, name, impl, policy, query, cache[2])
+                q = query[work.q_start : work.q_end].transpose(0, 1)  # [Hq, n, d]
+                advance_h2o(
+                    _layer(ev, work, name), policy, q, cache[2], getattr(impl, "scale", None)
+                )
             if policy.tracks_queries:
-                _advance_moments(ev, work, name, query)
+                q = query[work.q_start : work.q_end].transpose(0, 1)
+                table = ev.rope.for_layer(name)
+                advance_moments(
+                    _layer(ev, work, name), q, work.seen_before, ev.settings.sinks, table
+                )
             if work.plan.evict_to is None:
                 continue
             if ev.skip_compaction is not None and ev.skip_compaction(work.req_id):
@@ -389,57 +392,25 @@ def _read(layout, kv_cache, work: RowWork, impl, layer):
     )
 
 
-def _advance_h2o(ev, work: RowWork, name: str, impl, policy, query, keys) -> None:
-    """H2O's running sum, advanced by this step's queries: each query counts exactly once."""
-    ls = ev.request(work.req_id).layers.setdefault(name, LayerState())
-    q = query[work.q_start : work.q_end].transpose(0, 1)  # [Hq, n, d]
-    ls.h2o = policy.advance(q, keys, ls.h2o, scale=getattr(impl, "scale", None))
-
-
-def _advance_moments(ev, work: RowWork, name: str, query) -> None:
-    """Expected Attention's query moments, advanced by this step's queries (pre-RoPE; the
-    sinks' queries are left out, as kvpress leaves out their hidden states)."""
-    ls = ev.request(work.req_id).layers.setdefault(name, LayerState())
-    lo = max(0, ev.settings.sinks - work.seen_before)  # rows of this step at positions < sinks
-    n = work.q_end - work.q_start
-    if lo >= n:
-        return
-    q = query[work.q_start + lo : work.q_end].transpose(0, 1)  # [Hq, m, d]
-    table = ev.rope.for_layer(name)
-    if table is not None:
-        positions = torch.arange(work.seen_before + lo, work.seen_before + n)
-        q = table.unrotate(q, positions)
-    if ls.moments is None:
-        ls.moments = QueryMoments()
-    ls.moments.update(q)
-
-
-def _moment_knobs(ev, work: RowWork, name: str, ls: LayerState) -> dict:
-    if ls.moments is None or ls.moments.count == 0:
-        raise RuntimeError("Expected Attention has no query moments for this request yet")
-    table = ev.rope.for_layer(name)
-    total = work.seen_before + (work.q_end - work.q_start)  # true tokens after this step
-    rotation = None
-    if table is not None:
-        rotation = table.future_rotation(total, FUTURE_POSITIONS, ev.runner.device)
-    return {"query_moments": ls.moments.mean_cov(), "future_rotation": rotation}
+def _layer(ev, work: RowWork, name: str) -> LayerState:
+    return ev.request(work.req_id).layers.setdefault(name, LayerState())
 
 
 def _compact(ev, work: RowWork, name, impl, layer, policy, layout, kv_cache, cache, joint) -> None:
     cfg = ev.settings
     raw_keys, raw_values, keys, values = cache or _read(layout, kv_cache, work, impl, layer)
-    ls = ev.request(work.req_id).layers.setdefault(name, LayerState())
+    ls = _layer(ev, work, name)
     if policy.stateful:
         scores = policy.score_from_state(values, ls.h2o)
     else:
         queries = None
+        total = work.seen_before + (work.q_end - work.q_start)  # true tokens after the step
         if policy.needs_queries and not policy.tracks_queries:
-            total = work.seen_before + (work.q_end - work.q_start)
             queries = ev.rings.window_queries(work.req_id, name, total)
         # one rank: the plain mean (bit-for-bit the single-process scores)
         knobs = {"reduce_heads": joint} if joint.ranks is not None else {}
         if policy.tracks_queries:
-            knobs.update(_moment_knobs(ev, work, name, ls))
+            knobs.update(moment_knobs(ls, ev.rope.for_layer(name), total, keys.device))
         scores, _ = policy.score_with_state(
             keys,
             values,
