@@ -13,8 +13,8 @@ window queries, :func:`~vllm_caote.scoring.select_keep` (sinks and the observati
 and write the kept tokens into the first blocks of the request's block table, in place. The
 benchmark does not re-implement any of it, so it times whatever the engine runs today;
 :class:`EngineEviction` is the only code here that knows ``_compact``'s signature (the CI test
-fails if it changes). Not timed, as in the engine they run every step rather than at an
-eviction: recording the window queries, and advancing H2O's running sum.
+fails if it changes). Not timed, as the engine runs them every step, not at an eviction:
+recording the window queries, advancing H2O's sum and Expected Attention's query moments.
 
 The cache: vLLM 0.32 views each layer's FlashAttention cache as ``[num_blocks, Hkv, block_size,
 2*d]`` (keys and values side by side on the last dim) over memory ordered ``LBNHC``, i.e.
@@ -156,8 +156,9 @@ class EngineEviction:
         self.state = step.RequestState()
         self.h2o = dict(zip(self.names, h2o_states(req, policy), strict=True))
         self.moments = dict(zip(self.names, moment_states(req, policy), strict=True))
+        no_rope = SimpleNamespace(for_layer=lambda layer: None)  # moments as given, unrotated
         self.ev = SimpleNamespace(
-            settings=settings, request=lambda req_id: self.state, rings=self, rope=self
+            settings=settings, request=lambda req_id: self.state, rings=self, rope=no_rope
         )
         plan = StepPlan(offset=0, evict_to=keep, policy=policy.name, reset=False)
         # a decode step of the request: one new token, its cache `n` tokens after the KV write
@@ -173,17 +174,11 @@ class EngineEviction:
         """``QueryRings.window_queries`` of the worker: the last ``w`` queries, ``[Hq, w, d]``."""
         return self.window[layer].transpose(0, 1)
 
-    def for_layer(self, layer: str) -> None:
-        """``ModelRope.for_layer`` of the worker: no rotary table here (moments as given)."""
-        return None
-
     def __call__(self) -> None:
         step = self.step
         for i, name in enumerate(self.names):
             # the state before this eviction: H2O's sum (it shrinks with it), query moments
-            self.state.layers[name] = step.LayerState(
-                h2o=self.h2o[name], moments=self.moments[name]
-            )
+            self.state.layers[name] = step.LayerState(self.h2o[name], self.moments[name])
             step._compact(
                 self.ev, self.work, name, self.impl, None, self.policy, self.req.layout,
                 self.req.caches[i], None, step._HeadSum(None),
