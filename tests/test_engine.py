@@ -304,9 +304,10 @@ def test_expected_attention_reads_the_models_own_rope(llm):
         assert table.neox and table.head_size == d
         torch.testing.assert_close(table.inv_freq, expect, rtol=1e-5, atol=1e-7)
     q = torch.randn(hf.num_attention_heads, 5, d)
-    pos = torch.tensor([0, 7, 300, 2047, 5000])  # past the table's end too
-    cos, sin = table.angles(pos, q.device)
-    torch.testing.assert_close(table.unrotate(rope_rotate(q, cos, sin), pos), q, atol=1e-5, rtol=0)
+    for start in (0, 2046, 5000):  # across and past the table's end (max_model_len 4096)
+        cos, sin = table.angles(torch.arange(start, start + 5), q.device)
+        got = table.unrotate(rope_rotate(q, cos, sin), start)
+        torch.testing.assert_close(got, q, atol=1e-5, rtol=0)
 
 
 def test_prefill_base_scores_chunks_read_before_the_question(llm, monkeypatch):

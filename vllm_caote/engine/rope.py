@@ -35,20 +35,32 @@ class RopeTable:
         self.inv_freq = inv_freq.to(torch.float64)
         self.head_size = head_size
         self.neox = neox
+        # every layer of a step asks for the same positions: computed once, not once per layer
+        self._recent: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def angles(self, positions: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
         """Unit ``(cos, sin)`` ``[P, r / 2]`` (float32) at ``positions``."""
         ang = positions.to(torch.float64)[:, None] * self.inv_freq[None].to(positions.device)
         return ang.cos().float().to(device), ang.sin().float().to(device)
 
-    def unrotate(self, queries: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """``queries [Hq, m, d]`` at ``positions [m]`` back to their pre-RoPE frame."""
-        cos, sin = self.angles(positions, queries.device)
+    def _span(self, start: int, count: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (start, count, str(device))
+        hit = self._recent.get(key)
+        if hit is None:
+            if len(self._recent) >= 16:
+                self._recent.clear()
+            hit = self._recent[key] = self.angles(torch.arange(start, start + count), device)
+        return hit
+
+    def unrotate(self, queries: torch.Tensor, start: int) -> torch.Tensor:
+        """``queries [Hq, m, d]`` at positions ``start .. start + m - 1`` back to their pre-RoPE
+        frame."""
+        cos, sin = self._span(start, queries.shape[1], queries.device)
         return rope_rotate(queries.float(), cos, -sin, self.neox)
 
     def future_rotation(self, start: int, count: int, device) -> torch.Tensor:
         """The average rotation ``[d, d]`` over positions ``start .. start + count - 1``."""
-        cos, sin = self.angles(torch.arange(start, start + count), device)
+        cos, sin = self._span(start, count, device)
         return mean_rotation(cos, sin, self.head_size, self.neox)
 
     @classmethod
@@ -104,10 +116,10 @@ class ModelRope:
         model = getattr(self.runner, "model", None)
         modules = model.named_modules(remove_duplicate=False) if model is not None else ()
         for name, mod in modules:
-            if not isinstance(mod, torch.nn.Module) or "rotary" not in type(mod).__name__.lower():
+            if "rotary" not in type(mod).__name__.lower():
                 continue
-            if id(mod) not in tables:
-                plain = type(mod) is RotaryEmbedding or isinstance(mod, RotaryEmbedding)
+            if id(mod) not in tables:  # other rotary kinds (M-RoPE, vision) get no table
+                plain = isinstance(mod, RotaryEmbedding)
                 tables[id(mod)] = RopeTable.of_module(mod) if plain else None
             out[_parent(name)] = tables[id(mod)]
         return out

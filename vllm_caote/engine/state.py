@@ -44,7 +44,7 @@ def advance_moments(
         return
     q = queries[:, lo:]
     if table is not None:
-        q = table.unrotate(q, torch.arange(first + lo, first + n))
+        q = table.unrotate(q, first + lo)
     if ls.moments is None:
         ls.moments = QueryMoments()
     ls.moments.update(q)
