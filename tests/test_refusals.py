@@ -230,3 +230,22 @@ def test_kernel_blocks_split_from_manager_blocks_are_refused(tmp_path, monkeypat
 
     llm = make_llm(model, max_model_len=512, kv_space_gib="1", dtype="float32", block_size=32)
     close_llm(llm)
+
+
+def test_non_causal_prefix_lm_layers_are_refused(tmp_path, monkeypatch):
+    """Prefix-LM attention (vLLM's ``PrefillPrefixLMAttention``, HRM-Text) tags its layers'
+    spec ``non_causal=True``; HRM-Text's checkpoint format cannot be built here, so the seam
+    does to a tiny Llama's layers exactly what that class does (``get_kv_cache_spec`` flips the
+    flag on the stock spec) and the engine starts through ``vllm.LLM``."""
+    from dataclasses import replace
+
+    from vllm.model_executor.layers.attention import Attention
+
+    stock = Attention.get_kv_cache_spec
+    monkeypatch.setattr(
+        Attention,
+        "get_kv_cache_spec",
+        lambda self, vllm_config: replace(stock(self, vllm_config), non_causal=True),
+    )
+    msg = _start_fails(_llama(tmp_path))
+    assert "non-causal (prefix-LM) attention" in msg and "CAOTE_DISABLE=1" in msg, msg

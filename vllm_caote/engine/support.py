@@ -3,7 +3,8 @@
 Config-level refusals (flags: pipeline parallelism, speculative decoding, ...) live in
 :mod:`vllm_caote.configure`, which runs while vLLM builds its config. The checks here need what
 only the engine knows at startup: the KV-cache groups and specs (scheduler: several groups, MLA,
-sliding-window / chunked-local layers, also when vLLM keeps them on full-attention blocks) and
+sliding-window / chunked-local layers, also when vLLM keeps them on full-attention blocks,
+non-causal prefix-LM layers) and
 what the runner built (worker: KV sharing, ALiBi, unwrapped attention backends, kernel blocks
 split from the manager's). Each raises with the feature named and the way out.
 """
@@ -40,6 +41,15 @@ def check_kv_cache_config(kv_cache_config) -> None:
                 "or sink attention, or layers of different KV shapes in one group) is not "
                 "supported by KV eviction; only full attention is. Serve this model without the "
                 "plugin (CAOTE_DISABLE=1)."
+            )
+        if getattr(spec, "non_causal", False):
+            # Prefix-LM layers (vLLM's PrefillPrefixLMAttention, e.g. HRM-Text) attend
+            # bidirectionally over the prompt: scores and the block-wise chunk evictions assume
+            # each token sees only the cache before it.
+            raise UnsupportedModelError(
+                "vllm-caote: this model has non-causal (prefix-LM) attention layers; KV eviction "
+                "scores and compacts a causal cache only. Serve this model without the plugin "
+                "(CAOTE_DISABLE=1)."
             )
         # With the hybrid KV-cache manager off (--disable-hybrid-kv-cache-manager, or vLLM's
         # own choice, e.g. for chunked-local models or connectors), vLLM keeps a mixed model's
