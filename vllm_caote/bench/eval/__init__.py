@@ -44,6 +44,7 @@ from tqdm import tqdm
 
 from vllm_caote.bench.eval.common import (
     block_size_of,
+    command_line,
     environment,
     make_llm,
     min_budget_of,
@@ -307,7 +308,7 @@ def main(argv=None) -> int:
             seed=args.seed,
             suite=args.suite,
             quick=args.quick,
-            command="python -m vllm_caote.bench.eval " + " ".join(argv or sys.argv[1:]),
+            command=command_line("vllm_caote.bench.eval", argv),
         ),
         environment=environment(),
         summary=summary,

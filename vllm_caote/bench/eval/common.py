@@ -108,6 +108,19 @@ def environment() -> dict:
     }
 
 
+def command_line(module: str, argv=None) -> str:
+    """The command line as run, led by the plugin's settings in force from the environment
+    (``CAOTE_<SETTING>``, which a started engine or server reads too)."""
+    import sys
+    from dataclasses import fields
+
+    from vllm_caote.config import ENV_PREFIX, EvictionSettings
+
+    names = sorted(ENV_PREFIX + f.name.upper() for f in fields(EvictionSettings))
+    settings = [f"{k}={os.environ[k]}" for k in names if os.environ.get(k, "").strip()]
+    return " ".join([*settings, f"python -m {module}", *(argv or sys.argv[1:])])
+
+
 def sampling(max_tokens: int, budget: int | None = None, policy: str | None = None, **kw):
     from vllm import SamplingParams
 

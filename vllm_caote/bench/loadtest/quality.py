@@ -196,15 +196,8 @@ async def run(args, url) -> dict:
     )
 
 
-def _command(env: dict, argv) -> str:
-    """The command line as run, with the ``CAOTE_*`` settings the started server inherited."""
-    settings = [f"{k}={v}" for k, v in sorted(env["env"].items()) if k.startswith("CAOTE_")]
-    cmd = "python -m vllm_caote.bench.loadtest.quality " + " ".join(argv or sys.argv[1:])
-    return " ".join([*settings, cmd])
-
-
 def main(argv=None) -> int:
-    from vllm_caote.bench.eval.common import environment, write_results
+    from vllm_caote.bench.eval.common import command_line, environment, write_results
     from vllm_caote.bench.loadtest.quality_report import plot, render_md
 
     args = parse_args(argv)
@@ -215,7 +208,7 @@ def main(argv=None) -> int:
         res = asyncio.run(run(args, url))
     env = environment()
     res.update(
-        command=_command(env, argv),
+        command=command_line("vllm_caote.bench.loadtest.quality", argv),
         server_cmd=server_cmd,
         wall_s=time.perf_counter() - t0,
         environment=env,
