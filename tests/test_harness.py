@@ -386,3 +386,31 @@ def test_decode_heavy_summary_ratios_and_targets():
     assert "| 8x | 192 (256) | 614.4 | 4.00x |" in md
     assert "output tokens/s vs stock 4.00x (target >= 3x): **met**" in md
     assert "4x: output tokens/s vs stock - (target >= 2x): **missed**" in md
+
+
+def test_command_line_leads_with_the_caote_settings_in_force(monkeypatch):
+    from vllm_caote.bench.eval.common import command_line
+
+    monkeypatch.setenv("CAOTE_PREFILL_BASE", "keydiff")
+    monkeypatch.setenv("CAOTE_PREFILL", "blockwise")
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "2")  # not a plugin setting: left out
+    cmd = command_line("vllm_caote.bench.eval", ["--tasks", "ppl"])
+    assert cmd == (
+        "CAOTE_PREFILL=blockwise CAOTE_PREFILL_BASE=keydiff "
+        "python -m vllm_caote.bench.eval --tasks ppl"
+    )
+
+
+def test_needle_trace_report_counts_strong_layers_and_splits():
+    from vllm_caote.bench.needle_trace import render_md
+
+    row = dict(phrasing="end", haystack="kjv", depth=0.75, key_at=1155, correct=True,
+               text="The secret passkey is 36109.", heads_with_key=0.5,
+               heads_with_key_per_layer=[0.0, 0.67, 1.0, 0.33],
+               kept_share_by_chunk=[0.25, 0.35, 0.4])  # fmt: skip
+    mode = dict(mode="blockwise:keydiff", correct=1, n=1, budget=375, block_size=128,
+                prefill_chunk=512, rows=[row])  # fmt: skip
+    md = render_md(dict(policy="caote-snapkv", fraction=0.25, command="x", modes=[mode]))
+    assert "## `blockwise:keydiff`: 1/1 correct" in md
+    assert "| end | kjv | 0.75 | 1155 | yes | 50% | 2 | 25% / 35% / 40% |" in md, md
+    assert "50% where the answer is right, nan% where it is wrong" in md
