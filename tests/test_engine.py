@@ -347,22 +347,25 @@ def test_prefill_base_scores_chunks_read_before_the_question(llm, monkeypatch):
 
 def test_needle_trace_follows_true_positions(llm):
     """The needle-trace diagnostic (``bench.needle_trace.kept_positions``) maps every kept
-    cache slot back to its true token position. StreamingLLM's choice is known exactly: after
-    the block-wise prompt's last eviction each KV head holds the sinks and the newest
-    ``keep - sinks`` tokens, in every layer."""
+    cache slot back to its true token position, through block-wise prompt evictions and a
+    decode eviction. StreamingLLM's choice is known exactly: after its last eviction each KV
+    head of every layer holds the sinks and the newest ``keep - sinks`` tokens; the decode
+    eviction comes once ``bs`` tokens have grown past ``keep``."""
     from vllm_caote.bench.needle_trace import kept_positions
     from vllm_caote.bench.tasks import filler_prompt_ids
 
-    n_prompt, sinks = 1400, 4
-    keep = -(-BUDGET // 128) * 128  # the budget is kept in whole 128-token blocks
+    n_prompt, sinks, bs = 1400, 4, 128
+    keep = -(-BUDGET // bs) * bs  # the budget is kept in whole blocks
     assert llm.reset_prefix_cache()
     prompt = {"prompt_token_ids": filler_prompt_ids(_tok(llm), n_prompt, 4242)}
     with kept_positions() as held:
-        out = llm.generate([prompt], _params(1, budget=BUDGET, policy="streaming"))[0]
+        out = llm.generate([prompt], _params(bs + 12, budget=BUDGET, policy="streaming"))[0]
     assert "error" not in out.kv_transfer_params["kv_eviction"]
     assert len(held) == 30, sorted(held)  # one entry per layer of SmolLM2, one request
-    want = list(range(sinks)) + list(range(n_prompt - (keep - sinks), n_prompt))
+    last = n_prompt + bs  # the one decode eviction: cache keep + bs, back to keep
+    want = list(range(sinks)) + list(range(last - (keep - sinks), last))
     for (_, layer), positions in held.items():
+        assert positions is not None, layer
         assert positions.shape == (3, keep), (layer, positions.shape)
         for head in positions.tolist():
             assert head == want, (layer, head[:8], head[-4:])

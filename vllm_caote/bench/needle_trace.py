@@ -49,10 +49,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 @contextlib.contextmanager
 def kept_positions():
     """Yields ``{(request_id, layer): LongTensor [Hkv, kept]}``: the true positions each KV
-    head holds after the last eviction seen."""
+    head holds after the last eviction seen (``None`` where the trace lost track)."""
     import vllm_caote.engine.step as step
 
-    held: dict[tuple[str, str], torch.Tensor] = {}
+    held: dict[tuple[str, str], torch.Tensor | None] = {}
+    since: dict[tuple[str, str], tuple[torch.Tensor, int]] = {}
     current: dict = {}
     orig_compact, orig_select = step._compact, step.select_keep
 
@@ -63,16 +64,17 @@ def kept_positions():
     def select(scores, keep, **kwargs):
         idx = orig_select(scores, keep, **kwargs)
         work, name = current["work"], current["name"]
-        new = work.q_end - work.q_start
-        heads, n = scores.shape[0], scores.shape[-1]
-        prev = held.get((work.req_id, name))
-        if prev is None:  # nothing evicted yet: the cache is positions 0..n-1
-            prev = torch.arange(n - new).expand(heads, -1)
-        new_pos = torch.arange(work.seen_before, work.seen_before + new).expand(heads, -1)
-        full = torch.cat([prev, new_pos], 1)
-        if full.shape[1] != n:
-            raise RuntimeError(f"trace lost track of {work.req_id}/{name}: {full.shape[1]} != {n}")
-        held[(work.req_id, name)] = torch.gather(full, 1, idx.cpu())
+        total = work.seen_before + (work.q_end - work.q_start)  # true tokens after the step
+        heads = scores.shape[0]
+        prev, upto = since.get((work.req_id, name), (torch.zeros(heads, 0, dtype=torch.long), 0))
+        # the cache: what the last eviction kept, then every token computed since, in order
+        full = torch.cat([prev, torch.arange(upto, total).expand(heads, -1)], 1)
+        if full.shape[1] != scores.shape[-1]:  # e.g. a preempted request, recomputed
+            held[(work.req_id, name)] = None  # lost: reported, never raised into the engine
+            since.pop((work.req_id, name), None)
+            return idx
+        kept = torch.gather(full, 1, idx.cpu())
+        held[(work.req_id, name)], since[(work.req_id, name)] = kept, (kept, total)
         return idx
 
     step._compact, step.select_keep = compact, select
@@ -118,14 +120,19 @@ def trace_mode(mode: str, args, cases) -> dict:
                 use_tqdm=False,
             )
             wall = time.perf_counter() - t0
-        by_req: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
+        by_req: dict[str, dict[str, torch.Tensor | None]] = defaultdict(dict)
         for (rid, name), pos in held.items():
             by_req[rid][name] = pos
         rows = []
         for c, key, n_tok, out in zip(cases, keys, lengths, outs, strict=True):
             rid = next((r for r in by_req if r == out.request_id
                         or r.startswith(out.request_id + "-")), None)  # fmt: skip
-            layers = sorted(by_req.get(rid, {}).items(), key=lambda kv: _layer_index(kv[0]))
+            traced = by_req.get(rid, {})
+            lost = sorted(name for name, p in traced.items() if p is None)
+            layers = sorted(
+                ((n, p) for n, p in traced.items() if p is not None),
+                key=lambda kv: _layer_index(kv[0]),
+            )
             per_layer = [
                 torch.stack([(p == q).any(1) for q in key]).all(0).float().mean().item()
                 for _, p in layers
@@ -143,7 +150,7 @@ def trace_mode(mode: str, args, cases) -> dict:
             rows.append(dict(
                 phrasing=c.phrasing, haystack=c.haystack, depth=c.depth, key_at=key[0],
                 prompt_tokens=n_tok, correct=c.answer in text, text=text.strip()[:40],
-                evicted=bool(layers),
+                evicted=bool(traced), lost_layers=lost,
                 heads_with_key=sum(per_layer) / len(per_layer) if per_layer else 1.0,
                 heads_with_key_per_layer=per_layer, chunk_edges=edges, kept_share_by_chunk=split,
             ))  # fmt: skip
@@ -182,6 +189,10 @@ def render_md(result: dict) -> str:
                 f"{'yes' if r['correct'] else 'no'} | {r['heads_with_key']:.0%} | {strong} | "
                 f"{split} | `{r['text']}` |"
             )
+        lost = [r for r in m["rows"] if r.get("lost_layers")]
+        if lost:
+            lines += ["", f"The trace lost track of {len(lost)} prompt(s) (recomputed after a "
+                      "preemption or fallback); their shares count only the layers it kept."]  # fmt: skip
         ok = [r["heads_with_key"] for r in m["rows"] if r["correct"]]
         bad = [r["heads_with_key"] for r in m["rows"] if not r["correct"]]
         mean = lambda xs: sum(xs) / len(xs) if xs else float("nan")  # noqa: E731
