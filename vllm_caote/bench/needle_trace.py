@@ -91,6 +91,7 @@ def _layer_index(name: str) -> int:
 
 def trace_mode(mode: str, args, cases) -> dict:
     from vllm_caote.bench.eval.common import close_llm, make_llm, sampling
+    from vllm_caote.config import settings
 
     prefill, _, base = mode.partition(":")
     section = {"prefill": prefill, "prefill_base": base or "own"}
@@ -99,8 +100,6 @@ def trace_mode(mode: str, args, cases) -> dict:
     try:
         tok = llm.get_tokenizer()
         bs = llm.llm_engine.vllm_config.cache_config.block_size
-        from vllm_caote.config import settings
-
         s = settings(llm.llm_engine.vllm_config)
         prompts, keys, lengths = [], [], []
         for c in cases:
