@@ -29,9 +29,9 @@ PYTEST_ARGS ?=
 SERVE_STAMP := $(VENV)/.vllm-caote-serve-$(FLAVOR)
 STAMP := $(VENV)/.vllm-caote-dev-$(FLAVOR)
 
-.PHONY: setup setup-serve serve test lint fmt bench bench-quality eval loadtest query-prior clean help
+.PHONY: setup setup-serve serve test lint fmt bench bench-quality eval loadtest clean help
 help:
-	@echo "make serve | test | lint | bench | bench-quality | eval | loadtest | query-prior | setup | setup-serve | clean"
+	@echo "make serve | test | lint | bench | bench-quality | eval | loadtest | setup | setup-serve | clean"
 
 setup-serve: $(SERVE_STAMP)
 
@@ -48,16 +48,7 @@ $(STAMP): $(SERVE_STAMP) scripts/system-deps.sh
 	@# Test-only peer: NVIDIA kvpress's presses, unpacked (not installed: its pins clash with ours).
 	$(PY) -m pip download -q --no-deps --only-binary :all: kvpress==0.5.5 -d $(VENV)/kvpress-dl \
 	  && $(PY) -m zipfile -e $(VENV)/kvpress-dl/kvpress-0.5.5-py3-none-any.whl $(VENV)/kvpress-src
-	@# The embedded model's query prior (prefill_base: query-prior; tests and benchmarks use it).
-	$(MAKE) --no-print-directory query-prior
 	@touch $@
-
-# A model's calibrated query prior, written next to it (caote_query_prior.st); ~2 min on CPU
-# for the embedded model. Kept when present: FORCE=1 measures it again.
-query-prior:
-	@if [ -f "$(MODEL)/caote_query_prior.st" ] && [ -z "$(FORCE)" ]; then \
-	  echo "query prior: $(MODEL)/caote_query_prior.st (kept; FORCE=1 remeasures)"; \
-	else $(PY) -m vllm_caote.bench.query_prior --model "$(MODEL)"; fi
 
 serve: setup-serve
 	VLLM_CPU_KVCACHE_SPACE=$${VLLM_CPU_KVCACHE_SPACE:-$(KVCACHE_GIB)} \

@@ -21,7 +21,7 @@ import pytest
 import requests
 
 from vllm_caote.api.params import EvictionParamError, Limits, resolve, rewrite
-from vllm_caote.scoring.registry import get_policy, policy_names
+from vllm_caote.scoring.registry import policy_names
 
 STATS_FIELDS = {"budget", "policy", "evicted_tokens", "peak_blocks", "peak_tokens"}
 DEFAULT_BUDGET = 1024
@@ -36,11 +36,6 @@ LONG_PROMPT = " ".join(
 # ---------------------------------------------------------------------------------------
 # Unit tests of the validation rules (no server)
 # ---------------------------------------------------------------------------------------
-def served_policies() -> list[str]:
-    """The policies a server without a query prior accepts (the shared server loads none)."""
-    return [n for n in policy_names() if not get_policy(n).needs_prior]
-
-
 def _limits(default_budget: int = 0) -> Limits:
     return Limits(164, 4096, default_budget, DEFAULT_POLICY, tuple(policy_names()))
 
@@ -353,7 +348,7 @@ def test_policies_endpoint(info):
     from vllm_caote.config import settings
 
     s = settings()  # the shared server runs with the default sinks / window
-    assert info["policies"] == served_policies()
+    assert info["policies"] == policy_names()
     assert info["default_policy"] == DEFAULT_POLICY
     assert info["default_budget"] == DEFAULT_BUDGET
     assert isinstance(info["block_size"], int) and info["block_size"] > 0
@@ -503,27 +498,6 @@ def test_bad_budget_is_400(caote_server, info, endpoint, where, value, word):
     assert "kv_budget" in msg and f"[{lo}, {hi}]" in msg and word in msg, msg
 
 
-def test_query_prior_policies_only_where_the_server_loads_a_prior():
-    from vllm_caote.config import EvictionSettings
-
-    without = Limits.for_engine(128, 4096, EvictionSettings())
-    assert "caote-query-prior" not in without.policies and "caote-snapkv" in without.policies
-    with_prior = Limits.for_engine(128, 4096, EvictionSettings(prefill_base="query-prior"))
-    assert set(with_prior.policies) == set(policy_names())
-    body = {"kv_budget": 512, "kv_policy": "caote-query-prior"}
-    assert resolve(body, with_prior)["kv_policy"] == "caote-query-prior"
-    with pytest.raises(EvictionParamError) as e:
-        resolve(body, without)
-    assert e.value.param == "kv_policy" and "kv_eviction.query_prior" in str(e.value)
-
-
-@pytest.mark.server
-def test_query_prior_policy_is_400_on_a_server_without_one(caote_server):
-    body = _body(caote_server, "chat", kv_budget=2048, kv_policy="caote-query-prior")
-    msg = _assert_400(_post(caote_server, "chat", body), "kv_policy")
-    assert "query prior" in msg and "kv_eviction.query_prior" in msg, msg
-
-
 @pytest.mark.server
 @pytest.mark.parametrize("endpoint", ["completions", "chat"])
 @pytest.mark.parametrize("where", ["top", "xargs"])
@@ -533,7 +507,7 @@ def test_bad_policy_is_400(caote_server, endpoint, where, value, word):
     param = "kv_policy" if where == "top" else "vllm_xargs.kv_policy"
     msg = _assert_400(_post(caote_server, endpoint, body), param)
     assert "kv_policy" in msg and word in msg, msg
-    assert all(name in msg for name in served_policies()), msg
+    assert all(name in msg for name in policy_names()), msg
 
 
 @pytest.mark.server
@@ -768,7 +742,7 @@ def test_fuzz_eviction_params(caote_server):
         st.dictionaries(st.text(max_size=4), json_scalar, max_size=2),
     )
     budget = st.one_of(json_value, st.integers(min_value=164, max_value=4096), st.just(0))
-    policy = st.one_of(json_value, st.sampled_from(policy_names()))  # query-prior ones: 400
+    policy = st.one_of(json_value, st.sampled_from(policy_names()))
     absent = object()
 
     @settings(

@@ -21,26 +21,15 @@ def llm():
     from vllm_caote.bench.eval.common import close_llm, make_llm  # engine core in this process
 
     # Strict block-wise prefill, so every step of a prompt holds the block bound (the adaptive
-    # default and its fallback are tested in test_prefill.py). The embedded model's query
-    # prior (made by `make setup`) when it is there, so the query-prior policies run too.
-    section = {"prefill": "blockwise"}
-    if _prior_path().is_file():
-        section["query_prior"] = str(_prior_path())
+    # default and its fallback are tested in test_prefill.py).
     engine = make_llm(
         None,
         max_model_len=4096,
         kv_space_gib=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
-        additional_config={"kv_eviction": section},
+        additional_config={"kv_eviction": {"prefill": "blockwise"}},
     )
     yield engine
     close_llm(engine)
-
-
-def _prior_path():
-    from vllm_caote.engine.prior import PRIOR_FILE
-    from vllm_caote.models import model_dir
-
-    return model_dir() / PRIOR_FILE
 
 
 def _scheduler(llm):
@@ -193,13 +182,9 @@ def test_blocks_return_to_pool_after_finish_and_abort(llm):
 
 def test_every_policy_runs_end_to_end_in_one_batch(llm):
     """All policies at a small budget, each request with its own policy, in one batch."""
-    from conftest import missing
-
     from vllm_caote.bench.tasks import filler_prompt_ids
     from vllm_caote.scoring import policy_names
 
-    if not _prior_path().is_file():
-        missing("the embedded model's query prior", "make query-prior")
     tok = _tok(llm)
     names = policy_names()
     # a prompt another test sent would be read from the prefix cache (kept whole, not evicted)
@@ -325,18 +310,11 @@ def test_expected_attention_reads_the_models_own_rope(llm):
         torch.testing.assert_close(got, q, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("base", ["keydiff", "query-prior"])
-def test_prefill_base_scores_chunks_read_before_the_question(llm, monkeypatch, base):
-    """With ``prefill_base: keydiff`` (``query-prior``), a caote-snapkv request's block-wise
-    evictions made before its prompt's end are scored by caote-keydiff (caote-query-prior: the
-    embedded model's calibrated prior), as the window holds text, not the question; every
-    eviction from the last prompt token on by caote-snapkv itself."""
+def test_prefill_base_scores_chunks_read_before_the_question(llm, monkeypatch):
+    """With ``prefill_base: keydiff``, a caote-snapkv request's block-wise evictions made before
+    its prompt's end are scored by caote-keydiff (the window holds text, not the question), and
+    every eviction from the last prompt token on by caote-snapkv itself."""
     import dataclasses
-
-    from conftest import missing
-
-    if base == "query-prior" and not _prior_path().is_file():
-        missing("the embedded model's query prior", "make query-prior")
 
     from vllm_caote.bench.tasks import filler_prompt_ids
     from vllm_caote.engine import step
@@ -354,7 +332,7 @@ def test_prefill_base_scores_chunks_read_before_the_question(llm, monkeypatch, b
 
     monkeypatch.setattr(step, "scorer_for", recording)
     old = worker_ev.settings
-    worker_ev.settings = dataclasses.replace(old, prefill_base=base)
+    worker_ev.settings = dataclasses.replace(old, prefill_base="keydiff")
     assert llm.reset_prefix_cache()  # every chunk computed here, none read from the cache
     try:
         prompt = {"prompt_token_ids": filler_prompt_ids(_tok(llm), 1400, 777)}
@@ -363,9 +341,8 @@ def test_prefill_base_scores_chunks_read_before_the_question(llm, monkeypatch, b
         worker_ev.settings = old
     stats = out.kv_transfer_params["kv_eviction"]
     assert stats["evicted_tokens"] > 0 and "error" not in stats, stats
-    chunks = "caote-" + base
-    assert (False, chunks) in seen and (True, "caote-snapkv") in seen, seen
-    assert all(name == ("caote-snapkv" if done else chunks) for done, name in seen)
+    assert (False, "caote-keydiff") in seen and (True, "caote-snapkv") in seen, seen
+    assert all(name == ("caote-snapkv" if done else "caote-keydiff") for done, name in seen)
 
 
 def test_needle_trace_follows_true_positions(llm):

@@ -184,15 +184,6 @@ def test_settings_come_from_additional_config(monkeypatch):
     assert settings().prefill_base == "own"  # the default: every eviction by the policy itself
     with pytest.raises(SettingsError, match="prefill_base must be one of"):
         _args(additional_config={"kv_eviction": {"prefill_base": "snapkv"}}).create_engine_config()
-    # a query prior: loaded with prefill_base query-prior or an explicit file; a default policy
-    # that needs one is refused without it
-    s = settings(_args(additional_config={"kv_eviction": {"query_prior": " /p.st "}}).create_engine_config())  # fmt: skip
-    assert (s.query_prior, s.uses_query_prior, s.prefill_base) == ("/p.st", True, "own")
-    assert not settings().uses_query_prior
-    with pytest.raises(SettingsError, match="needs a query prior"):
-        _args(additional_config={"kv_eviction": {"default_policy": "caote-query-prior"}}).create_engine_config()  # fmt: skip
-    cfg = _args(additional_config={"kv_eviction": {"default_policy": "query_prior", "prefill_base": "query-prior"}})  # fmt: skip
-    assert settings(cfg.create_engine_config()).default_policy == "query-prior"
 
 
 @pytest.mark.parametrize(

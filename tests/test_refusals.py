@@ -249,27 +249,3 @@ def test_non_causal_prefix_lm_layers_are_refused(tmp_path, monkeypatch):
     )
     msg = _start_fails(_llama(tmp_path))
     assert "non-causal (prefix-LM) attention" in msg and "CAOTE_DISABLE=1" in msg, msg
-
-
-def test_query_prior_setting_without_a_prior_is_refused_naming_it(tmp_path):
-    """``prefill_base: query-prior`` on a model whose directory has no prior: refused at
-    startup, naming the setting and the command that makes one (never served without it)."""
-    msg = _start_fails(
-        _llama(tmp_path), additional_config={"kv_eviction": {"prefill_base": "query-prior"}}
-    )
-    assert "kv_eviction.prefill_base" in msg and "no query prior" in msg, msg
-    assert "python -m vllm_caote.bench.query_prior" in msg, msg
-
-
-def test_query_prior_of_another_model_is_refused_naming_the_mismatch(tmp_path):
-    """A prior measured on another model's shape (here the embedded model's 30 layers x 9
-    heads against the tiny Llama's 2 x 4) is refused at startup, not sliced to fit."""
-    import torch
-
-    from vllm_caote.engine.prior import QueryPrior
-
-    path = tmp_path / "other.st"
-    QueryPrior(torch.zeros(30, 9, 64)).save(path)
-    msg = _start_fails(_llama(tmp_path), additional_config={"kv_eviction": {"query_prior": str(path)}})  # fmt: skip
-    assert "measured on another model" in msg and "30 layers, the model 2" in msg, msg
-    assert "9 query heads, the model 4" in msg and "head size 64, the model 32" in msg, msg

@@ -480,9 +480,6 @@ ALL_NAMES = [
     "keydiff",
     "caote-keydiff",
     "fast-caote-keydiff",
-    "query-prior",
-    "caote-query-prior",
-    "fast-caote-query-prior",
     "streaming",
 ]
 
@@ -494,13 +491,12 @@ def test_registry_names_and_default():
     for name in ALL_NAMES:
         p = get_policy(name)
         assert p.name == name
-        query_agnostic = ("keydiff", "streaming", "expected-attention", "query-prior")
+        query_agnostic = ("keydiff", "streaming", "expected-attention")
         assert p.needs_attention == (not name.endswith(query_agnostic))
         # Expected Attention needs no attention weights, but reads every query's moments
         assert p.tracks_queries == name.endswith("expected-attention")
         assert p.needs_queries == (p.needs_attention or p.tracks_queries)
         assert p.stateful == name.endswith("h2o")
-        assert p.needs_prior == name.endswith("query-prior")
         assert p.needs_values == ("caote" in name)
     assert get_policy("CAOTE_SNAPKV") is POLICIES["caote-snapkv"]
     with pytest.raises(dataclasses.FrozenInstanceError):
@@ -520,8 +516,7 @@ def test_every_policy_end_to_end(name, dtype):
     hkv, g, w, n, d = 2, 3, 4, 24, 8
     q, k, v = _qkv(11, hkv, g, w, n, d, dtype=dtype)
     p = get_policy(name)
-    prior = {"query_prior": q.mean(dim=1)} if p.needs_prior else {}
-    s = p.score(k, v, queries=q, sinks=2, **prior)
+    s = p.score(k, v, queries=q, sinks=2)
     assert s.shape == (hkv, n) and s.dtype == torch.float32
     finite = s[:, 2:] if name == "streaming" else s
     assert torch.all(torch.isfinite(finite))
@@ -532,11 +527,6 @@ def test_every_policy_end_to_end(name, dtype):
     if p.needs_attention:
         torch.testing.assert_close(p.score(k, v, attn=a, sinks=2), s)
         with pytest.raises(ValueError, match="queries"):
-            p.score(k, v)
-    elif p.needs_prior:
-        # the prior is given, not computed: without it the policy refuses
-        torch.testing.assert_close(p.score(k, v, query_prior=q.mean(dim=1), sinks=2), s)
-        with pytest.raises(ValueError, match="query_prior"):
             p.score(k, v)
     elif p.tracks_queries:
         # the queries' moments given directly give the same scores as the queries
@@ -622,18 +612,12 @@ def test_policy_knobs():
 def test_policies_on_cuda_match_cpu(name):
     q, k, v = _qkv(4, 2, 4, 8, 64, 16)  # float64: no near-ties that could flip the selection
     p = get_policy(name)
-    prior = q.mean(dim=1) if p.needs_prior else None
-    cpu = p.score(k, v, queries=q, query_prior=prior)
-    gpu = p.score(
-        k.cuda(), v.cuda(), queries=q.cuda(), query_prior=None if prior is None else prior.cuda()
-    )
+    cpu = p.score(k, v, queries=q)
+    gpu = p.score(k.cuda(), v.cuda(), queries=q.cuda())
     assert gpu.device.type == "cuda" and gpu.dtype == F64
     torch.testing.assert_close(gpu.cpu(), cpu)
     assert torch.equal(select_keep(gpu, 20, 8, 2).cpu(), select_keep(cpu, 20, 8, 2))
-    gpu32 = p.score(
-        k.cuda().bfloat16(), v.cuda().bfloat16(), queries=q.cuda().bfloat16(),
-        query_prior=None if prior is None else prior.cuda().bfloat16(),
-    )  # fmt: skip
+    gpu32 = p.score(k.cuda().bfloat16(), v.cuda().bfloat16(), queries=q.cuda().bfloat16())
     assert gpu32.dtype == torch.float32 and gpu32.device.type == "cuda"
 
 
@@ -697,31 +681,3 @@ def test_query_moments_accumulate_in_float32_without_cancellation():
     ref_mean, ref_cov = query_moments(q)
     torch.testing.assert_close(mean.double(), ref_mean, rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(cov.double(), ref_cov, rtol=1e-3, atol=1e-3)
-
-
-def test_query_prior_is_expected_attention_of_the_prior_mean_pooled():
-    """The prior's scores are Expected Attention's mean-only form with the calibrated mean (not
-    the queries' own moments), neighbour-pooled; the CAOTE forms compose them like any base."""
-    from vllm_caote.scoring import pool_tokens
-    from vllm_caote.scoring.expected import expected_attention_scores, mean_rotation
-
-    q, k, v = _qkv(21, 2, 3, 4, 40, 8)
-    prior = torch.randn(6, 8, generator=torch.Generator().manual_seed(3), dtype=F64)
-    ang = torch.arange(40, 60, dtype=F64)[:, None] * torch.tensor(
-        [1.0, 0.1, 0.01, 0.001], dtype=F64
-    )
-    rot = mean_rotation(ang.cos(), ang.sin(), 8)
-    base = pool_tokens(expected_attention_scores(k, v, prior, None, rotation=rot))
-    p = get_policy("query-prior")
-    got = p.score(k, v, query_prior=prior, future_rotation=rot)
-    torch.testing.assert_close(got, base)
-    torch.testing.assert_close(
-        get_policy("caote-query-prior").score(k, v, query_prior=prior, future_rotation=rot),
-        caote_scores(base, v),
-    )
-    # the queries play no part: the same prior with other queries scores the same
-    torch.testing.assert_close(
-        p.score(k, v, queries=q * 3, query_prior=prior, future_rotation=rot), got
-    )
-    own = get_policy("expected-attention").score(k, v, queries=q, future_rotation=rot)
-    assert not torch.allclose(own, got)

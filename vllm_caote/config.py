@@ -32,7 +32,7 @@ CONFIG_SECTION = "kv_eviction"
 ENV_PREFIX = "CAOTE_"
 PREFILL_MODES = ("adaptive", "blockwise", "oneshot")
 #: ``prefill_base`` values: the base score of evictions made before the prompt's end
-PREFILL_BASES = ("own", "keydiff", "query-prior")
+PREFILL_BASES = ("own", "keydiff")
 
 
 class SettingsError(ValueError):
@@ -60,18 +60,8 @@ class EvictionSettings:
     # made before the prompt's last token is read (block-wise chunks): the window then holds
     # text, not the question. "keydiff" keeps the policy's meta-score over that query-agnostic
     # base (caote-snapkv -> caote-keydiff); "own" keeps the policy.
-    # "query-prior" scores them by the expected attention of a calibrated query prior (what
-    # the model's questions look for, measured offline: vllm_caote.engine.prior).
     # The eviction after the last prompt token always uses the policy itself.
     prefill_base: str = "own"
-    # path of the calibrated query prior ("": the model directory's caote_query_prior.st,
-    # read only when prefill_base is "query-prior")
-    query_prior: str = ""
-
-    @property
-    def uses_query_prior(self) -> bool:
-        """The workers load a query prior (and ``*query-prior`` policies are accepted)."""
-        return self.prefill_base == "query-prior" or bool(self.query_prior)
 
     def min_budget(self, block_size: int) -> int:
         """Smallest sensible budget: sinks + observation window + one block."""
@@ -119,8 +109,6 @@ def settings(vllm_config: Any = None) -> EvictionSettings:
                 raise SettingsError(
                     f"{source}prefill_base must be one of {PREFILL_BASES}, got {raw!r}"
                 )
-        elif name == "query_prior":
-            values[name] = str(raw).strip()
         elif name == "default_policy":
             try:
                 values[name] = get_policy(str(raw)).name
@@ -132,11 +120,6 @@ def settings(vllm_config: Any = None) -> EvictionSettings:
     for name in ("default_budget", "sinks", "prefill_chunk", "prefill_wait"):
         if getattr(s, name) < 0:
             raise SettingsError(f"kv_eviction setting {name} must be >= 0, got {getattr(s, name)}")
-    if get_policy(s.default_policy).needs_prior and not s.uses_query_prior:
-        raise SettingsError(
-            f"kv_eviction setting default_policy {s.default_policy!r} needs a query prior: set "
-            "kv_eviction.query_prior (or prefill_base query-prior)"
-        )
     if s.window < 1:
         raise SettingsError(f"kv_eviction setting window must be >= 1, got {s.window}")
     return s

@@ -67,18 +67,14 @@ class Limits:
     def for_engine(cls, block_size: int, max_model_len: int, s, with_default: bool = True):
         """The limits of an engine with ``block_size`` / ``max_model_len`` and settings ``s``
         (:class:`vllm_caote.config.EvictionSettings`)."""
-        from vllm_caote.scoring import get_policy, policy_names
+        from vllm_caote.scoring import policy_names
 
-        # the query-prior policies only where the workers load a prior
-        names = policy_names()
-        if not s.uses_query_prior:
-            names = [n for n in names if not get_policy(n).needs_prior]
         return cls(
             min_budget=s.min_budget(block_size),
             max_budget=max_model_len,
             default_budget=s.default_budget if with_default else 0,
             default_policy=s.default_policy,
-            policies=tuple(names),
+            policies=tuple(policy_names()),
         )
 
     def range_text(self) -> str:
@@ -174,12 +170,6 @@ def check_policy(value: Any, param: str, policies: Iterable[str]) -> str:
             param,
         )
     key = value.strip().lower().replace("_", "-")
-    if key not in names and key.endswith("query-prior"):
-        raise EvictionParamError(
-            f"{param} {_shown(value)} needs a calibrated query prior, which this server does not "
-            f"load (kv_eviction.query_prior); valid policies: {valid}",
-            param,
-        )
     if key not in names:
         raise EvictionParamError(
             f"{param} names an unknown eviction policy {_shown(value)}; valid policies: {valid}",

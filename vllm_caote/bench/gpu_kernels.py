@@ -60,7 +60,6 @@ from vllm_caote.bench.gpu_timing import measure_decode, rounded, timed
 from vllm_caote.config import EvictionSettings
 from vllm_caote.engine import compaction
 from vllm_caote.engine.plan import StepPlan, cdiv
-from vllm_caote.engine.prior import QueryPrior
 from vllm_caote.scoring import Policy, get_policy, policy_names
 
 DEFAULT_POLICIES = ("caote-snapkv", "snapkv", "caote-tova", "keydiff", "streaming")
@@ -158,12 +157,9 @@ class EngineEviction:
         self.h2o = dict(zip(self.names, h2o_states(req, policy), strict=True))
         self.moments = dict(zip(self.names, moment_states(req, policy), strict=True))
         no_rope = SimpleNamespace(for_layer=lambda layer: None)  # moments as given, unrotated
-        # a query prior: each layer's window-query mean (as the reference's), all heads here
-        prior = QueryPrior(torch.stack([q.float().mean(dim=1) for q in req.queries]))
         self.ev = SimpleNamespace(
-            settings=settings, request=lambda req_id: self.state, rings=self, rope=no_rope,
-            prior=prior, ranks=SimpleNamespace(rank=0),
-        )  # fmt: skip
+            settings=settings, request=lambda req_id: self.state, rings=self, rope=no_rope
+        )
         plan = StepPlan(offset=0, evict_to=keep, policy=policy.name, reset=False)
         # a decode step of the request: one new token, its cache `n` tokens after the KV write
         row = dict(
@@ -172,9 +168,7 @@ class EngineEviction:
         )  # fmt: skip
         names = {f.name for f in fields(step.RowWork)}
         self.work = step.RowWork(**{k: v for k, v in row.items() if k in names})
-        self.impl = SimpleNamespace(
-            scale=None, kv_cache_dtype="auto", num_heads=req.queries[0].shape[0]
-        )
+        self.impl = SimpleNamespace(scale=None, kv_cache_dtype="auto")
 
     def window_queries(self, req_id: str, layer: str, total: int) -> torch.Tensor:
         """``QueryRings.window_queries`` of the worker: the last ``w`` queries, ``[Hq, w, d]``."""

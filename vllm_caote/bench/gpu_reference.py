@@ -42,12 +42,9 @@ class Reference:
             if policy.stateful:
                 self.scores[key] = policy.score_from_state(v, policy.advance(q, k))
             else:
-                # a query prior: the window queries' mean stands in for the calibrated one
-                knobs = {"query_prior": q.mean(dim=1)} if policy.needs_prior else {}
                 self.scores[key] = policy.score_with_state(
-                    k, v, queries=q if policy.needs_queries else None, sinks=self.settings.sinks,
-                    **knobs,
-                )[0]  # fmt: skip
+                    k, v, queries=q if policy.needs_queries else None, sinks=self.settings.sinks
+                )[0]
         s = self.settings
         return select_keep(
             self.scores[key], keep, protect_recent=s.window, sinks=s.sinks, span=policy.span

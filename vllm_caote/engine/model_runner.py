@@ -8,14 +8,12 @@ Each override hands one stage to :class:`~vllm_caote.engine.step.WorkerEviction`
 * ``_prepare_inputs``  true positions, compacted cache slots;
 * ``execute_model``    the forward pass with the layer hook active, then the confirmation;
 * ``sample_tokens``    the report on the step's ``ModelRunnerOutput``;
-* ``initialize_kv_cache``  refuse, at startup, layers eviction cannot compact correctly (and a
-  query prior measured on another model's shape).
+* ``initialize_kv_cache``  refuse, at startup, layers eviction cannot compact correctly.
 """
 
 from __future__ import annotations
 
 from vllm_caote.engine import step
-from vllm_caote.engine.prior import check_fits
 from vllm_caote.engine.step import WorkerEviction
 from vllm_caote.engine.support import check_attention_layers
 
@@ -38,9 +36,6 @@ def runner_class(base: type) -> type:
         def initialize_kv_cache(self, kv_cache_config, *args, **kwargs):
             out = super().initialize_kv_cache(kv_cache_config, *args, **kwargs)
             self.caote.num_kv_layers = check_attention_layers(self, kv_cache_config)
-            mc = self.model_config
-            heads = getattr(mc.hf_text_config, "num_attention_heads", None)
-            check_fits(self.caote.prior, self.caote.num_kv_layers, mc.get_head_size(), heads)
             return out
 
         def _update_states(self, scheduler_output):

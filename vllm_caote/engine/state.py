@@ -59,15 +59,3 @@ def moment_knobs(ls: LayerState, table: RopeTable | None, total: int, device) ->
     if table is not None:
         rotation = table.future_rotation(total, FUTURE_POSITIONS, device)
     return {"query_moments": ls.moments.mean_cov(), "future_rotation": rotation}
-
-
-def prior_knobs(ev, layer_name: str, impl, total: int, device) -> dict:
-    """The query-prior policies' knobs for a request with ``total`` true tokens: this rank's
-    heads of the layer's calibrated prior and the average rotation of the next positions."""
-    if ev.prior is None:
-        raise RuntimeError("a query-prior policy ran on a worker that loaded no query prior")
-    local = int(getattr(impl, "num_heads", 0) or ev.prior.mean.shape[1])
-    mean = ev.prior.for_layer(layer_name, local, ev.ranks.rank).to(device)
-    table = ev.rope.for_layer(layer_name)
-    rotation = None if table is None else table.future_rotation(total, FUTURE_POSITIONS, device)
-    return {"query_prior": mean, "future_rotation": rotation}

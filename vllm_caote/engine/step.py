@@ -31,7 +31,6 @@ import torch
 from vllm_caote.config import settings
 from vllm_caote.engine import compaction
 from vllm_caote.engine.plan import PLAN_ATTR, REPORT_ATTR, StepPlan, cdiv
-from vllm_caote.engine.prior import load_prior
 from vllm_caote.engine.queries import QueryRings
 from vllm_caote.engine.rope import ModelRope
 from vllm_caote.engine.state import (
@@ -40,7 +39,6 @@ from vllm_caote.engine.state import (
     advance_h2o,
     advance_moments,
     moment_knobs,
-    prior_knobs,
 )
 from vllm_caote.scoring import get_policy, select_keep
 from vllm_caote.scoring.registry import Policy
@@ -92,9 +90,8 @@ class Ranks:
 
     ``group`` / ``device_group`` are ``torch.distributed`` groups (None: a single rank)."""
 
-    def __init__(self, world_size: int = 1, group=None, device_group=None, rank: int = 0) -> None:
+    def __init__(self, world_size: int = 1, group=None, device_group=None) -> None:
         self.world_size = world_size
-        self.rank = rank  # this rank's index in the group (its slice of the query heads)
         self.group = group  # CPU (gloo) group: the per-step agreement
         self.device_group = device_group  # the cache's device: cross-head score sums
 
@@ -108,7 +105,7 @@ class Ranks:
             return cls()
         if tp.world_size <= 1:
             return cls()
-        return cls(tp.world_size, tp.cpu_group, tp.device_group, tp.rank_in_group)
+        return cls(tp.world_size, tp.cpu_group, tp.device_group)
 
     def all_agree(self, flags: list[bool]) -> list[bool]:
         """Element-wise AND of ``flags`` over the ranks (one collective; every rank calls it
@@ -138,9 +135,6 @@ class WorkerEviction:
         self.requests: dict[str, RequestState] = {}
         self.rings = QueryRings(self.settings.window, runner.device)
         self.rope = ModelRope(runner)
-        # the calibrated query prior, when the settings use one (refused here, at startup,
-        # when missing or unreadable)
-        self.prior = load_prior(self.settings, str(runner.vllm_config.model_config.model))
         self.plans: dict[str, StepPlan] = {}
         self.step: StepContext | None = None
         self.num_kv_layers = 0  # attention layers with a KV cache (set at KV-cache init)
@@ -417,8 +411,6 @@ def _compact(ev, work: RowWork, name, impl, layer, policy, layout, kv_cache, cac
         knobs = {"reduce_heads": joint} if joint.ranks is not None else {}
         if policy.tracks_queries:
             knobs.update(moment_knobs(ls, ev.rope.for_layer(name), total, keys.device))
-        if policy.needs_prior:
-            knobs.update(prior_knobs(ev, name, impl, total, keys.device))
         scores, _ = policy.score_with_state(
             keys,
             values,

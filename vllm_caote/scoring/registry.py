@@ -66,9 +66,6 @@ KNOBS: Mapping[str, Any] = MappingProxyType(
         "future_rotation": None,
         "use_covariance": True,
         "use_vnorm": True,
-        # query prior policies: the calibrated mean pre-RoPE query [Hq, d] of this layer's
-        # heads (what the model's questions look for; vllm_caote.engine.prior)
-        "query_prior": None,
     }
 )
 
@@ -118,8 +115,6 @@ class Policy:
     #: the scores read running moments of *every* query of the request (Expected Attention):
     #: the caller feeds each step's queries, un-rotated, and passes knob ``query_moments``
     tracks_queries: ClassVar[bool] = False
-    #: the scores read a calibrated query prior (knob ``query_prior``), measured offline
-    needs_prior: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         if self.meta not in _METAS:
@@ -347,32 +342,6 @@ class ExpectedAttentionPolicy(Policy):
         return _neighbours(scores, k), None
 
 
-@dataclass(frozen=True)
-class QueryPriorPolicy(Policy):
-    """Expected attention of a calibrated query prior: the mean pre-RoPE query the model forms
-    when it asks about its context (knob ``query_prior [Hq, d]``, measured offline), moved to
-    the next positions by the average RoPE rotation, times ``||v||``; neighbour-pooled.
-    Query-agnostic like KeyDiff, but it knows which heads read a context back and what they
-    look for, which is what a block-wise chunk scored before its question lacks."""
-
-    nonnegative: ClassVar[bool] = True
-    needs_prior: ClassVar[bool] = True
-
-    def _base(self, keys, values, attn, h2o_prev, sinks, k):
-        if k["query_prior"] is None:
-            raise ValueError(f"policy {self.name!r} needs knob `query_prior` (a calibrated prior)")
-        scores = expected_attention_scores(
-            keys,
-            values,
-            k["query_prior"],
-            None,
-            rotation=k["future_rotation"],
-            scale=k["scale"],
-            use_vnorm=k["use_vnorm"],
-        )
-        return _neighbours(scores, k), None
-
-
 def _build() -> dict[str, Policy]:
     out: dict[str, Policy] = {}
     for meta, prefix in (("caote", "caote-"), ("fast-caote", "fast-caote-")):
@@ -387,9 +356,6 @@ def _build() -> dict[str, Policy]:
     out["keydiff"] = KeyDiffPolicy(name="keydiff")
     out["caote-keydiff"] = KeyDiffPolicy(name="caote-keydiff", meta="caote")
     out["fast-caote-keydiff"] = KeyDiffPolicy(name="fast-caote-keydiff", meta="fast-caote")
-    for meta, prefix in ((None, ""), ("caote", "caote-"), ("fast-caote", "fast-caote-")):
-        name = prefix + "query-prior"
-        out[name] = QueryPriorPolicy(name=name, meta=meta)
     out["streaming"] = StreamingPolicy(name="streaming")
     return out
 
