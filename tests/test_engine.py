@@ -369,3 +369,29 @@ def test_needle_trace_follows_true_positions(llm):
         assert positions.shape == (3, keep), (layer, positions.shape)
         for head in positions.tolist():
             assert head == want, (layer, head[:8], head[-4:])
+
+
+def test_a_failing_selection_observer_never_fails_the_eviction(llm):
+    """The selection seam (``engine.observe``) is read-only: an observer that raises is logged
+    and the request evicts, answers and reports as it would without it; the observer saw every
+    layer's selection."""
+    from vllm_caote.bench.tasks import filler_prompt_ids
+    from vllm_caote.engine import observe
+
+    seen = []
+
+    def broken(sel):
+        seen.append((sel.layer, tuple(sel.keep_idx.shape), sel.total, sel.cache_len))
+        raise RuntimeError("observer bug")
+
+    assert llm.reset_prefix_cache()
+    prompt = {"prompt_token_ids": filler_prompt_ids(_tok(llm), 700, 5151)}
+    with observe.selections(broken):
+        out = llm.generate([prompt], _params(8, budget=BUDGET, policy="caote-snapkv"))[0]
+    assert not observe._OBSERVERS  # unregistered on exit
+    stats = out.kv_transfer_params["kv_eviction"]
+    assert "error" not in stats and stats["evicted_tokens"] > 0, stats
+    assert len(out.outputs[0].token_ids) == 8
+    assert {layer for layer, *_ in seen} == {f"model.layers.{i}.self_attn.attn" for i in range(30)}
+    keep = -(-BUDGET // 128) * 128
+    assert all(shape == (3, keep) and cache_len <= total for _, shape, total, cache_len in seen)

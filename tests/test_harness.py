@@ -413,4 +413,4 @@ def test_needle_trace_report_counts_strong_layers_and_splits():
     md = render_md(dict(policy="caote-snapkv", fraction=0.25, command="x", modes=[mode]))
     assert "## `blockwise:keydiff`: 1/1 correct" in md
     assert "| end | kjv | 0.75 | 1155 | yes | 50% | 2 | 25% / 35% / 40% |" in md, md
-    assert "50% where the answer is right, nan% where it is wrong" in md
+    assert "50% where the answer is right, n/a (none) where it is wrong" in md

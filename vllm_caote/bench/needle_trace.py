@@ -9,10 +9,10 @@ request, layer and KV head, which prompt tokens the cache still holds. It report
 the answer, the share of KV heads that hold *every* token of the key (overall and per layer),
 and how the kept tokens split over the prompt's block-wise chunks.
 
-The trace wraps two functions of :mod:`vllm_caote.engine.step` for the run (``_compact``, to
-know the layer, and ``select_keep``, to see the kept indices), so it needs the engine core in
-this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``, as every in-process bench here) and
-changes nothing the engine computes.
+The trace reads the worker's selections through the engine's read-only seam
+(:mod:`vllm_caote.engine.observe`), so it needs the engine core in this process
+(``VLLM_ENABLE_V1_MULTIPROCESSING=0``, as every in-process bench here) and changes nothing the
+engine computes.
 
 Results: ``bench/results/<tag>.{json,md,png}`` (the PNG: a heat map per mode, prompts x layers,
 the share of KV heads holding the key).
@@ -49,39 +49,28 @@ def parse_args(argv=None) -> argparse.Namespace:
 @contextlib.contextmanager
 def kept_positions():
     """Yields ``{(request_id, layer): LongTensor [Hkv, kept]}``: the true positions each KV
-    head holds after the last eviction seen (``None`` where the trace lost track)."""
-    import vllm_caote.engine.step as step
+    head holds after the last eviction seen (``None`` where the trace lost track). Reads the
+    worker's selections through :mod:`vllm_caote.engine.observe`; computes nothing in it."""
+    from vllm_caote.engine import observe
 
     held: dict[tuple[str, str], torch.Tensor | None] = {}
     since: dict[tuple[str, str], tuple[torch.Tensor, int]] = {}
-    current: dict = {}
-    orig_compact, orig_select = step._compact, step.select_keep
 
-    def compact(ev, work, name, *args, **kwargs):
-        current["work"], current["name"] = work, name
-        return orig_compact(ev, work, name, *args, **kwargs)
-
-    def select(scores, keep, **kwargs):
-        idx = orig_select(scores, keep, **kwargs)
-        work, name = current["work"], current["name"]
-        total = work.seen_before + (work.q_end - work.q_start)  # true tokens after the step
-        heads = scores.shape[0]
-        prev, upto = since.get((work.req_id, name), (torch.zeros(heads, 0, dtype=torch.long), 0))
+    def follow(sel: observe.Selection) -> None:
+        key = (sel.req_id, sel.layer)
+        heads = sel.keep_idx.shape[0]
+        prev, upto = since.get(key, (torch.zeros(heads, 0, dtype=torch.long), 0))
         # the cache: what the last eviction kept, then every token computed since, in order
-        full = torch.cat([prev, torch.arange(upto, total).expand(heads, -1)], 1)
-        if full.shape[1] != scores.shape[-1]:  # e.g. a preempted request, recomputed
-            held[(work.req_id, name)] = None  # lost: reported, never raised into the engine
-            since.pop((work.req_id, name), None)
-            return idx
-        kept = torch.gather(full, 1, idx.cpu())
-        held[(work.req_id, name)], since[(work.req_id, name)] = kept, (kept, total)
-        return idx
+        full = torch.cat([prev, torch.arange(upto, sel.total).expand(heads, -1)], 1)
+        if full.shape[1] != sel.cache_len:  # e.g. a preempted request, recomputed
+            held[key] = None  # lost: reported, never raised into the engine
+            since.pop(key, None)
+            return
+        kept = torch.gather(full, 1, sel.keep_idx.cpu())
+        held[key], since[key] = kept, (kept, sel.total)
 
-    step._compact, step.select_keep = compact, select
-    try:
+    with observe.selections(follow):
         yield held
-    finally:
-        step._compact, step.select_keep = orig_compact, orig_select
 
 
 def _layer_index(name: str) -> int:
@@ -136,10 +125,12 @@ def trace_mode(mode: str, args, cases) -> dict:
                 torch.stack([(p == q).any(1) for q in key]).all(0).float().mean().item()
                 for _, p in layers
             ]
-            # the block-wise chunks: keep + chunk, then chunk each (the last holds the question)
-            edges = [0, min(n_tok, keep + s.prefill_chunk)]
-            while edges[-1] < n_tok:
-                edges.append(min(n_tok, edges[-1] + s.prefill_chunk))
+            # the block-wise chunks as the scheduler cuts them: aligned to the prompt's end (the
+            # last, with the question, is whole; the first takes the rest, <= keep + chunk)
+            edges = [n_tok]
+            while edges[-1] > keep + s.prefill_chunk:
+                edges.append(edges[-1] - s.prefill_chunk)
+            edges = [0, *reversed(edges)]
             flat = torch.cat([p.flatten() for _, p in layers]) if layers else torch.zeros(0)
             split = [
                 ((flat >= a) & (flat < b)).float().mean().item() if flat.numel() else 0.0
@@ -194,9 +185,9 @@ def render_md(result: dict) -> str:
                       "preemption or fallback); their shares count only the layers it kept."]  # fmt: skip
         ok = [r["heads_with_key"] for r in m["rows"] if r["correct"]]
         bad = [r["heads_with_key"] for r in m["rows"] if not r["correct"]]
-        mean = lambda xs: sum(xs) / len(xs) if xs else float("nan")  # noqa: E731
-        lines += ["", f"Mean share of heads with the key: {mean(ok):.0%} where the answer is "
-                  f"right, {mean(bad):.0%} where it is wrong.", ""]  # fmt: skip
+        mean = lambda xs: f"{sum(xs) / len(xs):.0%}" if xs else "n/a (none)"  # noqa: E731
+        lines += ["", f"Mean share of heads with the key: {mean(ok)} where the answer is "
+                  f"right, {mean(bad)} where it is wrong.", ""]  # fmt: skip
     if result.get("plots"):
         lines += [f"![heads holding the key]({Path(result['plots'][0]).name})", ""]
     return "\n".join(lines)

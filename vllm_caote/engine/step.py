@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from vllm_caote.config import settings
-from vllm_caote.engine import compaction
+from vllm_caote.engine import compaction, observe
 from vllm_caote.engine.plan import PLAN_ATTR, REPORT_ATTR, StepPlan, cdiv
 from vllm_caote.engine.queries import QueryRings
 from vllm_caote.engine.rope import ModelRope
@@ -428,6 +428,7 @@ def _compact(ev, work: RowWork, name, impl, layer, policy, layout, kv_cache, cac
         sinks=max(cfg.sinks, head),
         span=policy.span,
     )
+    observe.notify(work.req_id, name, work.seen_before + work.q_end - work.q_start, work.cache_len, keep_idx)  # fmt: skip
     moved = keep_idx[:, head:]
     # the stored (possibly quantised) bytes move; nothing is re-quantised
     layout.write(
