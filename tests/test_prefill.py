@@ -42,6 +42,7 @@ class Run:
     steps: dict = field(default_factory=dict)
     first: dict = field(default_factory=dict)
     preempted: dict = field(default_factory=dict)
+    chunks: dict = field(default_factory=dict)  # prompt tokens processed per prompt step
 
 
 def _run(llm, requests) -> Run:
@@ -66,6 +67,9 @@ def _run(llm, requests) -> Run:
                 run.peak[rid] = max(run.peak.get(rid, 0), held)
                 run.steps[rid] = run.steps.get(rid, 0) + 1
                 run.first.setdefault(rid, req.num_computed_tokens)
+                done = min(req.num_computed_tokens, req.num_prompt_tokens)
+                if done > before.get(internal, 0):
+                    run.chunks.setdefault(rid, []).append(done - before.get(internal, 0))
     return run
 
 
@@ -130,6 +134,27 @@ def test_fixed_modes_keep_their_bounds(llm, mode):
     else:
         assert stats["peak_blocks"] == math.ceil(len(prompt) / bs), stats
         assert stats["eviction_events"] == 1
+
+
+def test_blockwise_chunks_are_aligned_to_the_prompts_end(llm):
+    """The last block-wise chunk, which holds the question, is a whole chunk, so the eviction
+    with the question in view picks from the most text the bound allows; the chunks before it
+    are whole too, and the first takes the rest (more than keep, at most keep + chunk)."""
+    sched = _sched(llm)
+    sched.caote.mode = "blockwise"
+    try:
+        run = _run(llm, [("aligned", _ids(llm, 2400, 41000), BUDGET, 4)])
+    finally:
+        sched.caote.mode = "adaptive"
+    bs, chunk = sched.cache_config.block_size, sched.caote.chunk
+    keep = math.ceil(BUDGET / bs) * bs
+    chunks = run.chunks["aligned"]
+    assert sum(chunks) == 2400 and len(chunks) >= 3, chunks
+    assert all(c == chunk for c in chunks[1:]), chunks
+    assert keep < chunks[0] <= keep + chunk, chunks
+    stats = run.outputs["aligned"].kv_transfer_params["kv_eviction"]
+    assert stats["eviction_events"] == len(chunks), (stats, chunks)
+    assert max(run.peak["aligned"], stats["peak_blocks"]) <= _blockwise_bound(llm), stats
 
 
 def test_adaptive_room_check_counts_prefix_hits_held_by_others_as_no_cost(llm):

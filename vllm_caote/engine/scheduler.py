@@ -11,8 +11,9 @@ Invariants kept here, for a request with budget ``B``, block size ``bs`` and pre
 * once its prompt is processed it holds at most ``ceil(B/bs) + 1`` blocks;
 * while its prompt is processed, by prefill mode (setting ``prefill``):
 
-  - ``blockwise``: at most ``ceil((keep + chunk)/bs)`` blocks, always (the first chunk may be
-    ``keep + chunk`` tokens, later ones ``chunk``, each followed by an eviction to ``keep``);
+  - ``blockwise``: at most ``ceil((keep + chunk)/bs)`` blocks, always (chunks of ``chunk``
+    tokens aligned to the prompt's end, so the last one, with the question, is whole; the first
+    takes the rest, at most ``keep + chunk``; each followed by an eviction to ``keep``);
   - ``adaptive`` (default): the whole prompt is cached and evicted once at its end, with the
     prompt's end (the question) in the observation window, *only while the pool has free blocks
     for the rest of the prompt plus one per running request that may still grow*. Without
@@ -166,7 +167,13 @@ class SchedulerEviction:
         st.blockwise = True
         # its own tokens never exceed keep + chunk: the first chunk may be keep + chunk tokens
         own = cache - (computed if st.fresh else st.shared)  # before its first step: all hits
-        n = min(num_new_tokens, max(st.keep + self.chunk - own, bs))
+        room = max(st.keep + self.chunk - own, bs)
+        # chunks are aligned to the prompt's end: the last one, which holds the question, is a
+        # whole chunk, so its eviction picks from the most text the bound lets the question see;
+        # this one takes what is left over (the first: more than keep, at most keep + chunk)
+        rest = request.num_prompt_tokens - computed
+        aligned = rest - self.chunk * cdiv(rest - room, self.chunk) if rest > room else room
+        n = min(num_new_tokens, aligned if aligned > 0 else room)
         # the chunk takes only blocks the running requests will not need to grow, so vLLM never
         # has to preempt one of them (or this request) to make room for it
         fits = (held + spare) * bs - cache
