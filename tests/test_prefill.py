@@ -140,6 +140,8 @@ def test_blockwise_chunks_are_aligned_to_the_prompts_end(llm):
     """The last block-wise chunk, which holds the question, is a whole chunk, so the eviction
     with the question in view picks from the most text the bound allows; the chunks before it
     are whole too, and the first takes the rest (more than keep, at most keep + chunk)."""
+    from vllm_caote.engine.plan import blockwise_edges
+
     sched = _sched(llm)
     sched.caote.mode = "blockwise"
     try:
@@ -152,6 +154,8 @@ def test_blockwise_chunks_are_aligned_to_the_prompts_end(llm):
     assert sum(chunks) == 2400 and len(chunks) >= 3, chunks
     assert all(c == chunk for c in chunks[1:]), chunks
     assert keep < chunks[0] <= keep + chunk, chunks
+    edges = blockwise_edges(2400, keep, chunk)  # what the needle trace reports chunks by
+    assert chunks == [b - a for a, b in zip(edges, edges[1:], strict=False)], (chunks, edges)
     stats = run.outputs["aligned"].kv_transfer_params["kv_eviction"]
     assert stats["eviction_events"] == len(chunks), (stats, chunks)
     assert max(run.peak["aligned"], stats["peak_blocks"]) <= _blockwise_bound(llm), stats

@@ -81,6 +81,7 @@ def _layer_index(name: str) -> int:
 def trace_mode(mode: str, args, cases) -> dict:
     from vllm_caote.bench.eval.common import close_llm, make_llm, sampling
     from vllm_caote.config import settings
+    from vllm_caote.engine.plan import blockwise_edges
 
     prefill, _, base = mode.partition(":")
     section = {"prefill": prefill, "prefill_base": base or "own"}
@@ -125,12 +126,8 @@ def trace_mode(mode: str, args, cases) -> dict:
                 torch.stack([(p == q).any(1) for q in key]).all(0).float().mean().item()
                 for _, p in layers
             ]
-            # the block-wise chunks as the scheduler cuts them: aligned to the prompt's end (the
-            # last, with the question, is whole; the first takes the rest, <= keep + chunk)
-            edges = [n_tok]
-            while edges[-1] > keep + s.prefill_chunk:
-                edges.append(edges[-1] - s.prefill_chunk)
-            edges = [0, *reversed(edges)]
+            # the block-wise chunks as the scheduler cuts them (the last holds the question)
+            edges = blockwise_edges(n_tok, keep, s.prefill_chunk)
             flat = torch.cat([p.flatten() for _, p in layers]) if layers else torch.zeros(0)
             split = [
                 ((flat >= a) & (flat < b)).float().mean().item() if flat.numel() else 0.0
