@@ -15,6 +15,7 @@ from .base import (
     streaming_scores,
     tova_scores,
 )
+from .batched import batchable, buckets, pad_rows, score_rows
 from .caote import caote_attention_scores, caote_scores, fast_caote_scores
 from .expected import (
     QueryMoments,
@@ -52,6 +53,8 @@ __all__ = [
     "StreamingPolicy",
     "TOVAPolicy",
     "attention_weights",
+    "batchable",
+    "buckets",
     "caote_attention_scores",
     "caote_scores",
     "expected_attention_scores",
@@ -60,10 +63,12 @@ __all__ = [
     "h2o_scores",
     "keydiff_scores",
     "mean_rotation",
+    "pad_rows",
     "policy_names",
     "pool_tokens",
     "query_moments",
     "rope_rotate",
+    "score_rows",
     "select_keep",
     "snapkv_scores",
     "streaming_scores",

@@ -21,32 +21,43 @@ import torch
 from ._util import as_compute, check_float, check_rank, compute_dtype
 
 
-def _prepare(base_scores: torch.Tensor, values: torch.Tensor):
-    """Validate, cast, and return ``(alpha [Hkv, Q, n], values [Hkv, n, d])``.
+def _prepare(base_scores: torch.Tensor, values: torch.Tensor, valid: torch.Tensor | None = None):
+    """Validate, cast, and return ``(alpha [*B, Hkv, Q, n], values [*B, Hkv, n, d])``.
 
     ``alpha`` is ``base_scores`` clamped at 0 and normalised to sum to 1 over the
     last dim; an all-zero row stays all-zero (no token carries weight, all scores 0).
+    Leading batch dims ``*B`` are those of ``values`` beyond ``[Hkv, n, d]``; with
+    ``valid [*B, n]`` the padded tokens get ``alpha = 0`` and zero values.
     """
     check_float("base_scores", base_scores)
     check_float("values", values)
-    check_rank("values", values, 3, "[Hkv, n, d]")
-    if base_scores.dim() < 2:
+    if values.dim() < 3:
+        check_rank("values", values, 3, "[Hkv, n, d]")
+    lead = values.shape[:-3]
+    nb = len(lead)
+    if base_scores.dim() < nb + 2:
         raise ValueError(
             f"base_scores must be [Hkv, n] or [Hkv, ..., n], got {tuple(base_scores.shape)}"
         )
-    hkv, n, _ = values.shape
-    if base_scores.shape[0] != hkv or base_scores.shape[-1] != n:
+    hkv, n, _ = values.shape[-3:]
+    if base_scores.shape[: nb + 1] != values.shape[: nb + 1] or base_scores.shape[-1] != n:
         raise ValueError(
             f"base_scores {tuple(base_scores.shape)} does not match values "
             f"{tuple(values.shape)}: need first dim Hkv={hkv} and last dim n={n}"
         )
     dt = compute_dtype(base_scores, values)
-    q = math.prod(base_scores.shape[1:-1])  # flattened extra query dims (1 if none)
-    s = as_compute(base_scores, dt).reshape(hkv, q, n).clamp_min(0)
+    q = math.prod(base_scores.shape[nb + 1 : -1])  # flattened extra query dims (1 if none)
+    s = as_compute(base_scores, dt).reshape(*lead, hkv, q, n).clamp_min(0)
+    v = as_compute(values, dt)
+    if valid is not None:
+        if valid.shape != (*lead, n):
+            raise ValueError(f"valid must be {(*lead, n)}, got {tuple(valid.shape)}")
+        s = s.masked_fill(~valid[..., None, None, :], 0.0)
+        v = v.masked_fill(~valid[..., None, :, None], 0.0)
     total = s.sum(dim=-1, keepdim=True)
     # where total == 0 the numerator is 0 too, so the clamp only avoids 0/0
     alpha = s / total.clamp_min(torch.finfo(dt).tiny)
-    return alpha, as_compute(values, dt)
+    return alpha, v
 
 
 def _eviction_gain(alpha: torch.Tensor, eps: float) -> torch.Tensor:
@@ -55,7 +66,11 @@ def _eviction_gain(alpha: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def caote_scores(
-    base_scores: torch.Tensor, values: torch.Tensor, eps: float = 1e-6
+    base_scores: torch.Tensor,
+    values: torch.Tensor,
+    eps: float = 1e-6,
+    *,
+    valid: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """CAOTE meta-score from arbitrary non-negative base scores.
 
@@ -73,13 +88,20 @@ def caote_scores(
         ``alpha_qj < 1``, the ``q`` term equals ``||o_q - o_q^{(-j)}||_2``, the change of
         the output when token ``j`` is dropped and the rest renormalised.
         float32, or float64 if an input is float64.
+
+    Batched: ``values [*B, Hkv, n, d]`` with ``base_scores [*B, Hkv, *Q, n]`` gives
+    ``[*B, Hkv, n]``; ``valid [*B, n]`` marks the real tokens of right-padded rows: padding
+    is left out of ``alpha``'s normalisation and of ``o``, and scores 0.
     """
-    alpha, v = _prepare(base_scores, values)
-    o = torch.einsum("hqn,hnd->hqd", alpha, v)  # [Hkv, Q, d]
+    alpha, v = _prepare(base_scores, values, valid)
+    if alpha.dim() == 3:
+        o = torch.einsum("hqn,hnd->hqd", alpha, v)  # [Hkv, Q, d]
+    else:
+        o = torch.einsum("...hqn,...hnd->...hqd", alpha, v)  # [*B, Hkv, Q, d]
     # direct (not ||a||^2 - 2ab + ||b||^2) distances: no cancellation when v_j ~ o,
     # and no [Hkv, Q, n, d] intermediate
     dist = torch.cdist(o, v, p=2.0, compute_mode="donot_use_mm_for_euclid_dist")  # [Hkv, Q, n]
-    return (_eviction_gain(alpha, eps) * dist).sum(dim=1)
+    return (_eviction_gain(alpha, eps) * dist).sum(dim=-2)
 
 
 def caote_attention_scores(
@@ -101,7 +123,11 @@ def caote_attention_scores(
 
 
 def fast_caote_scores(
-    base_scores: torch.Tensor, values: torch.Tensor, eps: float = 1e-6
+    base_scores: torch.Tensor,
+    values: torch.Tensor,
+    eps: float = 1e-6,
+    *,
+    valid: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """FastCAOTE: CAOTE with the attention output replaced by the plain mean of values.
 
@@ -117,9 +143,14 @@ def fast_caote_scores(
     Spearman correlation >= 0.8 with CAOTE in every layer and similar accuracy.
 
     Args / returns: as :func:`caote_scores` (``alpha`` normalised the same way,
-    summed over any extra query dims).
+    summed over any extra query dims; leading batch dims and ``valid`` likewise, ``v_bar``
+    then the mean of each row's real values).
     """
-    alpha, v = _prepare(base_scores, values)
-    v_bar = v.mean(dim=1, keepdim=True)  # [Hkv, 1, d]
-    dist = torch.linalg.vector_norm(v - v_bar, ord=2, dim=-1)  # [Hkv, n]
-    return _eviction_gain(alpha, eps).sum(dim=1) * dist
+    alpha, v = _prepare(base_scores, values, valid)
+    if valid is None:
+        v_bar = v.mean(dim=-2, keepdim=True)  # [*B, Hkv, 1, d]
+    else:  # padded values are 0 (see _prepare): their sum is the real values' sum
+        count = valid.sum(dim=-1).clamp_min(1).to(v.dtype)[..., None, None, None]
+        v_bar = v.sum(dim=-2, keepdim=True) / count
+    dist = torch.linalg.vector_norm(v - v_bar, ord=2, dim=-1)  # [*B, Hkv, n]
+    return _eviction_gain(alpha, eps).sum(dim=-2) * dist

@@ -79,11 +79,19 @@ def _knobs(knobs: dict[str, Any]) -> dict[str, Any]:
     return {**KNOBS, **knobs}
 
 
-def _neighbours(scores: torch.Tensor, k: dict[str, Any]) -> torch.Tensor:
-    """``scores`` pooled over tokens (knob ``pool_neighbours``), as SnapKV pools its own."""
+def _neighbours(
+    scores: torch.Tensor, k: dict[str, Any], valid: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``scores`` pooled over tokens (knob ``pool_neighbours``), as SnapKV pools its own.
+
+    ``valid [B, n]``: the real tokens of a padded batch ``[B, Hkv, n]`` (padding scores 0)."""
+    if valid is not None:
+        valid = valid.unsqueeze(-2)  # [B, 1, n]
+        if not k["pool_neighbours"]:
+            return scores.masked_fill(~valid, 0.0)
     if not k["pool_neighbours"]:
         return scores
-    return pool_tokens(scores, kernel_size=k["kernel_size"], pooling=k["pooling"])
+    return pool_tokens(scores, kernel_size=k["kernel_size"], pooling=k["pooling"], valid=valid)
 
 
 @dataclass(frozen=True)
@@ -177,11 +185,71 @@ class Policy:
                 raise ValueError(f"policy {self.name!r} needs `queries` or `query_moments`")
             k["query_moments"] = query_moments(queries)
         base, state = self._base(keys, values, attn, h2o_prev, sinks, k)
+        return self._meta_scores(base, values, k), state
+
+    def score_padded(
+        self,
+        keys: torch.Tensor,
+        values: torch.Tensor | None,
+        queries: torch.Tensor | None,
+        key_lengths: torch.Tensor,
+        query_lengths: torch.Tensor | None = None,
+        sinks: int = 4,
+        **knobs: Any,
+    ) -> torch.Tensor:
+        """:meth:`score` of a padded batch of rows in one computation (stateless policies).
+
+        Args:
+            keys, values: ``[B, Hkv, N, d]``, row ``b``'s ``key_lengths[b]`` tokens first,
+                then padding (any finite values; ``values`` may be None unless
+                :attr:`needs_values`).
+            queries: ``[B, Hq, W, d]``, row ``b``'s ``query_lengths[b]`` window queries
+                *last* (padding first), or None for policies that need no queries.
+            key_lengths, query_lengths: LongTensor ``[B]`` on the inputs' device
+                (``query_lengths`` None: all ``W``). With ``causal`` each row needs
+                ``n_b >= w_b`` (not checked here; :func:`~vllm_caote.scoring.score_rows`
+                checks).
+            sinks, **knobs: as :meth:`score`, shared by every row, except that
+                ``reduce_heads`` is one reducer (or None) per row.
+
+        Returns:
+            ``[B, Hkv, N]``: ``out[b, :, :n_b]`` equals :meth:`score` of row ``b`` alone (up to
+            float rounding); padded tokens score 0 (``streaming``: their index).
+        """
+        if self.stateful or self.tracks_queries:
+            raise ValueError(f"policy {self.name!r} keeps per-request state: score rows singly")
+        k = _knobs(knobs)
+        if keys.dim() != 4:
+            raise ValueError(f"keys must be [B, Hkv, N, d], got {tuple(keys.shape)}")
+        b, _, n, _ = keys.shape
+        key_lengths = torch.as_tensor(key_lengths, device=keys.device)
+        valid = torch.arange(n, device=keys.device) < key_lengths[:, None]  # [B, N]
+        attn = None
+        if self.needs_attention:
+            if queries is None:
+                raise ValueError(f"policy {self.name!r} needs `queries`")
+            if self.last_query_only:
+                queries, query_lengths = queries[..., -1:, :], None
+            if query_lengths is None:
+                query_lengths = torch.full((b,), queries.shape[-2], device=keys.device)
+            query_lengths = torch.as_tensor(query_lengths, device=keys.device)
+            attn = attention_weights(
+                queries,
+                keys,
+                scale=k["scale"],
+                causal=k["causal"],
+                key_lengths=key_lengths,
+                query_lengths=query_lengths,
+            )
+        base = self._base_padded(keys, values, attn, sinks, k, valid, query_lengths)
+        return self._meta_scores(base, values, k, valid)
+
+    def _meta_scores(self, base, values, k, valid=None) -> torch.Tensor:
         if self.meta == "caote":
-            return caote_scores(base, values, eps=k["eps"]), state
+            return caote_scores(base, values, eps=k["eps"], valid=valid)
         if self.meta == "fast-caote":
-            return fast_caote_scores(base, values, eps=k["eps"]), state
-        return base, state
+            return fast_caote_scores(base, values, eps=k["eps"], valid=valid)
+        return base
 
     def accumulate(self, attn: torch.Tensor, prev: torch.Tensor | None = None) -> torch.Tensor:
         """Updated running sum ``prev + sum_{g,t} attn`` (stateful policies only)."""
@@ -219,6 +287,26 @@ class Policy:
             return fast_caote_scores(base, values, eps=k["eps"])
         return base
 
+    def score_from_state_padded(
+        self,
+        values: torch.Tensor | None,
+        state: torch.Tensor,
+        key_lengths: torch.Tensor,
+        **knobs: Any,
+    ) -> torch.Tensor:
+        """:meth:`score_from_state` of a padded batch: ``state [B, Hkv, N]`` and ``values
+        [B, Hkv, N, d]`` (row ``b``'s ``key_lengths[b]`` tokens first) give ``[B, Hkv, N]``;
+        padded tokens score 0."""
+        if not self.stateful:
+            raise ValueError(f"policy {self.name!r} is not stateful")
+        k = _knobs(knobs)
+        if state.dim() != 3:
+            raise ValueError(f"state must be [B, Hkv, N], got {tuple(state.shape)}")
+        key_lengths = torch.as_tensor(key_lengths, device=state.device)
+        valid = torch.arange(state.shape[-1], device=state.device) < key_lengths[:, None]
+        base = _neighbours(state, k, valid)
+        return self._meta_scores(base, values, k, valid)
+
     # -- internals --------------------------------------------------------------
     def _attention(
         self,
@@ -243,6 +331,10 @@ class Policy:
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         raise NotImplementedError
 
+    def _base_padded(self, keys, values, attn, sinks, k, valid, query_lengths) -> torch.Tensor:
+        """:meth:`_base` of a padded batch (``valid [B, N]``): ``[B, Hkv, N]``."""
+        raise NotImplementedError(f"policy {self.name!r} has no padded batch form")
+
 
 @dataclass(frozen=True)
 class StreamingPolicy(Policy):
@@ -250,6 +342,9 @@ class StreamingPolicy(Policy):
 
     def _base(self, keys, values, attn, h2o_prev, sinks, k):
         return streaming_scores(keys, sinks=sinks), None
+
+    def _base_padded(self, keys, values, attn, sinks, k, valid, query_lengths):
+        return streaming_scores(keys, sinks=sinks)  # position only: padding changes nothing
 
 
 @dataclass(frozen=True)
@@ -266,6 +361,12 @@ class KeyDiffPolicy(Policy):
         if self.meta is not None:
             scores = scores + 1.0
         return _neighbours(scores, k), None
+
+    def _base_padded(self, keys, values, attn, sinks, k, valid, query_lengths):
+        scores = keydiff_scores(keys, normalize_anchor=k["normalize_anchor"], valid=valid)
+        if self.meta is not None:
+            scores = scores + 1.0
+        return _neighbours(scores, k, valid)
 
 
 @dataclass(frozen=True)
@@ -296,6 +397,12 @@ class TOVAPolicy(Policy):
         scores = tova_scores(attn, head_average=k["head_average"], reduce_heads=k["reduce_heads"])
         return _neighbours(scores, k), None
 
+    def _base_padded(self, keys, values, attn, sinks, k, valid, query_lengths):
+        scores = tova_scores(
+            attn, head_average=k["head_average"], reduce_heads=k["reduce_heads"], valid=valid
+        )
+        return _neighbours(scores, k, valid)
+
     @staticmethod
     def head_sum_length(n: int) -> int:
         """Length of the vector ``reduce_heads`` sums for ``n`` cached tokens."""
@@ -315,6 +422,15 @@ class SnapKVPolicy(Policy):
 
     def _base(self, keys, values, attn, h2o_prev, sinks, k):
         return snapkv_scores(attn, kernel_size=k["kernel_size"], pooling=k["pooling"]), None
+
+    def _base_padded(self, keys, values, attn, sinks, k, valid, query_lengths):
+        return snapkv_scores(
+            attn,
+            kernel_size=k["kernel_size"],
+            pooling=k["pooling"],
+            valid=valid,
+            query_lengths=query_lengths,
+        )
 
 
 @dataclass(frozen=True)
