@@ -48,6 +48,8 @@ $(STAMP): $(SERVE_STAMP) scripts/system-deps.sh
 	@# Test-only peer: NVIDIA kvpress's presses, unpacked (not installed: its pins clash with ours).
 	$(PY) -m pip download -q --no-deps --only-binary :all: kvpress==0.5.5 -d $(VENV)/kvpress-dl \
 	  && $(PY) -m zipfile -e $(VENV)/kvpress-dl/kvpress-0.5.5-py3-none-any.whl $(VENV)/kvpress-src
+	@# vLLM CUDA wheels' Python files (~170 MB kept), for the static check of compat.CONTACTS.
+	$(PY) -m vllm_caote.compat_sources --fetch $(VENV)/vllm-sources
 	@touch $@
 
 serve: setup-serve
