@@ -603,12 +603,13 @@ def test_kustomize_build() -> None:
 
 
 def test_kv_budget_concurrency_comment() -> None:
-    """The capacity example in deployment.yaml matches P/(ceil(B/16)+1) vs P/ceil(L/16)."""
+    """The capacity example in deployment.yaml matches P/(ceil(B/16)+8) vs P/ceil(L/16): the
+    scheduler's cap at block size 16 and the default 128-token eviction slack."""
     text = (K8S / "deployment.yaml").read_text()
     pool, length = 20000, 8192
     assert f"P = {pool} blocks, L = {length}: {pool // math.ceil(length / 16)} requests" in text
     for budget in (1024, 2048):
-        blocks = math.ceil(budget / 16) + 1
+        blocks = math.ceil(budget / 16) + 128 // 16
         assert f"B = {budget} ({blocks} blocks): ~{pool // blocks}" in text
 
 
@@ -782,3 +783,17 @@ def test_cuda_dockerfile_builds_on_a_stand_in_base(image_test) -> None:
     assert cmd[:3] == ["python3", "-m", "vllm.entrypoints.openai.api_server"]
     assert _opt(cmd, "--model") == "/data/vllm_caote/models/SmolLM2-135M-Instruct"
     assert cmd[-2:] == ["--tensor-parallel-size", "2"]
+
+
+def test_scripts_the_makefile_runs_are_executable_in_git() -> None:
+    """A fresh clone runs what the Makefile executes directly (``scripts/x.sh`` at the start of
+    a recipe line): each must carry its run bit in git, not only in this working tree."""
+    recipe = re.compile(r"^\t(?:@)?((?:scripts|\.ci|deploy)/[\w./-]+)", re.M)
+    run = sorted(set(recipe.findall((ROOT / "Makefile").read_text())))
+    assert run, "the Makefile runs no script directly"
+    out = subprocess.run(
+        ["git", "ls-files", "-s", *run], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout
+    modes = {line.split()[-1]: line.split()[0] for line in out.splitlines()}
+    for path in run:
+        assert modes.get(path) == "100755", f"{path} is committed without its run bit"

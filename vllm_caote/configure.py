@@ -9,6 +9,13 @@ setting eviction cannot run under:
 * set *explicitly* by the user to a conflicting value: startup fails with a message naming the
   flag to change (or ``CAOTE_DISABLE=1`` to serve without the plugin).
 
+What every request pays once the plugin is installed, budgeted or not: nothing on CUDA graphs
+(the user's mode stays; FULL is left out only for the steps in which a budgeted row needs the
+attention hook, :mod:`vllm_caote.engine.graphs`) and nothing on async scheduling (its own
+scheduler class); the one change is the model runner, V1 for this engine where vLLM would pick
+V2, chosen on the engine's config (:mod:`vllm_caote.engine.runner_choice`), never in the
+process environment. The startup line lists both.
+
 A ``kv_budget`` is therefore never accepted and then ignored. Flags vLLM itself may reject or
 silently reset on some platform (context parallelism, micro-batching, ...) are refused in
 :func:`before`, on the ``EngineArgs`` fields, so the user sees the plugin's reason wherever vLLM
@@ -18,9 +25,9 @@ attention, MLA, ALiBi, KV sharing, unwrapped attention backends, split kernel bl
 by the engine itself at startup (:mod:`vllm_caote.engine.support`), where the KV-cache layout is
 known.
 
-Prefix caching stays on: budgeted requests neither read prefix-cache hits nor register their
-(compacted) blocks, so unbudgeted requests keep full prefix caching and are never corrupted
-(:mod:`vllm_caote.engine.kv_cache_manager`).
+Prefix caching stays on: budgeted requests read prefix-cache hits (kept whole, never written)
+but never register the blocks they compact, so unbudgeted requests keep full prefix caching and
+are never corrupted (:mod:`vllm_caote.engine.kv_cache_manager`).
 """
 
 from __future__ import annotations
@@ -31,6 +38,8 @@ import os
 logger = logging.getLogger("vllm.vllm_caote")
 
 SCHEDULER_CLS = "vllm_caote.engine.scheduler.CaoteScheduler"
+#: chosen instead when vLLM runs async scheduling (step N+1 scheduled before N's output is seen)
+ASYNC_SCHEDULER_CLS = "vllm_caote.engine.async_scheduler.CaoteAsyncScheduler"
 #: cache dtypes eviction can score: the model dtype, and fp8 (scored after dequantisation)
 SUPPORTED_KV_CACHE_DTYPES = (
     "auto",
@@ -103,6 +112,14 @@ def _refuse_parallelism_and_transfer(
         )
 
 
+def _refuse_v2_only(features: list[str]) -> None:
+    if features:
+        raise _refuse(
+            f"{', '.join(features)} (served only by vLLM's V2 model runner; eviction hooks V1)",
+            "Drop the setting",
+        )
+
+
 def before(args) -> list[str]:
     """Adjust ``EngineArgs`` before vLLM builds its config. Returns what was self-configured."""
     _refuse_parallelism_and_transfer(
@@ -115,36 +132,21 @@ def before(args) -> list[str]:
         kv_offloading=args.kv_offloading_size,
     )
     notes: list[str] = []
-    if args.async_scheduling is None:
-        args.async_scheduling = False
-        notes.append("async scheduling off (each step's output must be seen before the next)")
-    elif args.async_scheduling:
-        raise _refuse("--async-scheduling", "Drop the flag or pass --no-async-scheduling")
+    # async scheduling stays as the user or vLLM set it: after() picks the matching scheduler
 
-    env_v2 = os.environ.get("VLLM_USE_V2_MODEL_RUNNER", "").strip().lower()
-    if env_v2 in ("1", "true"):
-        raise _refuse("VLLM_USE_V2_MODEL_RUNNER=1", "Unset it or set VLLM_USE_V2_MODEL_RUNNER=0")
-    if not env_v2:
-        # The V2 runner is vLLM's CUDA default where Triton is present; eviction hooks the V1
-        # runner. Child processes inherit the environment.
-        os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
-
-    from vllm.config.compilation import CUDAGraphMode
-    from vllm.platforms import current_platform
-
-    cc = args.compilation_config
-    mode = getattr(cc, "cudagraph_mode", None)
-    if mode is not None and mode.has_full_cudagraphs():
+    if os.environ.get("VLLM_USE_V2_MODEL_RUNNER", "").strip().lower() in ("1", "true"):
+        # the engine's runner is chosen on its config in after(), never in the environment
         raise _refuse(
-            f"--compilation-config cudagraph_mode={mode.name} (full CUDA graphs replay attention "
-            "without the eviction hook)",
-            "Use cudagraph_mode PIECEWISE or NONE (or --enforce-eager)",
+            "VLLM_USE_V2_MODEL_RUNNER=1 (eviction hooks vLLM's V1 model runner)",
+            "Unset it",
         )
-    if mode is None and current_platform.is_cuda_alike() and not args.enforce_eager:
-        cc.cudagraph_mode = CUDAGraphMode.PIECEWISE
-        notes.append("CUDA graphs piecewise (attention runs eagerly between graph pieces)")
+    from vllm_caote.engine.runner_choice import V2_ONLY_ARGS, v2_only_features
 
-    if args.scheduler_cls not in (None, SCHEDULER_CLS):
+    _refuse_v2_only(v2_only_features(args, V2_ONLY_ARGS))
+    # CUDA graphs stay as the user or vLLM set them: FULL is left out per step, only for the
+    # steps whose budgeted rows need the attention hook (vllm_caote.engine.graphs)
+
+    if args.scheduler_cls not in (None, SCHEDULER_CLS, ASYNC_SCHEDULER_CLS):
         raise _refuse(
             f"--scheduler-cls {args.scheduler_cls}", "Drop the flag (the plugin sets its own)"
         )
@@ -180,13 +182,11 @@ def after(vllm_config, notes: list[str]) -> None:
             f"--kv-cache-dtype {cache_dtype}",
             f"Use one of {', '.join(SUPPORTED_KV_CACHE_DTYPES)}",
         )
-    if vllm_config.scheduler_config.async_scheduling:
-        raise _refuse("Async scheduling", "Pass --no-async-scheduling")
-    if vllm_config.use_v2_model_runner:
-        raise _refuse("The V2 model runner", "Set VLLM_USE_V2_MODEL_RUNNER=0")
-    cg = vllm_config.compilation_config.cudagraph_mode
-    if cg is not None and cg.has_full_cudagraphs():
-        raise _refuse(f"cudagraph_mode={cg.name}", "Use cudagraph_mode PIECEWISE or NONE")
+    from vllm_caote.engine.runner_choice import choose_v1, v2_only_features
+
+    _refuse_v2_only(v2_only_features(vllm_config))
+    if choose_v1(vllm_config):
+        notes.append("model runner V1 for this engine (vLLM chose V2; eviction hooks V1)")
 
     if not str(pc.worker_cls).startswith("vllm_caote."):
         worker = plugin_worker_for(str(pc.worker_cls))
@@ -195,16 +195,31 @@ def after(vllm_config, notes: list[str]) -> None:
                 f"--worker-cls {pc.worker_cls}", f"Use a stock worker ({', '.join(WORKERS)})"
             )
         pc.worker_cls = worker
-    vllm_config.scheduler_config.scheduler_cls = SCHEDULER_CLS
+    vllm_config.scheduler_config.scheduler_cls = (
+        ASYNC_SCHEDULER_CLS if vllm_config.scheduler_config.async_scheduling else SCHEDULER_CLS
+    )
 
     s = settings(vllm_config)  # a bad --additional-config kv_eviction stops startup here
     logger.info(
-        "vllm-caote: KV eviction ready (default budget %s, policy %s, prefill chunk %d)%s",
+        "vllm-caote: KV eviction ready (default budget %s, policy %s, prefill chunk %d); "
+        "changed for all traffic: %s; as vLLM set: %s",
         s.default_budget or "none: opt-in per request",
         s.default_policy,
         s.prefill_chunk,
-        "; set for it: " + "; ".join(notes) if notes else "",
+        "; ".join(notes) if notes else "nothing",
+        unchanged_settings(vllm_config),
     )
+
+
+def unchanged_settings(vllm_config) -> str:
+    """The settings that cost every request on a GPU, as the engine runs them (the startup
+    line: the plugin leaves them as the user or vLLM chose)."""
+    cg = vllm_config.compilation_config.cudagraph_mode
+    graphs = "none" if cg is None else cg.name
+    if cg is not None and cg.has_full_cudagraphs():
+        graphs += " (FULL left out only in steps with a budgeted row that needs the hook)"
+    async_on = bool(vllm_config.scheduler_config.async_scheduling)
+    return f"CUDA graphs {graphs}, async scheduling {'on' if async_on else 'off'}"
 
 
 def install() -> None:

@@ -89,7 +89,8 @@ def rows() -> list[tuple[str, list[PanelSpec]]]:
         PanelSpec(
             "KV cache blocks by request kind",
             "Blocks in use, split between requests with a KV budget (budgeted: their cache is "
-            "capped at about ceil(budget/block_size)+1 blocks) and all other requests "
+            "capped at ceil(budget/block_size) + ceil(eviction_slack/block_size) blocks) and all "
+            "other requests "
             "(unbudgeted). Stacked: the two add up to the used blocks.",
             [Query(f"sum by (kind) (vllm_caote:kv_blocks_used_by{{{SEL}}})", "{{kind}}")],
             stacked=True,

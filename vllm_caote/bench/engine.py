@@ -43,8 +43,9 @@ from vllm_caote.bench.eval.common import (
 )
 
 # decode: after a 300-token prompt the evicting budget (engine minimum, keep = 2 blocks) leaves
-# 256 tokens; the cache reaches keep + one block after 128 more tokens, so 136 decode tokens give
-# one decode eviction per request (128 would stop just short of it).
+# 256 tokens; the cache reaches keep + slack (eviction_slack: 128 tokens, one block) after 128
+# more tokens, so 136 decode tokens give one decode eviction per request (128 would stop just
+# short of it).
 DEFAULTS = dict(
     cap_requests=8,
     cap_prompt=2048,
@@ -145,8 +146,8 @@ def capacity(llm, args, bar) -> dict:
 
 def decode_variants(args, min_budget: int, bs: int) -> dict:
     seq = args.decode_prompt + args.decode_tokens
-    # The evicting budget: the engine minimum (keep = ceil(B/bs) blocks); decode evicts a block
-    # every time the cache reaches keep + bs.
+    # The evicting budget: the engine minimum (keep = ceil(B/bs) blocks); decode evicts back to
+    # keep every time the cache reaches keep + slack (eviction_slack in whole blocks).
     return {
         "stock": None,
         "no_evict": max(seq + bs, min_budget),  # budget >= sequence: hooks on, nothing evicted
@@ -369,7 +370,8 @@ def main(argv=None) -> int:
     notes = [
         "Per-token times come from the wall time of engine.step() calls in which every "
         "running request was decoding (prefill steps excluded).",
-        "The evicting variant attends over a smaller cache (<= keep + one block) than stock, "
+        "The evicting variant attends over a smaller cache (<= keep + eviction_slack) than "
+        "stock, "
         "which partly offsets the cost of scoring and compaction.",
         f"Stock vLLM admits a request only if its whole prompt fits the pool "
         f"({args.blocks * bs} tokens); with kv_budget the plugin caps the admission need at "

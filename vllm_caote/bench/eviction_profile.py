@@ -1,7 +1,7 @@
 """``python -m vllm_caote.bench.eviction_profile``: where one eviction's time goes, per layer.
 
 One layer's eviction of one request, phase by phase, with the functions the worker runs
-(:func:`vllm_caote.engine.step._compact`): **read** the request's tokens from its paged blocks
+(:func:`vllm_caote.engine.evict.compact_layer`): **read** the request's tokens from its paged blocks
 (:meth:`~vllm_caote.engine.compaction.PagedLayout.read`) and **dequantise** them (a no-op
 unless the cache is fp8), **score** them (the policy against the window queries), **select**
 the kept tokens (:func:`~vllm_caote.scoring.select_keep`) and **write** them into the first

@@ -6,13 +6,13 @@ head 128, bf16), evicted with the plugin's own functions, timed next to one deco
 over the same cache, and checked against a CPU float32 reference.
 
 One **eviction** of one request is, for each layer, the worker's own per-layer compaction,
-:func:`vllm_caote.engine.step._compact`, called as ``after_attention`` calls it after the stock
+:func:`vllm_caote.engine.evict.compact_layer`, called as ``after_attention`` calls it after the stock
 attention kernel: gather the request's tokens from its blocks
 (:meth:`~vllm_caote.engine.compaction.PagedLayout.read`), score them with the policy against the
 window queries, :func:`~vllm_caote.scoring.select_keep` (sinks and the observation window kept)
 and write the kept tokens into the first blocks of the request's block table, in place. The
 benchmark does not re-implement any of it, so it times whatever the engine runs today;
-:class:`EngineEviction` is the only code here that knows ``_compact``'s signature (the CI test
+:class:`EngineEviction` is the only code here that knows ``compact_layer``'s signature (the CI test
 fails if it changes). Not timed, as the engine runs them every step, not at an eviction:
 recording the window queries, advancing H2O's sum and Expected Attention's query moments.
 
@@ -138,15 +138,15 @@ class PagedRequest:
 # -- the product code path ---------------------------------------------------------------------
 class EngineEviction:
     """One request's eviction in every layer through the worker's own per-layer compaction,
-    ``engine.step._compact``, with the state the worker holds when it calls it (the window
-    queries, H2O's running sum). The only code here that knows ``_compact``'s signature."""
+    ``engine.evict.compact_layer``, with the state the worker holds when it calls it (the window
+    queries, H2O's running sum). The only code here that knows ``compact_layer``'s signature."""
 
     REQ = "bench-request"
 
     def __init__(self, req: PagedRequest, policy: Policy, keep: int, settings) -> None:
-        from vllm_caote.engine import step  # torch + numpy only (no vLLM at import)
+        from vllm_caote.engine import evict, step  # torch + numpy only (no vLLM at import)
 
-        self.step, self.req, self.policy = step, req, policy
+        self.step, self.evict, self.req, self.policy = step, evict, req, policy
         n = req.context
         self.names = [f"model.layers.{i}.self_attn.attn" for i in range(req.shape.layers)]
         # the worker's ring holds [w, Hq, d] per request and hands out a [Hq, w, d] view
@@ -175,14 +175,16 @@ class EngineEviction:
         return self.window[layer].transpose(0, 1)
 
     def __call__(self) -> None:
-        step = self.step
+        step, evict = self.step, self.evict
         for i, name in enumerate(self.names):
             # the state before this eviction: H2O's sum (it shrinks with it), query moments
-            self.state.layers[name] = step.LayerState(self.h2o[name], self.moments[name])
-            step._compact(
-                self.ev, self.work, name, self.impl, None, self.policy, self.req.layout,
-                self.req.caches[i], None, step._HeadSum(None),
-            )  # fmt: skip
+            self.state.layers[name] = evict.LayerState(self.h2o[name], self.moments[name])
+            item = evict.Evicting(self.work, step._HeadSum(None))
+            evict.compact_layer(
+                self.ev, [item], name, self.impl, None, self.req.layout, self.req.caches[i]
+            )
+            if self.work.error is not None:
+                raise RuntimeError(self.work.error)
 
 
 # -- the run -----------------------------------------------------------------------------------

@@ -38,7 +38,7 @@ def render_md(report: dict) -> str:
         f"{shape['q_heads']} query heads, head {shape['head_size']}, {shape['dtype']}, "
         f"blocks of {shape['block_size']}, window {shape['window']}, sinks {shape['sinks']}.",
         "",
-        "One eviction = every layer of one request through the engine's `step._compact`: "
+        "One eviction = every layer of one request through the engine's `evict.compact_layer`: "
         "gather + score + select + compact in place. Decode = SDPA of one token over the same full cache, every layer "
         "(contiguous K/V). Times: median ms.",
         "",

@@ -7,8 +7,9 @@ Invariants, for every request the scheduler marks as budgeted:
 * none of the blocks it computes is ever registered in the prefix cache (compaction rewrites
   their content, so any hash would lie); the prefix-cache hits it reads are shared, whole
   blocks at its head, which compaction never writes (``StepPlan.protected``);
-* :meth:`trim` is the only way its list shrinks before it finishes, and the
-  trimmed blocks go straight back to the pool.
+* :meth:`trim` and :meth:`detach` are the only ways its list shrinks before it finishes;
+  trimmed blocks go straight back to the pool, detached ones once no step in flight may
+  write them (async scheduling: :mod:`vllm_caote.engine.async_scheduler`).
 
 Unbudgeted requests see vLLM's manager unchanged, prefix caching included.
 
@@ -100,25 +101,31 @@ def manager_class(base: type) -> type:
                 free += blocks[0].ref_cnt == 0
             return free + max(n - len(request.block_hashes), 0)
 
-        def trim(self, request_id: str, keep_blocks: int) -> int:
-            """Give every block past the first ``keep_blocks`` of the request back to the pool.
+        def detach(self, request_id: str, keep_blocks: int) -> list:
+            """Cut every block past the first ``keep_blocks`` from the request's list and
+            return them, still owned: the caller gives them back to the pool (``free_blocks``,
+            tail first) once no step in flight may write them.
 
-            Only for budgeted requests (exclusive, uncached blocks). Returns the count freed.
-            """
-            freed = 0
+            Only for budgeted requests (exclusive, uncached blocks)."""
+            tail: list = []
             for m in self.coordinator.single_type_managers:
                 blocks = m.req_to_blocks.get(request_id)
                 if not blocks or len(blocks) <= keep_blocks:
                     continue
-                tail = blocks[keep_blocks:]
+                tail += blocks[keep_blocks:]
                 del blocks[keep_blocks:]
                 if request_id in m.num_cached_block:
                     m.num_cached_block[request_id] = min(
                         m.num_cached_block[request_id], keep_blocks
                     )
-                self.block_pool.free_blocks(reversed(tail))
-                freed += len(tail)
-            return freed
+            return tail
+
+        def trim(self, request_id: str, keep_blocks: int) -> int:
+            """Give every block past the first ``keep_blocks`` of the request back to the pool
+            now (:meth:`detach`, then free). Returns the count freed."""
+            tail = self.detach(request_id, keep_blocks)
+            self.block_pool.free_blocks(reversed(tail))
+            return len(tail)
 
     return CaoteKVCacheManager
 

@@ -8,12 +8,13 @@ Each override hands one stage to :class:`~vllm_caote.engine.step.WorkerEviction`
 * ``_prepare_inputs``  true positions, compacted cache slots;
 * ``execute_model``    the forward pass with the layer hook active, then the confirmation;
 * ``sample_tokens``    the report on the step's ``ModelRunnerOutput``;
-* ``initialize_kv_cache``  refuse, at startup, layers eviction cannot compact correctly.
+* ``initialize_kv_cache``  refuse, at startup, layers eviction cannot compact correctly, and
+  give the runner's CUDA-graph dispatcher the per-step exclusion of FULL (:mod:`.graphs`).
 """
 
 from __future__ import annotations
 
-from vllm_caote.engine import step
+from vllm_caote.engine import graphs, step
 from vllm_caote.engine.step import WorkerEviction
 from vllm_caote.engine.support import check_attention_layers
 
@@ -36,6 +37,8 @@ def runner_class(base: type) -> type:
         def initialize_kv_cache(self, kv_cache_config, *args, **kwargs):
             out = super().initialize_kv_cache(kv_cache_config, *args, **kwargs)
             self.caote.num_kv_layers = check_attention_layers(self, kv_cache_config)
+            # FULL CUDA graphs for every step whose budgeted rows need no hook (graphs.py)
+            graphs.adopt(self.cudagraph_dispatcher, self.caote.needs_hook)
             return out
 
         def _update_states(self, scheduler_output):

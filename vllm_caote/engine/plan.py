@@ -11,9 +11,16 @@ Cache arithmetic for one request at one step, with ``N`` tokens computed before 
 * positions (RoPE) are the true ``N .. N+n-1``; cache slots are ``N-E .. N-E+n-1``;
 * the first ``protected`` tokens (whole blocks the request read from the prefix cache, which
   other requests may share) are never moved, scored away or written;
+* ``evict_to`` is ``protected + keep`` (``keep``: the budget rounded up to whole blocks): at
+  the prompt's end (or a block-wise chunk's), and while decoding once the request's own cache
+  reaches ``keep + slack`` (``eviction_slack`` rounded up to whole blocks, at least one), so a
+  decoding request evicts once per ``slack`` tokens and holds at most
+  ``(protected + keep + slack) / bs`` blocks, whatever the block size;
 * when ``evict_to`` is set, after the attention of each layer the cache is compacted to the
   first ``evict_to`` slots; once the worker reports it done in every layer, the scheduler frees
-  every block past ``ceil(evict_to / bs)``.
+  every block past ``ceil(evict_to / bs)`` (under async scheduling it cut them from the
+  request's list when it planned, so the next step is sized on the compacted cache, and frees
+  them once the step is done: :mod:`vllm_caote.engine.async_scheduler`).
 """
 
 from __future__ import annotations
@@ -25,6 +32,8 @@ PLAN_ATTR = "caote_plan"
 #: ``{"compacted": {req_id: tokens kept}, "failed": {req_id: reason}}``. The scheduler frees
 #: blocks only for evictions listed under "compacted" with the planned size.
 REPORT_ATTR = "caote_eviction_report"
+#: key of the report: ``{req_id: StepPlan.generation}`` of the plan each entry answers
+REPORT_GENERATION = "generation"
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,6 +46,9 @@ class StepPlan:
     protected: int = 0
     # the step computes the prompt's last token (or a later one): the question is in the window
     prompt_done: bool = True
+    # the request's generation when planned (bumped on preemption and fallback): the worker
+    # echoes it in its report, and a report or plan of an older generation is ignored
+    generation: int = 0
 
 
 def cdiv(a: int, b: int) -> int:

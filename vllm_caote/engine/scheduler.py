@@ -1,14 +1,20 @@
 """Scheduler side of eviction (engine-core process).
 
-:class:`CaoteScheduler` is vLLM's ``Scheduler`` with eviction added; the plugin selects it
-through vLLM's own ``scheduler_config.scheduler_cls`` (:mod:`vllm_caote.configure`). It owns
+:class:`CaoteScheduler` is vLLM's ``Scheduler`` with eviction added (the overrides live in
+:class:`EvictionSchedulerMixin`, shared with the async scheduler of
+:mod:`vllm_caote.engine.async_scheduler`); the plugin selects one through vLLM's own
+``scheduler_config.scheduler_cls`` (:mod:`vllm_caote.configure`). Each owns
 :class:`SchedulerEviction`, the single source of truth of every budgeted request: how many of
 its tokens are evicted, when it evicts next, which blocks it gives back.
 
-Invariants kept here, for a request with budget ``B``, block size ``bs`` and prefill chunk
-``chunk`` (``keep = ceil(B/bs) * bs``):
+Invariants kept here, for a request with budget ``B``, block size ``bs``, prefill chunk
+``chunk`` and decode slack ``slack`` (setting ``eviction_slack`` rounded up to whole blocks, at
+least one; ``keep = ceil(B/bs) * bs``):
 
-* once its prompt is processed it holds at most ``ceil(B/bs) + 1`` blocks;
+* once its prompt is processed it holds at most ``(keep + slack) / bs`` blocks, i.e.
+  ``ceil(B/bs) + max(1, ceil(eviction_slack/bs))`` (plus any prefix-cache blocks it shares):
+  decoding, its cache grows to ``keep + slack`` tokens and is then evicted back to ``keep``,
+  one eviction per ``slack`` generated tokens whatever the block size;
 * while its prompt is processed, by prefill mode (setting ``prefill``):
 
   - ``blockwise``: at most ``ceil((keep + chunk)/bs)`` blocks, always (chunks of ``chunk``
@@ -67,6 +73,7 @@ class RequestBudget:
     steps_left_out: int = 0  # steps vLLM ran without it while it ran on an evicted cache
     waiting_since: float | None = None  # waiting for headroom to read its prompt whole
     wait_expired: bool = False  # waited prefill_wait seconds: block-wise from now on
+    generation: int = 0  # bumped on preemption: plans and reports of older ones are stale
     started: float = field(default_factory=time.monotonic)
 
     def stats(self) -> dict:
@@ -104,12 +111,17 @@ class SchedulerEviction:
         # is oneshot while the pool has room for it and blockwise otherwise.
         self.chunk = max(self.settings.prefill_chunk, self.block_size)
         self.mode = "oneshot" if self.settings.prefill_chunk == 0 else self.settings.prefill
+        # decode: grow to keep + slack, then evict back to keep (whole blocks, at least one)
+        self.slack = max(cdiv(self.settings.eviction_slack, self.block_size), 1) * self.block_size
         self.kv = adopt(scheduler.kv_cache_manager, self)
         #: Test seam: a request for which it returns True is given 0 tokens this step, so vLLM
         #: leaves it out of the step through its own ``num_new_tokens == 0`` path, as it does
         #: when a token, encoder or DP-balancing budget runs out in front of it.
         self.hold_back: Callable[[object], bool] | None = None
         self.clock: Callable[[], float] = time.monotonic  # the prefill wait's clock (tests)
+        #: set by the async scheduler: a planned eviction's tail leaves the request's block
+        #: list when planned (:mod:`vllm_caote.engine.async_scheduler`), not in :meth:`release`
+        self.detached_at_plan = False
 
     # -- BlockBudgets (asked by the KV cache coordinator) --------------------------------------
 
@@ -123,12 +135,14 @@ class SchedulerEviction:
 
     def admission_tokens(self, request_id: str, num_tokens: int, prefix: int = 0) -> int:
         """Full-sequence admission check: a budgeted request never needs more than its
-        ``prefix`` (prefix-cache hits) plus ``keep + chunk`` of its own tokens."""
+        ``prefix`` (prefix-cache hits) plus ``keep + max(chunk, slack)`` of its own tokens
+        (``chunk`` while its prompt is processed block-wise, ``slack`` while it decodes)."""
         st = self.requests.get(request_id)
         if st is None:
             return num_tokens
         need = max(num_tokens - st.evicted, 0)
-        return need if self.mode == "oneshot" else min(need, prefix + st.keep + self.chunk)
+        own = st.keep + max(self.chunk, self.slack)
+        return need if self.mode == "oneshot" else min(need, prefix + own)
 
     # -- request lifecycle ---------------------------------------------------------------------
 
@@ -209,7 +223,7 @@ class SchedulerEviction:
 
     def _cap_blocks(self, st: RequestBudget) -> int:
         """Blocks a budgeted request holds at most once its prompt is in."""
-        return cdiv(st.shared + st.keep, self.block_size) + 1
+        return cdiv(st.shared + st.keep + self.slack, self.block_size)
 
     def _wait_for_headroom(self, st: RequestBudget, short: int) -> bool:
         """Under pressure, a fresh prompt waits (holding nothing) for budgeted prompts now in
@@ -240,7 +254,6 @@ class SchedulerEviction:
         """Decide, per scheduled budgeted request, whether it evicts after this step."""
         plans: dict[str, StepPlan] = {}
         sched = self.scheduler
-        bs = self.block_size
         for req_id, n in scheduler_output.num_scheduled_tokens.items():
             st = self.requests.get(req_id)
             if st is None:
@@ -254,7 +267,8 @@ class SchedulerEviction:
             cache_after = computed_before - st.evicted + n
             own = cache_after - st.shared  # the budget bounds the tokens it holds alone
             prefilling = computed_before < request.num_prompt_tokens
-            threshold = st.keep if prefilling else st.keep + bs
+            # decoding, the cache grows by `slack` past keep before it evicts back to keep
+            threshold = st.keep if prefilling else st.keep + self.slack
             evict_to = st.shared + st.keep if (own > st.keep and own >= threshold) else None
             prompt_done = request.num_computed_tokens >= request.num_prompt_tokens
             if prefilling and not prompt_done and (self.mode == "oneshot" or not st.blockwise):
@@ -263,8 +277,9 @@ class SchedulerEviction:
             st.peak_tokens = max(st.peak_tokens, cache_after)
             st.tokens_seen = max(st.tokens_seen, request.num_computed_tokens)
             plans[req_id] = StepPlan(
-                st.evicted, evict_to, st.policy, reset, st.shared, prompt_done=prompt_done
-            )
+                st.evicted, evict_to, st.policy, reset, st.shared, prompt_done=prompt_done,
+                generation=st.generation,
+            )  # fmt: skip
             if evict_to is not None:
                 dropped = cache_after - evict_to
                 st.evicted += dropped
@@ -279,7 +294,8 @@ class SchedulerEviction:
     def release(self, scheduler_output, model_runner_output) -> dict[str, str]:
         """After a step ran: give back the blocks of every *confirmed* compaction.
 
-        Returns ``{request_id: reason}`` for planned evictions the worker did not confirm.
+        Returns ``{request_id: reason}`` for planned evictions the worker did not confirm, and
+        for budgeted rows the worker reports failed without one (they missed the hook).
         """
         plans = getattr(scheduler_output, PLAN_ATTR, None) or {}
         report = getattr(model_runner_output, REPORT_ATTR, None) or {}
@@ -287,10 +303,19 @@ class SchedulerEviction:
         failed_reasons = report.get("failed", {})
         failed: dict[str, str] = {}
         for req_id, p in plans.items():
-            if p.evict_to is None or req_id not in self.requests:
+            if req_id not in self.requests:
+                continue
+            if p.evict_to is None:
+                # a row that missed the hook (window queries, scoring state): nothing to free,
+                # but its next eviction would score on what it never saw
+                if req_id in failed_reasons:
+                    failed[req_id] = failed_reasons[req_id]
                 continue
             if compacted.get(req_id) == p.evict_to:
-                self.freed_blocks_total += self.kv.trim(req_id, cdiv(p.evict_to, self.block_size))
+                if not self.detached_at_plan:  # else the async scheduler's fence frees them
+                    self.freed_blocks_total += self.kv.trim(
+                        req_id, cdiv(p.evict_to, self.block_size)
+                    )
             else:
                 failed[req_id] = failed_reasons.get(
                     req_id, "the worker did not confirm the planned compaction"
@@ -321,6 +346,7 @@ class SchedulerEviction:
         st = self.requests.get(request.request_id)
         if st is not None:
             st.evicted, st.fresh = 0, True
+            st.generation += 1
 
     def finished(self, request) -> dict | None:
         rid = request.request_id
@@ -351,8 +377,13 @@ class SchedulerEviction:
         return stats
 
 
-class CaoteScheduler(Scheduler):
-    """vLLM's scheduler plus per-request KV eviction (selected via ``scheduler_cls``)."""
+class EvictionSchedulerMixin:
+    """Per-request KV eviction on top of a vLLM scheduler class (``Scheduler`` or
+    ``AsyncScheduler``): the overrides both plugin schedulers share.
+
+    Two hooks differ between them: :meth:`_caote_settle` (a step's report in: free the blocks
+    of confirmed compactions, return the unconfirmed ones) and :meth:`_caote_settled` (after
+    vLLM processed the step)."""
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -376,9 +407,16 @@ class CaoteScheduler(Scheduler):
         self.caote.plan(out)
         return out
 
+    def _caote_settle(self, scheduler_output, model_runner_output) -> dict[str, str]:
+        """Step done: trim every confirmed compaction; ``{request_id: reason}`` of the rest."""
+        return self.caote.release(scheduler_output, model_runner_output)
+
+    def _caote_settled(self) -> None:
+        """After vLLM processed a step's output (the async scheduler frees fenced blocks)."""
+
     def update_from_output(self, scheduler_output, model_runner_output):
         self.caote_metrics.ingest_output(model_runner_output)
-        failed = self.caote.release(scheduler_output, model_runner_output)
+        failed = self._caote_settle(scheduler_output, model_runner_output)
         # The step's own output is valid: each layer attended before it compacted. A request
         # that finishes in this step keeps the failure in its stats; the others fall back.
         self.caote.failed_last_step(failed)
@@ -390,7 +428,10 @@ class CaoteScheduler(Scheduler):
             self.caote.fall_back(request, reason)
             if request.status == RequestStatus.RUNNING:
                 self.running.remove(request)
-                self._preempt_request(request, time.monotonic())
+                # a step scheduled since (async) ran on the unconfirmed cache: drop its output.
+                # Synchronous: nothing is in flight here, so the flag changes nothing.
+                self._preempt_request(request, time.monotonic(), drop_stale_output=True)
+        self._caote_settled()
         return outputs
 
     def _preempt_request(self, request, *args, **kwargs) -> None:
@@ -411,3 +452,7 @@ class CaoteScheduler(Scheduler):
         stats = super().make_stats(*args, **kwargs)
         self.caote_metrics.publish(stats)
         return stats
+
+
+class CaoteScheduler(EvictionSchedulerMixin, Scheduler):
+    """vLLM's scheduler plus per-request KV eviction (selected via ``scheduler_cls``)."""

@@ -4,6 +4,8 @@
                  per budgeted request arrives on the ``SchedulerOutput``;
 2. **inputs**    ``prepare_inputs``: positions stay the true token indices (RoPE), while cache
                  slots and ``seq_lens`` count the compacted cache (``slot = position - offset``);
+                 what the eviction reads on the device reaches it in one copy, which nothing
+                 waits for (:mod:`.staging`);
 3. **layers**    :func:`after_attention`, called by the attention backend after the stock kernel
                  of every layer: record the window queries, and for a planned eviction score
                  the cache and compact the kept tokens into the request's first slots;
@@ -16,12 +18,16 @@
 
 Invariant: after every step, the worker's block list of a budgeted request equals the KV
 cache manager's (``tests/test_engine_schedules.py`` checks it across skipped steps).
+
+Nothing on the step path reads a device value back to the host (no ``.item()``, ``.tolist()``
+or ``.any()`` of a device tensor, no blocking copy): timings are CUDA events read after the
+work completed, and a tensor-parallel failure shows in the step's agreement, not in a NaN check.
+A failure in a layer fails the rows that needed what failed, never the step or the engine.
 """
 
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -29,18 +35,18 @@ import numpy as np
 import torch
 
 from vllm_caote.config import settings
-from vllm_caote.engine import compaction, observe
+from vllm_caote.engine import compaction, evict, graphs
 from vllm_caote.engine.plan import PLAN_ATTR, REPORT_ATTR, StepPlan, cdiv
-from vllm_caote.engine.queries import QueryRings
+from vllm_caote.engine.queries import QueryRings, layer_queries, records
+from vllm_caote.engine.ranks import Ranks, _HeadSum
 from vllm_caote.engine.rope import ModelRope
+from vllm_caote.engine.staging import EvictionTimer, upload
 from vllm_caote.engine.state import (
-    LayerState,
     RequestState,
     advance_h2o,
     advance_moments,
-    moment_knobs,
 )
-from vllm_caote.scoring import get_policy, select_keep
+from vllm_caote.scoring import get_policy
 from vllm_caote.scoring.registry import Policy
 
 logger = logging.getLogger("vllm.vllm_caote.engine")
@@ -82,47 +88,15 @@ class StepContext:
             for w in self.rows
             if w.plan.evict_to is not None or w.policy.stateful or w.policy.tracks_queries
         ]
+        # rows the step is wrong for unless the hook runs in every layer: the above, and rows
+        # that record window queries. A KeyDiff / StreamingLLM row between its compactions is
+        # not one: its scores read only the cache, so it may ride a FULL CUDA graph.
+        self.hooked = [w for w in self.rows if w in self.per_layer or w.policy.needs_queries]
 
-
-class Ranks:
-    """The tensor-parallel group as eviction needs it: every rank holds some KV heads of every
-    request, runs the same plan, and must agree before any block is freed.
-
-    ``group`` / ``device_group`` are ``torch.distributed`` groups (None: a single rank)."""
-
-    def __init__(self, world_size: int = 1, group=None, device_group=None) -> None:
-        self.world_size = world_size
-        self.group = group  # CPU (gloo) group: the per-step agreement
-        self.device_group = device_group  # the cache's device: cross-head score sums
-
-    @classmethod
-    def of_tensor_parallel(cls) -> Ranks:
-        try:
-            from vllm.distributed.parallel_state import get_tp_group
-
-            tp = get_tp_group()
-        except (AssertionError, ImportError):  # no distributed state: a single rank
-            return cls()
-        if tp.world_size <= 1:
-            return cls()
-        return cls(tp.world_size, tp.cpu_group, tp.device_group)
-
-    def all_agree(self, flags: list[bool]) -> list[bool]:
-        """Element-wise AND of ``flags`` over the ranks (one collective; every rank calls it
-        with a list of the same length, as they all run the same plan)."""
-        if self.world_size <= 1 or not flags:
-            return flags
-        t = torch.tensor([int(f) for f in flags], dtype=torch.int32)
-        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN, group=self.group)
-        return [bool(v) for v in t.tolist()]
-
-    def sum(self, t: torch.Tensor) -> torch.Tensor:
-        """``t`` summed over the ranks (a NaN anywhere poisons every rank's result)."""
-        if self.world_size <= 1:
-            return t
-        t = t.contiguous()
-        torch.distributed.all_reduce(t, group=self.device_group)
-        return t
+    @property
+    def needs_hook(self) -> bool:
+        """The step must run the attention hook (no FULL CUDA graph: engine/graphs.py)."""
+        return bool(self.hooked)
 
 
 class WorkerEviction:
@@ -133,7 +107,8 @@ class WorkerEviction:
         self.settings = settings(runner.vllm_config)
         self.ranks = ranks if ranks is not None else Ranks.of_tensor_parallel()
         self.requests: dict[str, RequestState] = {}
-        self.rings = QueryRings(self.settings.window, runner.device)
+        # a ring slot per request the batch can hold (the scheduler's max_num_seqs)
+        self.rings = QueryRings(self.settings.window, runner.device, runner.max_num_reqs)
         self.rope = ModelRope(runner)
         self.plans: dict[str, StepPlan] = {}
         self.step: StepContext | None = None
@@ -142,11 +117,21 @@ class WorkerEviction:
         # Report for the next ModelRunnerOutput: {"compacted": {...}, "failed": {...}}.
         self.report: dict[str, dict] = {"compacted": {}, "failed": {}}
         # Time spent scoring + compacting, drained by the metrics hook.
-        self.eviction_seconds: list[float] = []
+        self.timer = EvictionTimer(runner.device)
         self.step_policies: list[str] = []
         #: Fault-injection seam (tests): requests for which it returns True skip compaction,
         #: as a worker that cannot compact would. The scheduler must then not free blocks.
         self.skip_compaction: Callable[[str], bool] | None = None
+
+    def drop(self, req_id: str) -> None:
+        """Release a request's worker state (query ring slot, H2O sums, query moments)."""
+        self.requests.pop(req_id, None)
+        self.rings.release(req_id)
+
+    def needs_hook(self) -> bool:
+        """The step being run has a budgeted row that needs the attention hook in every layer
+        (asked by the CUDA-graph dispatcher, after :meth:`prepare_inputs`)."""
+        return self.step is not None and self.step.needs_hook
 
     def request(self, req_id: str) -> RequestState:
         st = self.requests.get(req_id)
@@ -156,20 +141,22 @@ class WorkerEviction:
 
     # 1. plan ------------------------------------------------------------------------------
     def update_states(self, scheduler_output) -> None:
-        for rid in scheduler_output.finished_req_ids:
+        # a preempted request restarts from scratch (its plan resets): its slot is free now, so
+        # the rings never need more slots than there are running requests
+        gone = (*scheduler_output.finished_req_ids, *(scheduler_output.preempted_req_ids or ()))
+        for rid in gone:
             self.requests.pop(rid, None)
             self.rings.release(rid)
         self.plans = getattr(scheduler_output, PLAN_ATTR, None) or {}
         for rid, p in self.plans.items():
             if p.reset:
-                self.requests.pop(rid, None)
-                self.rings.release(rid)
+                self.drop(rid)
 
     # 2. inputs ----------------------------------------------------------------------------
     def prepare_inputs(self, num_scheduled_tokens: np.ndarray) -> None:
         self.step = None
         if not self.plans:
-            self.rings.plan_step(())
+            self.rings.use(None, None)
             return
         r = self.runner
         ib = r.input_batch
@@ -179,6 +166,7 @@ class WorkerEviction:
         qsl = r.query_start_loc.np
         bt0 = ib.block_table.block_tables[0]
         rows: list[RowWork] = []
+        host_blocks: list[np.ndarray] = []
         for rid, plan in self.plans.items():
             row = ib.req_id_to_index.get(rid)
             if row is None or row >= num_reqs:
@@ -187,23 +175,26 @@ class WorkerEviction:
             n = int(num_scheduled_tokens[row])
             computed = int(ib.num_computed_tokens_cpu[row])
             cache_len = computed - plan.offset + n
-            nb = cdiv(cache_len, bt0.block_size)
-            blocks = torch.from_numpy(bt0.block_table.np[row, :nb].astype(np.int64))
+            host_blocks.append(bt0.block_table.np[row, : cdiv(cache_len, bt0.block_size)])
             policy = get_policy(plan.policy)
             rows.append(
                 RowWork(
                     rid, row, int(qsl[row]), int(qsl[row + 1]), cache_len, computed,
-                    blocks.to(r.device), plan, policy,
+                    None, plan, policy,  # block_ids: set below, from the step's one copy
                     scorer=scorer_for(policy, plan, self.settings.prefill_base),
                 )
             )  # fmt: skip
-        self.rings.plan_step(
-            (w.req_id, w.q_start, w.q_end, w.seen_before)
-            for w in rows
-            if w.policy.needs_queries and not (w.policy.stateful or w.policy.tracks_queries)
+        src, dst, unslotted = self.rings.plan_step(
+            (w.req_id, w.q_start, w.q_end, w.seen_before) for w in rows if records(w.policy)
         )
+        # one host-to-device copy (pinned, non-blocking on CUDA) of all the step's inputs
+        off, src, dst, *blocks = upload([offsets, src, dst, *host_blocks], r.device)
+        self.rings.use(src, dst)
+        for work, ids in zip(rows, blocks, strict=True):
+            work.block_ids = ids
+            if work.req_id in unslotted:
+                work.error = "no free query-ring slot"
         if offsets.any():
-            off = torch.from_numpy(offsets).to(r.seq_lens.device)
             r.seq_lens[:num_reqs] -= off.to(r.seq_lens.dtype)
             req_idx = r.req_indices.gpu[:total].long()
             slots_pos = r.positions[:total] - off[req_idx].to(r.positions.dtype)
@@ -219,25 +210,31 @@ class WorkerEviction:
         step, self.step = self.step, None
         if step is None:
             return
-        planned = [w for w in step.rows if w.plan.evict_to is not None]
-        for work in planned:
-            if work.error is None and (
-                step.layers_seen != self.num_kv_layers or work.layers_compacted != step.layers_seen
-            ):
+        # every row that needed the hook: a compaction, state or window queries missed in some
+        # layer (CUDA graph replay, micro-batching, an unwrapped backend) leaves it wrong
+        for work in step.hooked:
+            if work.error is not None:
+                continue
+            if step.layers_seen != self.num_kv_layers:
                 work.error = (
-                    f"compacted in {work.layers_compacted} of {self.num_kv_layers} attention "
-                    "layers (a layer that ran without the plugin's backend hook: CUDA graph "
+                    f"the attention hook ran in {step.layers_seen} of {self.num_kv_layers} "
+                    "layers (a layer ran without the plugin's backend hook: FULL CUDA graph "
                     "replay, micro-batching or an unwrapped backend)"
                 )
-        agreed = self.ranks.all_agree([w.error is None for w in planned])
-        for work, ok in zip(planned, agreed, strict=True):
+            elif work.plan.evict_to is not None and work.layers_compacted != step.layers_seen:
+                work.error = (
+                    f"compacted in {work.layers_compacted} of {self.num_kv_layers} attention layers"
+                )
+        agreed = self.ranks.all_agree([w.error is None for w in step.hooked])
+        for work, ok in zip(step.hooked, agreed, strict=True):
             if work.error is None and not ok:
-                work.error = "another tensor-parallel rank did not complete the compaction"
+                work.error = "another tensor-parallel rank did not run this row's eviction step"
             if work.error is not None:
                 self.report["failed"][work.req_id] = work.error
-                continue
-            self.report["compacted"][work.req_id] = work.plan.evict_to
-            self._trim_blocks(work.req_id, work.row, work.plan.evict_to)
+                self.drop(work.req_id)  # it runs unbudgeted from now on: its state is dead
+            elif work.plan.evict_to is not None:
+                self.report["compacted"][work.req_id] = work.plan.evict_to
+                self._trim_blocks(work.req_id, work.row, work.plan.evict_to)
 
     def _trim_blocks(self, req_id: str, row: int, keep_tokens: int) -> None:
         """Drop every block past the first ``ceil(keep_tokens / bs)`` from the worker's
@@ -255,14 +252,45 @@ class WorkerEviction:
 
     # 5. report ----------------------------------------------------------------------------
     def attach_report(self, output) -> None:
-        """Put the pending report on a real ``ModelRunnerOutput`` (not a shared empty one)."""
+        """Put the pending report on a real ``ModelRunnerOutput`` (not a shared empty one), or,
+        under async scheduling, on the one an ``AsyncModelRunnerOutput`` hands the scheduler
+        (its ``_model_runner_output``, else what its ``get_output()`` returns). Each entry is
+        stamped with the generation of the plan it answers (``REPORT_GENERATION``)."""
         if output is None or not (self.report["compacted"] or self.report["failed"]):
             return
-        from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT, ModelRunnerOutput
+        from vllm.v1.outputs import (
+            EMPTY_MODEL_RUNNER_OUTPUT,
+            AsyncModelRunnerOutput,
+            ModelRunnerOutput,
+        )
 
-        if output is EMPTY_MODEL_RUNNER_OUTPUT or not isinstance(output, ModelRunnerOutput):
+        from vllm_caote.engine.plan import REPORT_GENERATION
+
+        report = self.report
+        # the step's plans: a step with plans always has a real output, so none is left over
+        gens = report.setdefault(REPORT_GENERATION, {})
+        for kind in ("compacted", "failed"):
+            for rid in report[kind]:
+                if rid in self.plans:
+                    gens.setdefault(rid, self.plans[rid].generation)
+        if isinstance(output, AsyncModelRunnerOutput):
+            inner = getattr(output, "_model_runner_output", None)
+            if isinstance(inner, ModelRunnerOutput) and inner is not EMPTY_MODEL_RUNNER_OUTPUT:
+                setattr(inner, REPORT_ATTR, report)
+            else:  # another wrapper: the report rides on what get_output() builds
+                get_output = output.get_output
+
+                def with_report() -> ModelRunnerOutput:
+                    out = get_output()
+                    if out is not EMPTY_MODEL_RUNNER_OUTPUT:  # else: unconfirmed, falls back
+                        setattr(out, REPORT_ATTR, report)
+                    return out
+
+                output.get_output = with_report
+        elif output is EMPTY_MODEL_RUNNER_OUTPUT or not isinstance(output, ModelRunnerOutput):
             return
-        setattr(output, REPORT_ATTR, self.report)
+        else:
+            setattr(output, REPORT_ATTR, report)
         self.report = {"compacted": {}, "failed": {}}
 
 
@@ -306,11 +334,14 @@ def after_attention(impl, layer, query: torch.Tensor, kv_cache: torch.Tensor, ki
         return
     if query.shape[0] < ev.step.num_tokens:  # a dummy / profiling pass, not our batch
         return
+    if graphs.full_graph_step():  # as under FULL replay: missed, and caught in finish_step
+        return
     ev.step.layers_seen += 1
     name = getattr(layer, "layer_name", None) or str(id(layer))
-    query = compaction.dequantize_queries(query, layer)
-    ev.rings.record(name, query)  # every recording row at once
+    # contained like the rows below: a failure fails the rows that needed the queries
+    query = layer_queries(ev.step.rows, ev.rings, name, query, layer)
     layout = None
+    evicting: list[evict.Evicting] = []
     for work in ev.step.per_layer:
         policy = work.policy
         # A score that sums over the layer's heads needs every rank's heads: each rank joins
@@ -325,117 +356,35 @@ def after_attention(impl, layer, query: torch.Tensor, kv_cache: torch.Tensor, ki
             layout = layout or compaction.layout_for(impl, layer, kv_cache, kind)
             cache = None
             if policy.stateful:
-                cache = _read(layout, kv_cache, work, impl, layer)
+                cache = evict.read(layout, kv_cache, work, impl, layer)
                 q = query[work.q_start : work.q_end].transpose(0, 1)  # [Hq, n, d]
                 advance_h2o(
-                    _layer(ev, work, name), policy, q, cache[2], getattr(impl, "scale", None)
-                )
+                    evict.layer_state(ev, work, name), policy, q, cache[2], getattr(impl, "scale", None)
+                )  # fmt: skip
             if policy.tracks_queries:
                 q = query[work.q_start : work.q_end].transpose(0, 1)
                 table = ev.rope.for_layer(name)
                 advance_moments(
-                    _layer(ev, work, name), q, work.seen_before, ev.settings.sinks, table
-                )
+                    evict.layer_state(ev, work, name), q, work.seen_before, ev.settings.sinks, table
+                )  # fmt: skip
             if work.plan.evict_to is None:
                 continue
             if ev.skip_compaction is not None and ev.skip_compaction(work.req_id):
                 joint.poison()
                 continue
-            t0 = time.perf_counter()
-            _compact(ev, work, name, impl, layer, work.scorer, layout, kv_cache, cache, joint)
-            ev.eviction_seconds.append(time.perf_counter() - t0)
-            work.layers_compacted += 1
+            evicting.append(evict.Evicting(work, joint, cache))
         except Exception as e:  # noqa: BLE001 - contained per request, reported to the scheduler
             joint.poison()
             work.error = f"{type(e).__name__} in layer {name}: {e}"
             logger.exception("vllm-caote: eviction of request %s failed", work.req_id)
-
-
-class _HeadSum:
-    """The cross-rank head sum of one (row, layer): called exactly once on every rank, by the
-    score (``__call__``) or, when the row failed or skipped before it, by :meth:`poison`."""
-
-    def __init__(self, ranks: Ranks | None, length: int = 0, device=None) -> None:
-        self.ranks, self.length, self.device = ranks, length, device
-        self.done = ranks is None
-
-    def __call__(self, t: torch.Tensor) -> torch.Tensor:
-        if self.done:
-            return t
-        self.done = True
-        out = self.ranks.sum(t.to(torch.float64))  # one dtype on every rank, whatever scores
-        if torch.isnan(out).any():
-            raise RuntimeError("another tensor-parallel rank failed this eviction")
-        return out.to(t.dtype)
-
-    def poison(self) -> None:
-        if not self.done:
-            self.done = True
-            nan = torch.full((self.length,), float("nan"), dtype=torch.float64, device=self.device)
-            self.ranks.sum(nan)
+    if evicting:
+        # every row that evicts here: one scoring call, then per-request selection and writes
+        t0 = ev.timer.start()
+        evict.compact_layer(ev, evicting, name, impl, layer, layout, kv_cache)
+        ev.timer.stop(t0)
 
 
 def _cross_rank(ev: WorkerEviction, work: RowWork, policy) -> _HeadSum:
     if ev.ranks.world_size <= 1 or work.plan.evict_to is None or not policy.cross_head:
         return _HeadSum(None)
     return _HeadSum(ev.ranks, policy.head_sum_length(work.cache_len), ev.runner.device)
-
-
-def _read(layout, kv_cache, work: RowWork, impl, layer):
-    """The request's cache as stored and dequantised for scoring: ``(raw_k, raw_v, k, v)``,
-    each ``[Hkv, n, d]``."""
-    raw_k, raw_v = layout.read(kv_cache, work.block_ids, work.cache_len)
-    return (
-        raw_k,
-        raw_v,
-        *compaction.dequantize(raw_k, raw_v, str(getattr(impl, "kv_cache_dtype", "auto")), layer),
-    )
-
-
-def _layer(ev, work: RowWork, name: str) -> LayerState:
-    return ev.request(work.req_id).layers.setdefault(name, LayerState())
-
-
-def _compact(ev, work: RowWork, name, impl, layer, policy, layout, kv_cache, cache, joint) -> None:
-    cfg = ev.settings
-    raw_keys, raw_values, keys, values = cache or _read(layout, kv_cache, work, impl, layer)
-    ls = _layer(ev, work, name)
-    if policy.stateful:
-        scores = policy.score_from_state(values, ls.h2o)
-    else:
-        queries = None
-        total = work.seen_before + (work.q_end - work.q_start)  # true tokens after the step
-        if policy.needs_queries and not policy.tracks_queries:
-            queries = ev.rings.window_queries(work.req_id, name, total)
-        # one rank: the plain mean (bit-for-bit the single-process scores)
-        knobs = {"reduce_heads": joint} if joint.ranks is not None else {}
-        if policy.tracks_queries:
-            knobs.update(moment_knobs(ls, ev.rope.for_layer(name), total, keys.device))
-        scores, _ = policy.score_with_state(
-            keys,
-            values,
-            queries=queries,
-            sinks=cfg.sinks,
-            scale=getattr(impl, "scale", None),
-            **knobs,
-        )
-    # the protected head (shared prefix-cache blocks) is kept like sinks, and never written
-    head = work.plan.protected
-    keep_idx = select_keep(
-        scores,
-        work.plan.evict_to,
-        protect_recent=cfg.window,
-        sinks=max(cfg.sinks, head),
-        span=policy.span,
-    )
-    observe.notify(work.req_id, name, work.seen_before + work.q_end - work.q_start, work.cache_len, keep_idx)  # fmt: skip
-    moved = keep_idx[:, head:]
-    # the stored (possibly quantised) bytes move; nothing is re-quantised
-    layout.write(
-        kv_cache,
-        work.block_ids[head // kv_cache.shape[2] :],
-        compaction.take_tokens(raw_keys, moved),
-        compaction.take_tokens(raw_values, moved),
-    )
-    if ls.h2o is not None:
-        ls.h2o = torch.gather(ls.h2o, 1, keep_idx.to(ls.h2o.device))

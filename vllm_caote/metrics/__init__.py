@@ -3,8 +3,9 @@
 Who does what, by process:
 
 * **workers** (:func:`.engine.install_worker`): the attention backend times every layer's
-  scoring + compaction into ``WorkerEviction.eviction_seconds``; after each step those
-  durations are summed per evicting request and ride to the engine core as an attribute of the
+  scoring + compaction with ``WorkerEviction.timer`` (:mod:`vllm_caote.engine.staging`: CUDA
+  events on a GPU, read once the work completed); after each step the completed durations are
+  summed per evicting request and ride to the engine core as an attribute of the
   step's ``ModelRunnerOutput`` (the same object with the in-process executor, pickled with the
   multiprocess one).
 * **engine core** (:func:`.engine.install_scheduler`): ``Scheduler.make_stats`` adds one small

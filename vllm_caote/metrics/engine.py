@@ -70,18 +70,22 @@ def split_timings(durations: list[float], policies: list[str]) -> list[list]:
 
 
 def collect_worker_timings(runner, scheduler_output) -> None:
-    """After a forward pass: this step's eviction timings, per evicting request."""
+    """After a forward pass: the eviction timings, per evicting request, of this step (and on
+    CUDA of earlier steps whose work had not completed at their own call)."""
     ev = runner.__dict__.get("_caote")
-    if ev is None or not ev.eviction_seconds:
+    if ev is None:
         return
-    durations = list(ev.eviction_seconds)
-    del ev.eviction_seconds[:]
     from vllm_caote.engine.plan import PLAN_ATTR
 
     plans = getattr(scheduler_output, PLAN_ATTR, None) or {}
-    policies = [p.policy for p in plans.values() if p.evict_to is not None]
+    ev.timer.close_step([p.policy for p in plans.values() if p.evict_to is not None])
+    # on CUDA, a step whose work is still running is read at a later call (never waited for)
+    done = ev.timer.ready()
+    if not done:
+        return
     pending = runner.__dict__.setdefault("_caote_metrics_pending", [])
-    pending.extend(split_timings(durations, policies))
+    for policies, durations in done:
+        pending.extend(split_timings(durations, policies))
     if len(pending) > MAX_PENDING:
         del pending[: len(pending) - MAX_PENDING]
 

@@ -1,0 +1,184 @@
+"""One layer's compactions: every row that evicts in the step scored in one call, then each
+request's selection and compaction.
+
+Invariants:
+
+* the rows a step evicts, grouped by the policy that scores them, are scored by one
+  :func:`~vllm_caote.scoring.score_rows` call per layer (padded and masked; one batch while the
+  padded scratch stays under :data:`MAX_BATCH_TOKENS` tokens), so a layer's scoring launches do
+  not grow with the number of requests that evict; each row's scores, and so its kept tokens,
+  are those of the per-row path on the same tensors (``tests/test_scoring_batched.py``);
+* selection (per request and KV head) and the write into the request's own blocks stay per
+  request: the protected head (shared prefix-cache blocks) is never written;
+* a failure costs only the rows it touched: a batched call that raises is retried row by row,
+  each contained, and a row that fails is reported failed (the scheduler recomputes it without
+  eviction), never the engine or another request;
+* a cross-rank head sum (TOVA under tensor parallelism) is joined exactly once per row and
+  layer on every rank: such rows are scored one by one, in the same order on every rank.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from vllm_caote.engine import compaction, observe
+from vllm_caote.engine.state import LayerState, moment_knobs
+from vllm_caote.scoring import batchable, score_rows, select_keep
+
+logger = logging.getLogger("vllm.vllm_caote.engine")
+
+#: padded tokens (rows x longest row) one batched scoring call may hold: its float32 attention
+#: scratch is ``MAX_BATCH_TOKENS * Hq * window * 4`` bytes (Llama-3.1-8B, window 32: 256 MiB);
+#: past it the rows are split into more calls
+MAX_BATCH_TOKENS = 65536
+
+
+@dataclass
+class Evicting:
+    """A row that compacts in this layer: its cache as read, and its cross-rank head sum."""
+
+    work: object  # step.RowWork
+    joint: object  # ranks._HeadSum
+    cache: tuple | None = None  # (raw_k, raw_v, k, v), each [Hkv, n, d]
+
+
+def read(layout, kv_cache, work, impl, layer) -> tuple:
+    """The request's cache as stored and dequantised for scoring: ``(raw_k, raw_v, k, v)``,
+    each ``[Hkv, n, d]``."""
+    raw_k, raw_v = layout.read(kv_cache, work.block_ids, work.cache_len)
+    return (
+        raw_k,
+        raw_v,
+        *compaction.dequantize(raw_k, raw_v, str(getattr(impl, "kv_cache_dtype", "auto")), layer),
+    )
+
+
+def layer_state(ev, work, name: str) -> LayerState:
+    return ev.request(work.req_id).layers.setdefault(name, LayerState())
+
+
+def compact_layer(ev, rows: list[Evicting], name: str, impl, layer, layout, kv_cache) -> None:
+    """Score, select and compact every row of ``rows`` in this layer (see the module doc)."""
+    groups: dict[str, list[Evicting]] = {}
+    for item in rows:
+        groups.setdefault(item.work.scorer.name, []).append(item)
+    for items in groups.values():
+        for item in items:
+            _contained(item, name, _read_once, layout, kv_cache, impl, layer)
+        items = [it for it in items if it.work.error is None]
+        scores = _batched(ev, items, name, impl) if len(items) > 1 else None
+        for i, item in enumerate(items):
+            s = None if scores is None else scores[i]
+            _contained(item, name, _compact_one, ev, s, name, impl, layout, kv_cache)
+
+
+def _compact_one(item: Evicting, ev, scores, name: str, impl, layout, kv_cache) -> None:
+    if scores is None:
+        scores = _score_one(ev, item, name, impl)
+    _select_and_write(ev, item, name, scores, layout, kv_cache)
+    item.work.layers_compacted += 1
+
+
+def _contained(item: Evicting, name: str, fn, *args) -> None:
+    if item.work.error is not None:
+        return
+    try:
+        fn(item, *args)
+    except Exception as e:  # noqa: BLE001 - contained per request, reported to the scheduler
+        item.joint.poison()
+        item.work.error = f"{type(e).__name__} in layer {name}: {e}"
+        logger.exception("vllm-caote: eviction of request %s failed", item.work.req_id)
+
+
+def _read_once(item: Evicting, layout, kv_cache, impl, layer) -> None:
+    if item.cache is None:
+        item.cache = read(layout, kv_cache, item.work, impl, layer)
+
+
+def _queries(ev, work, name: str):
+    policy = work.scorer
+    if not policy.needs_queries or policy.tracks_queries:
+        return None
+    total = work.seen_before + (work.q_end - work.q_start)  # true tokens after the step
+    return ev.rings.window_queries(work.req_id, name, total)
+
+
+def _batched(ev, items: list[Evicting], name: str, impl) -> list[torch.Tensor] | None:
+    """One scoring call for ``items`` (one scorer), or None where rows must go one by one."""
+    policy = items[0].work.scorer
+    if not batchable(policy) and not policy.stateful:
+        return None  # Expected Attention: per-row query moments
+    if any(it.joint.ranks is not None for it in items):
+        return None  # one cross-rank sum per row, in the same order on every rank
+    try:
+        states = None
+        if policy.stateful:
+            states = [layer_state(ev, it.work, name).h2o for it in items]
+        queries = [_queries(ev, it.work, name) for it in items]
+        return score_rows(
+            policy,
+            [it.cache[2] for it in items],
+            [it.cache[3] for it in items],
+            None if all(q is None for q in queries) else queries,
+            sinks=ev.settings.sinks,
+            scale=getattr(impl, "scale", None),
+            states=states,
+            bucket_ratio=None,
+            max_tokens=MAX_BATCH_TOKENS,
+        )
+    except Exception:  # noqa: BLE001 - retried row by row, each row contained
+        logger.warning("vllm-caote: batched scoring failed in %s; scoring row by row", name)
+        return None
+
+
+def _score_one(ev, item: Evicting, name: str, impl) -> torch.Tensor:
+    work, joint = item.work, item.joint
+    policy = work.scorer
+    _, _, keys, values = item.cache
+    ls = layer_state(ev, work, name)
+    if policy.stateful:
+        return policy.score_from_state(values, ls.h2o)
+    # one rank: the plain mean (bit-for-bit the single-process scores)
+    knobs = {"reduce_heads": joint} if joint.ranks is not None else {}
+    if policy.tracks_queries:
+        total = work.seen_before + (work.q_end - work.q_start)
+        knobs.update(moment_knobs(ls, ev.rope.for_layer(name), total, keys.device))
+    scores, _ = policy.score_with_state(
+        keys,
+        values,
+        queries=_queries(ev, work, name),
+        sinks=ev.settings.sinks,
+        scale=getattr(impl, "scale", None),
+        **knobs,
+    )
+    return scores
+
+
+def _select_and_write(ev, item: Evicting, name: str, scores, layout, kv_cache) -> None:
+    work = item.work
+    cfg = ev.settings
+    raw_keys, raw_values, _, _ = item.cache
+    # the protected head (shared prefix-cache blocks) is kept like sinks, and never written
+    head = work.plan.protected
+    keep_idx = select_keep(
+        scores,
+        work.plan.evict_to,
+        protect_recent=cfg.window,
+        sinks=max(cfg.sinks, head),
+        span=work.scorer.span,
+    )
+    observe.notify(work.req_id, name, work.seen_before + work.q_end - work.q_start, work.cache_len, keep_idx)  # fmt: skip
+    moved = keep_idx[:, head:]
+    # the stored (possibly quantised) bytes move; nothing is re-quantised
+    layout.write(
+        kv_cache,
+        work.block_ids[head // kv_cache.shape[2] :],
+        compaction.take_tokens(raw_keys, moved),
+        compaction.take_tokens(raw_values, moved),
+    )
+    ls = layer_state(ev, work, name)
+    if ls.h2o is not None:
+        ls.h2o = torch.gather(ls.h2o, 1, keep_idx.to(ls.h2o.device))
