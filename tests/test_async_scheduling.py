@@ -233,6 +233,29 @@ def test_report_rides_on_the_async_output():
         assert ev.report == {"compacted": {}, "failed": {}}
 
 
+def test_eviction_timings_ride_on_the_async_output():
+    """The worker's pending eviction timings reach the scheduler on the output an async
+    wrapper holds (as vLLM's AsyncGPUModelRunnerOutput does), not only on a plain one."""
+    from types import SimpleNamespace
+
+    from vllm.v1.outputs import AsyncModelRunnerOutput, ModelRunnerOutput
+
+    from vllm_caote.metrics.engine import OUTPUT_ATTR, attach_worker_timings
+
+    class Wrapped(AsyncModelRunnerOutput):
+        def __init__(self, inner):
+            self._model_runner_output = inner
+
+        def get_output(self):
+            return self._model_runner_output
+
+    runner = SimpleNamespace(_caote_metrics_pending=[{"eviction_seconds": 0.5}])
+    wrapper = Wrapped(ModelRunnerOutput(req_ids=[], req_id_to_index={}))
+    attach_worker_timings(runner, wrapper)
+    assert getattr(wrapper.get_output(), OUTPUT_ATTR) == [{"eviction_seconds": 0.5}]
+    assert runner._caote_metrics_pending == []
+
+
 def test_async_scheduling_selects_the_async_scheduler():
     from test_integration import _args
     from vllm.config import VllmConfig

@@ -91,12 +91,19 @@ def collect_worker_timings(runner, scheduler_output) -> None:
 
 
 def attach_worker_timings(runner, output) -> None:
-    """Hand pending timings to the engine core on a real (not shared, not async) output."""
+    """Hand pending timings to the engine core on a real (not shared) output: a plain one, or
+    the one an async output (async scheduling on a GPU) holds for the scheduler."""
     pending = runner.__dict__.get("_caote_metrics_pending")
     if not pending or output is None:
         return
-    from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT, ModelRunnerOutput
+    from vllm.v1.outputs import (
+        EMPTY_MODEL_RUNNER_OUTPUT,
+        AsyncModelRunnerOutput,
+        ModelRunnerOutput,
+    )
 
+    if isinstance(output, AsyncModelRunnerOutput):
+        output = getattr(output, "_model_runner_output", None)
     if output is EMPTY_MODEL_RUNNER_OUTPUT or not isinstance(output, ModelRunnerOutput):
         return  # keep them for the next step's output
     setattr(output, OUTPUT_ATTR, list(pending))
