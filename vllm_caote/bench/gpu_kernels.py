@@ -175,14 +175,12 @@ class EngineEviction:
         return self.window[layer].transpose(0, 1)
 
     def __call__(self) -> None:
-        step, evict = self.step, self.evict
+        step, evict, caches = self.step, self.evict, self.req.caches
         for i, name in enumerate(self.names):
             # the state before this eviction: H2O's sum (it shrinks with it), query moments
             self.state.layers[name] = evict.LayerState(self.h2o[name], self.moments[name])
-            item = evict.Evicting(self.work, step._HeadSum(None))
-            evict.compact_layer(
-                self.ev, [item], name, self.impl, None, self.req.layout, self.req.caches[i]
-            )
+            rows = [evict.Evicting(self.work, step._HeadSum(None))]
+            evict.compact_layer(self.ev, rows, name, self.impl, None, self.req.layout, caches[i])
             if self.work.error is not None:
                 raise RuntimeError(self.work.error)
 
