@@ -91,7 +91,11 @@ class StepContext:
         # rows the step is wrong for unless the hook runs in every layer: the above, and rows
         # that record window queries. A KeyDiff / StreamingLLM row between its compactions is
         # not one: its scores read only the cache, so it may ride a FULL CUDA graph.
-        self.hooked = [w for w in self.rows if w in self.per_layer or w.policy.needs_queries]
+        # (H2O and Expected Attention need queries too; membership tests on RowWork would
+        # compare dataclass fields, tensors included)
+        self.hooked = [
+            w for w in self.rows if w.plan.evict_to is not None or w.policy.needs_queries
+        ]
 
     @property
     def needs_hook(self) -> bool:
