@@ -101,6 +101,22 @@ def test_tiny_report_shape_and_timings(tiny):
     assert r["target_result"]["applicable"] is False  # CPU, tiny shapes: correctness only
 
 
+def test_tiny_batched_rows_timed_with_scratch(tiny):
+    """Several rows evicting together through one compact_layer call, timed next to their
+    decode attention, with the stated scratch bound (CPU: no measurement)."""
+    proc, out = tiny
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads(out.read_text())
+    got = [(b["context"], b["policy"]) for b in r["batched"]]
+    assert got == [(c, p) for c in TINY_CONTEXTS for p in gk.DEFAULT_POLICIES]
+    for b in r["batched"]:
+        assert b["rows"] == 4 and b["ms_per_layer"] > 0 and b["decode_ms_per_layer"] > 0
+        assert b["ratio_to_decode"] == pytest.approx(b["ms_per_layer"] / b["decode_ms_per_layer"], 1e-2)  # fmt: skip
+        assert b["scratch"]["bound_bytes"] > b["scratch"]["chunk_bound_bytes"] > 0
+        assert "measured_bytes" not in b["scratch"]
+    assert "| context | rows | policy |" in out.with_suffix(".md").read_text()
+
+
 def test_tiny_fp32_cpu_matches_the_reference_exactly(tiny):
     """On CPU in float32 the paged eviction must keep exactly the reference's tokens."""
     proc, out = tiny

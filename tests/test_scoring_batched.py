@@ -173,13 +173,13 @@ class _CountOps(TorchDispatchMode):
 def test_launches_independent_of_rows(name, monkeypatch):
     """One attention call per bucket and the same torch op count whatever the row count."""
     calls = []
-    real = registry.attention_weights
+    real = registry.attention_sums
 
     def counted(*a, **kw):
         calls.append(1)
         return real(*a, **kw)
 
-    monkeypatch.setattr(registry, "attention_weights", counted)
+    monkeypatch.setattr(registry, "attention_sums", counted)
     policy = get_policy(name)
     counts = []
     for b in (2, 8):

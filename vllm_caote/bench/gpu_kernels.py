@@ -36,6 +36,11 @@ order), the kept indices (recovered from the compacted tokens) must overlap the 
 ``--min-overlap`` per KV head (identical in float32 on CPU; bf16 on a GPU may flip near-ties),
 and every block the eviction must not write must be unchanged.
 
+**Batched** (``--batch-rows``, default 4): per context and policy, that many requests evicting
+in the same step through one ``compact_layer`` call per layer (one padded scoring call, as the
+engine batches them), timed per layer next to one decode step's attention of the same rows,
+with the peak scratch (:mod:`vllm_caote.bench.gpu_batched`).
+
 Output: JSON (``--out``, default ``bench/results/gpu_kernels.json``) and a Markdown table next to
 it. Exit status 1 when a check fails. ``--tiny`` runs tiny shapes on CPU in seconds (CI).
 """
@@ -44,8 +49,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, fields
@@ -54,8 +57,9 @@ from types import SimpleNamespace
 
 import torch
 
+from vllm_caote.bench.gpu_batched import measure_batched
 from vllm_caote.bench.gpu_reference import Reference, check_eviction, h2o_states, moment_states
-from vllm_caote.bench.gpu_report import render_md, target_result
+from vllm_caote.bench.gpu_report import environment, render_md, target_result
 from vllm_caote.bench.gpu_timing import measure_decode, rounded, timed
 from vllm_caote.config import EvictionSettings
 from vllm_caote.engine import compaction
@@ -186,41 +190,6 @@ class EngineEviction:
 
 
 # -- the run -----------------------------------------------------------------------------------
-def environment(device: torch.device) -> dict:
-    import vllm_caote
-
-    env = {
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "device": str(device),
-        "cpu_threads": torch.get_num_threads(),
-        "vllm_caote": vllm_caote.__version__,
-        "vllm_imported": any(m == "vllm" or m.startswith("vllm.") for m in sys.modules),
-    }
-    if device.type == "cuda":
-        p = torch.cuda.get_device_properties(device)
-        env.update(
-            device_name=p.name,
-            capability=f"{p.major}.{p.minor}",
-            memory_gib=round(p.total_memory / 2**30, 1),
-        )
-    else:
-        env["device_name"] = platform.processor() or platform.machine()
-    try:
-        env["git_commit"] = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            capture_output=True,
-            text=True,
-            timeout=5,
-            cwd=Path(__file__).resolve().parent,
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        env["git_commit"] = None
-    return env
-
-
 def run(args) -> dict:
     t_start = time.perf_counter()
     device = torch.device(args.device)
@@ -247,6 +216,7 @@ def run(args) -> dict:
         "target": TARGET,
         "decode": [],
         "evictions": [],
+        "batched": [],
         "skipped": [],
     }
     log(f"{device} {shape}")
@@ -306,6 +276,15 @@ def run(args) -> dict:
                 )
         del ref
         req.release()
+        if args.batch_rows > 1 and time.perf_counter() - t_start <= args.time_limit:
+            keep = cdiv(budgets[0], shape.block_size) * shape.block_size
+            for policy in policies:  # the engine's batched path: several rows in one call
+                b = measure_batched(shape, ctx, policy, keep, settings, device, args)
+                report["batched"].append(rounded(b))
+                log(
+                    f"  {b['rows']} rows {policy.name}: {b['ms_per_layer']:.3f} ms/layer "
+                    f"({b['ratio_to_decode']:.1f}x their decode) scratch {b['scratch']}"
+                )
         if device.type == "cuda":
             torch.cuda.empty_cache()
     checks = [r["check"] for r in report["evictions"]]
@@ -366,6 +345,9 @@ def parse_args(argv: list[str] | None = None):
     )
     ap.add_argument("--repeats", type=int, help="timed runs (median; default 10, --tiny 3)")
     ap.add_argument("--warmup", type=int, default=1, help="untimed runs after the checked one")
+    ap.add_argument(
+        "--batch-rows", type=int, default=4, help="rows evicting together (batched timing; 0: off)"
+    )
     ap.add_argument("--block-size", type=int, default=16)
     ap.add_argument("--dtype", choices=sorted(DTYPES), help="default bfloat16 (--tiny: float32)")
     ap.add_argument("--window", type=int, default=EvictionSettings.window)

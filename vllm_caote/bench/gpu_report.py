@@ -3,12 +3,51 @@ Markdown table written beside the JSON."""
 
 from __future__ import annotations
 
+import platform
+import subprocess
+import sys
+from pathlib import Path
 from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    import torch
+import torch
 
+if TYPE_CHECKING:
     from vllm_caote.bench.gpu_kernels import Shape
+
+
+def environment(device: torch.device) -> dict:
+    import vllm_caote
+
+    env = {
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "device": str(device),
+        "cpu_threads": torch.get_num_threads(),
+        "vllm_caote": vllm_caote.__version__,
+        "vllm_imported": any(m == "vllm" or m.startswith("vllm.") for m in sys.modules),
+    }
+    if device.type == "cuda":
+        p = torch.cuda.get_device_properties(device)
+        env.update(
+            device_name=p.name,
+            capability=f"{p.major}.{p.minor}",
+            memory_gib=round(p.total_memory / 2**30, 1),
+        )
+    else:
+        env["device_name"] = platform.processor() or platform.machine()
+    try:
+        env["git_commit"] = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            cwd=Path(__file__).resolve().parent,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        env["git_commit"] = None
+    return env
 
 
 def target_result(report: dict, shape: Shape, device: torch.device) -> dict:
@@ -63,6 +102,23 @@ def render_md(report: dict) -> str:
             f"{r['ratio_to_decode']:.2f} | {'ok' if c['passed'] else 'FAILED'} "
             f"({c['overlap_min']:.4f}) |"
         )
+    if report.get("batched"):
+        lines += [
+            "",
+            "Batched: several rows evicting in one layer through one `compact_layer` call (one "
+            "padded scoring call), vs one decode step's attention of the same rows over that "
+            "layer. Scratch: measured peak rise on CUDA, else the stated bound.",
+            "",
+            "| context | rows | policy | ms/layer | decode ms/layer | x decode | scratch MiB |",
+            "|---:|---:|---|---:|---:|---:|---:|",
+        ]
+        for b in report["batched"]:
+            sc = b["scratch"]
+            mib = sc.get("measured_bytes", sc["bound_bytes"]) / 2**20
+            lines.append(
+                f"| {b['context']} | {b['rows']} | {b['policy']} | {b['ms_per_layer']:.3f} | "
+                f"{b['decode_ms_per_layer']:.4f} | {b['ratio_to_decode']:.2f} | {mib:.1f} |"
+            )
     cor = report["correctness"]
     tr = report["target_result"]
     lines += [

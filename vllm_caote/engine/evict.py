@@ -6,7 +6,8 @@ Invariants:
 * the rows a step evicts, grouped by the policy that scores them, are scored by one
   :func:`~vllm_caote.scoring.score_rows` call per layer (padded and masked; one batch while the
   padded scratch stays under :data:`MAX_BATCH_TOKENS` tokens), so a layer's scoring launches do
-  not grow with the number of requests that evict; each row's scores, and so its kept tokens,
+  not grow with the number of requests that evict (only with their padded tokens, walked in
+  bounded chunks: :mod:`vllm_caote.scoring.chunking`); each row's scores, and so its kept tokens,
   are those of the per-row path on the same tensors (``tests/test_scoring_batched.py``);
 * selection (per request and KV head) and the write into the request's own blocks stay per
   request: the protected head (shared prefix-cache blocks) is never written;
@@ -30,9 +31,11 @@ from vllm_caote.scoring import batchable, score_rows, select_keep
 
 logger = logging.getLogger("vllm.vllm_caote.engine")
 
-#: padded tokens (rows x longest row) one batched scoring call may hold: its float32 attention
-#: scratch is ``MAX_BATCH_TOKENS * Hq * window * 4`` bytes (Llama-3.1-8B, window 32: 256 MiB);
-#: past it the rows are split into more calls
+#: padded tokens (rows x longest row) one batched scoring call may hold: its padded copies of the
+#: rows' keys and values are ``2 * MAX_BATCH_TOKENS * Hkv * d`` elements in the model dtype
+#: (Llama-3.1-8B, bf16: 256 MiB; a lone row is not copied); past it the rows are split into more
+#: calls. The scoring's own scratch is bounded apart from it, whatever the lengths
+#: (:mod:`vllm_caote.scoring.chunking`: at most 96 MiB at 8B shapes)
 MAX_BATCH_TOKENS = 65536
 
 

@@ -6,7 +6,8 @@ Shapes: ``keys``/``values`` ``[Hkv, n, d]``; ``queries`` ``[Hq, w, d]`` with
 Computation is float32 (float64 if an input is float64) on the inputs' device.
 """
 
-from .attention import attention_weights
+from . import chunking
+from .attention import attention_sums, attention_weights
 from .base import (
     h2o_scores,
     keydiff_scores,
@@ -52,11 +53,13 @@ __all__ = [
     "SnapKVPolicy",
     "StreamingPolicy",
     "TOVAPolicy",
+    "attention_sums",
     "attention_weights",
     "batchable",
     "buckets",
     "caote_attention_scores",
     "caote_scores",
+    "chunking",
     "expected_attention_scores",
     "fast_caote_scores",
     "get_policy",

@@ -6,6 +6,7 @@ import math
 
 import torch
 
+from . import chunking
 from ._util import as_compute, check_float, check_rank, compute_dtype
 
 
@@ -45,28 +46,8 @@ def attention_weights(
         Invariants: ``A >= 0``; every row ``A[h, g, i, :]`` sums to 1; with
         ``causal=True``, ``A[..., i, j] == 0`` for ``j > n - w + i``.
     """
-    if queries.dim() < 3:
-        raise ValueError(f"queries must have shape [Hq, w, d], got {tuple(queries.shape)}")
-    if keys.dim() != queries.dim():
-        check_rank("keys", keys, queries.dim(), "[Hkv, n, d] (same leading dims as queries)")
-    check_float("queries", queries)
-    check_float("keys", keys)
-    lead = queries.shape[:-3]
-    if keys.shape[:-3] != lead:
-        raise ValueError(
-            f"leading dims differ: queries {tuple(queries.shape)}, keys {tuple(keys.shape)}"
-        )
-    hq, w, d = queries.shape[-3:]
-    hkv, n, dk = keys.shape[-3:]
-    if dk != d:
-        raise ValueError(f"head_dim mismatch: queries d={d}, keys d={dk}")
-    if hkv == 0 or hq % hkv != 0:
-        raise ValueError(f"Hq={hq} must be a positive multiple of Hkv={hkv}")
+    lead, hq, w, d, hkv, n = _check(queries, keys, causal, key_lengths, query_lengths)
     padded = key_lengths is not None or query_lengths is not None
-    if causal and n < w and not padded:
-        raise ValueError(
-            f"causal attention needs n >= w (queries are the last w keys); n={n}, w={w}"
-        )
     g = hq // hkv
     dt = compute_dtype(queries, keys)
     q = as_compute(queries, dt).reshape(*lead, hkv, g, w, d)
@@ -97,6 +78,98 @@ def attention_weights(
     attn = torch.softmax(logits.masked_fill_(~allowed, float("-inf")), dim=-1)
     # padded query rows saw no key (0/0 = NaN): they carry no attention
     return attn.masked_fill_(~q_real[..., None, None, :, None], 0.0)
+
+
+def attention_sums(
+    queries: torch.Tensor,
+    keys: torch.Tensor,
+    scale: float | None = None,
+    causal: bool = True,
+    *,
+    key_lengths: torch.Tensor | None = None,
+    query_lengths: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``attention_weights(...).sum(dim=-2)``: each key's attention summed over the queries,
+    ``[*B, Hkv, G, n]``, in bounded scratch.
+
+    Same arguments and conventions as :func:`attention_weights`. Where the whole computation
+    fits one chunk (:mod:`~vllm_caote.scoring.chunking`) it is exactly that sum; otherwise
+    queries and keys are walked in chunks, each query's softmax in two passes (its log-sum-exp
+    over every key chunk, then ``exp(logit - lse)``), so the ``[.., w, n]`` weights are never
+    whole. Equal to the one-chunk sum up to float rounding.
+    """
+    lead, hq, w, d, hkv, n = _check(queries, keys, causal, key_lengths, query_lengths)
+    rows = math.prod(lead)
+    q_spans = chunking.query_chunks(w)
+    n_spans = chunking.token_chunks(n, rows)
+    if len(q_spans) == 1 and len(n_spans) == 1:
+        attn = attention_weights(
+            queries, keys, scale, causal, key_lengths=key_lengths, query_lengths=query_lengths
+        )
+        return attn.sum(dim=-2)
+    g = hq // hkv
+    dt = compute_dtype(queries, keys)
+    s = (1.0 / math.sqrt(d)) if scale is None else float(scale)
+    dev = keys.device
+    nl = _lengths(key_lengths, lead, n, dev)[..., None, None]  # [*B, 1, 1]
+    wl = _lengths(query_lengths, lead, w, dev)[..., None]  # [*B, 1]
+    out = torch.zeros(*lead, hkv, g, n, dtype=dt, device=dev)
+    for qs in q_spans:
+        q = as_compute(queries[..., qs, :], dt).reshape(*lead, hkv, g, qs.stop - qs.start, d)
+        t = torch.arange(qs.start, qs.stop, device=dev)
+        q_real = t >= w - wl  # [*B, wc]: real queries are the last w_b slots
+
+        def logits(span, q=q, t=t, q_real=q_real):
+            k = as_compute(keys[..., span, :], dt)
+            x = torch.einsum("...hgwd,...hnd->...hgwn", q, k).mul_(s)
+            j = torch.arange(span.start, span.stop, device=dev)
+            seen = j < nl  # [*B, 1, nc]
+            if causal:  # slot t sees keys up to n_b - w + t (see attention_weights)
+                seen = seen & (j <= nl - w + t[:, None])
+            allowed = (seen & q_real[..., None])[..., None, None, :, :]
+            return x.masked_fill_(~allowed, float("-inf"))
+
+        # pass 1: each query's log-sum-exp over the key chunks, in place per chunk
+        lse = torch.full((*lead, hkv, g, qs.stop - qs.start), float("-inf"), dtype=dt, device=dev)
+        for span in n_spans:
+            x = logits(span)
+            top = x.amax(dim=-1)
+            top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))  # all masked
+            part = x.sub_(top[..., None]).exp_().sum(dim=-1).log_().add_(top)
+            lse = torch.logaddexp(lse, part)
+        # padded query rows saw no key: lse -inf -> +inf gives them weight 0, not NaN
+        lse = lse.masked_fill_(torch.isneginf(lse), float("inf"))[..., None]
+        # pass 2: normalised weights, summed over the chunk's queries
+        for span in n_spans:
+            out[..., span] += logits(span).sub_(lse).exp_().sum(dim=-2)
+    return out
+
+
+def _check(queries, keys, causal, key_lengths, query_lengths):
+    """Shapes and dtypes of :func:`attention_weights`' inputs: ``(lead, Hq, w, d, Hkv, n)``."""
+    if queries.dim() < 3:
+        raise ValueError(f"queries must have shape [Hq, w, d], got {tuple(queries.shape)}")
+    if keys.dim() != queries.dim():
+        check_rank("keys", keys, queries.dim(), "[Hkv, n, d] (same leading dims as queries)")
+    check_float("queries", queries)
+    check_float("keys", keys)
+    lead = queries.shape[:-3]
+    if keys.shape[:-3] != lead:
+        raise ValueError(
+            f"leading dims differ: queries {tuple(queries.shape)}, keys {tuple(keys.shape)}"
+        )
+    hq, w, d = queries.shape[-3:]
+    hkv, n, dk = keys.shape[-3:]
+    if dk != d:
+        raise ValueError(f"head_dim mismatch: queries d={d}, keys d={dk}")
+    if hkv == 0 or hq % hkv != 0:
+        raise ValueError(f"Hq={hq} must be a positive multiple of Hkv={hkv}")
+    padded = key_lengths is not None or query_lengths is not None
+    if causal and n < w and not padded:
+        raise ValueError(
+            f"causal attention needs n >= w (queries are the last w keys); n={n}, w={w}"
+        )
+    return lead, hq, w, d, hkv, n
 
 
 def _lengths(lengths: torch.Tensor | None, lead, full: int, device) -> torch.Tensor:

@@ -9,12 +9,14 @@ Outputs are float32, or float64 when the input is float64.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from ._util import as_compute, check_float, check_rank, compute_dtype
+from .chunking import token_chunks
 
 _ATTN_SHAPE = "[Hkv, G, w, n]"
 
@@ -250,16 +252,31 @@ def keydiff_scores(
 
     Returns:
         ``[Hkv, n]`` in ``[-1, 1]``. A zero anchor gives all-zero scores.
+
+    The keys are read in bounded chunks (:mod:`~vllm_caote.scoring.chunking`): no float copy
+    of every key at once.
     """
     if keys.dim() < 3:
         check_rank("keys", keys, 3, "[Hkv, n, d]")
     check_float("keys", keys)
-    k = as_compute(keys, compute_dtype(keys))
-    base = F.normalize(k, p=2, dim=-1) if normalize_anchor else k
-    if valid is None:
-        anchor = base.mean(dim=-2, keepdim=True)  # [*B, Hkv, 1, d]
-        return -F.cosine_similarity(k, anchor, dim=-1)
-    m = _token_mask(valid, k[..., 0], 1)  # [*B, 1, n]
-    count = m.sum(dim=-1, keepdim=True).clamp_min(1).unsqueeze(-1)  # [*B, 1, 1, 1]
-    anchor = base.masked_fill(~m[..., None], 0.0).sum(dim=-2, keepdim=True) / count
-    return (-F.cosine_similarity(k, anchor, dim=-1)).masked_fill(~m, 0.0)
+    dt = compute_dtype(keys)
+    n = keys.shape[-2]
+    m = None if valid is None else _token_mask(valid, keys[..., 0], 1)  # [*B, 1, n]
+    spans = token_chunks(n, math.prod(keys.shape[:-3]))
+    total = None  # [*B, Hkv, 1, d]: sum of the (unit) real keys
+    for span in spans:
+        k = as_compute(keys[..., span, :], dt)
+        base = F.normalize(k, p=2, dim=-1) if normalize_anchor else k
+        if m is not None:
+            base = base.masked_fill(~m[..., span, None], 0.0)
+        part = base.sum(dim=-2, keepdim=True)
+        total = part if total is None else total + part
+    if m is None:
+        anchor = total / max(n, 1)
+    else:
+        anchor = total / m.sum(dim=-1, keepdim=True).clamp_min(1).unsqueeze(-1)
+    out = torch.empty(keys.shape[:-1], dtype=dt, device=keys.device)  # [*B, Hkv, n]
+    for span in spans:
+        k = as_compute(keys[..., span, :], dt)
+        out[..., span] = -F.cosine_similarity(k, anchor, dim=-1)
+    return out if m is None else out.masked_fill_(~m, 0.0)

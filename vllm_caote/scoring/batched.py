@@ -57,8 +57,10 @@ def pad_rows(
     rows: Sequence[torch.Tensor], length: int, left: bool = False, fill: float = 0.0
 ) -> torch.Tensor:
     """``[H, n_i, d]`` rows stacked to ``[B, H, length, d]``, padded on the right (``left``:
-    on the left) with ``fill``."""
+    on the left) with ``fill``. A lone row of ``length`` tokens comes back as a view."""
     first = rows[0]
+    if len(rows) == 1 and first.shape[-2] == length:
+        return first.unsqueeze(0)  # a lone row needs no padded copy (scorers never write it)
     out = first.new_full((len(rows), first.shape[0], length, first.shape[-1]), fill)
     for b, r in enumerate(rows):
         n = r.shape[-2]

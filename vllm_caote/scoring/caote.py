@@ -19,15 +19,17 @@ import math
 import torch
 
 from ._util import as_compute, check_float, check_rank, compute_dtype
+from .chunking import token_chunks
 
 
 def _prepare(base_scores: torch.Tensor, values: torch.Tensor, valid: torch.Tensor | None = None):
-    """Validate, cast, and return ``(alpha [*B, Hkv, Q, n], values [*B, Hkv, n, d])``.
+    """Validate and return ``(alpha [*B, Hkv, Q, n], compute dtype)``.
 
     ``alpha`` is ``base_scores`` clamped at 0 and normalised to sum to 1 over the
     last dim; an all-zero row stays all-zero (no token carries weight, all scores 0).
     Leading batch dims ``*B`` are those of ``values`` beyond ``[Hkv, n, d]``; with
-    ``valid [*B, n]`` the padded tokens get ``alpha = 0`` and zero values.
+    ``valid [*B, n]`` the padded tokens get ``alpha = 0`` (and zero values, in
+    :func:`_value_chunks`). The values are not cast here: they are read chunk by chunk.
     """
     check_float("base_scores", base_scores)
     check_float("values", values)
@@ -48,16 +50,24 @@ def _prepare(base_scores: torch.Tensor, values: torch.Tensor, valid: torch.Tenso
     dt = compute_dtype(base_scores, values)
     q = math.prod(base_scores.shape[nb + 1 : -1])  # flattened extra query dims (1 if none)
     s = as_compute(base_scores, dt).reshape(*lead, hkv, q, n).clamp_min(0)
-    v = as_compute(values, dt)
     if valid is not None:
         if valid.shape != (*lead, n):
             raise ValueError(f"valid must be {(*lead, n)}, got {tuple(valid.shape)}")
         s = s.masked_fill(~valid[..., None, None, :], 0.0)
-        v = v.masked_fill(~valid[..., None, :, None], 0.0)
     total = s.sum(dim=-1, keepdim=True)
     # where total == 0 the numerator is 0 too, so the clamp only avoids 0/0
     alpha = s / total.clamp_min(torch.finfo(dt).tiny)
-    return alpha, v
+    return alpha, dt
+
+
+def _value_chunks(values: torch.Tensor, valid: torch.Tensor | None, dt: torch.dtype):
+    """``(span, values[..., span, :] in dt, padding zeroed)`` over the tokens in bounded chunks
+    (:mod:`~vllm_caote.scoring.chunking`): no float copy of every value at once."""
+    for span in token_chunks(values.shape[-2], math.prod(values.shape[:-3])):
+        v = as_compute(values[..., span, :], dt)
+        if valid is not None:
+            v = v.masked_fill(~valid[..., None, span, None], 0.0)
+        yield span, v
 
 
 def _eviction_gain(alpha: torch.Tensor, eps: float) -> torch.Tensor:
@@ -93,15 +103,19 @@ def caote_scores(
     ``[*B, Hkv, n]``; ``valid [*B, n]`` marks the real tokens of right-padded rows: padding
     is left out of ``alpha``'s normalisation and of ``o``, and scores 0.
     """
-    alpha, v = _prepare(base_scores, values, valid)
-    if alpha.dim() == 3:
-        o = torch.einsum("hqn,hnd->hqd", alpha, v)  # [Hkv, Q, d]
-    else:
-        o = torch.einsum("...hqn,...hnd->...hqd", alpha, v)  # [*B, Hkv, Q, d]
-    # direct (not ||a||^2 - 2ab + ||b||^2) distances: no cancellation when v_j ~ o,
-    # and no [Hkv, Q, n, d] intermediate
-    dist = torch.cdist(o, v, p=2.0, compute_mode="donot_use_mm_for_euclid_dist")  # [Hkv, Q, n]
-    return (_eviction_gain(alpha, eps) * dist).sum(dim=-2)
+    alpha, dt = _prepare(base_scores, values, valid)
+    o = None  # [*B, Hkv, Q, d], summed over the value chunks
+    for span, v in _value_chunks(values, valid, dt):
+        part = torch.einsum("...hqn,...hnd->...hqd", alpha[..., span], v)
+        o = part if o is None else o + part
+    gain = _eviction_gain(alpha, eps)
+    out = alpha.new_empty(alpha.shape[:-2] + alpha.shape[-1:])  # [*B, Hkv, n]
+    for span, v in _value_chunks(values, valid, dt):
+        # direct (not ||a||^2 - 2ab + ||b||^2) distances: no cancellation when v_j ~ o,
+        # and no [Hkv, Q, n, d] intermediate
+        dist = torch.cdist(o, v, p=2.0, compute_mode="donot_use_mm_for_euclid_dist")
+        out[..., span] = (gain[..., span] * dist).sum(dim=-2)
+    return out
 
 
 def caote_attention_scores(
@@ -146,11 +160,16 @@ def fast_caote_scores(
     summed over any extra query dims; leading batch dims and ``valid`` likewise, ``v_bar``
     then the mean of each row's real values).
     """
-    alpha, v = _prepare(base_scores, values, valid)
+    alpha, dt = _prepare(base_scores, values, valid)
+    v_sum = None  # [*B, Hkv, 1, d]; padded values are 0, so this is the real values' sum
+    for _, v in _value_chunks(values, valid, dt):
+        part = v.sum(dim=-2, keepdim=True)
+        v_sum = part if v_sum is None else v_sum + part
     if valid is None:
-        v_bar = v.mean(dim=-2, keepdim=True)  # [*B, Hkv, 1, d]
-    else:  # padded values are 0 (see _prepare): their sum is the real values' sum
-        count = valid.sum(dim=-1).clamp_min(1).to(v.dtype)[..., None, None, None]
-        v_bar = v.sum(dim=-2, keepdim=True) / count
-    dist = torch.linalg.vector_norm(v - v_bar, ord=2, dim=-1)  # [*B, Hkv, n]
+        v_bar = v_sum / max(values.shape[-2], 1)
+    else:
+        v_bar = v_sum / valid.sum(dim=-1).clamp_min(1).to(dt)[..., None, None, None]
+    dist = alpha.new_empty(alpha.shape[:-2] + alpha.shape[-1:])  # [*B, Hkv, n]
+    for span, v in _value_chunks(values, valid, dt):
+        dist[..., span] = torch.linalg.vector_norm(v - v_bar, ord=2, dim=-1)
     return _eviction_gain(alpha, eps).sum(dim=-2) * dist

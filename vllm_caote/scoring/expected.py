@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from ._util import as_compute, check_float, check_rank, compute_dtype
+from .chunking import token_chunks
 
 
 def rope_rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, neox: bool = True):
@@ -147,7 +148,6 @@ def expected_attention_scores(
     if hq % hkv or mean.shape[1] != d:
         raise ValueError(f"mean {tuple(mean.shape)} does not fit keys {tuple(keys.shape)}")
     dt = compute_dtype(keys, mean, cov)
-    k = as_compute(keys, dt)
     mu = as_compute(mean, dt)
     sig = None if cov is None else as_compute(cov, dt)
     if rotation is not None:
@@ -157,11 +157,22 @@ def expected_attention_scores(
             sig = r @ sig @ r.T
     s = d**-0.5 if scale is None else float(scale)
     g = hq // hkv
-    logits = torch.einsum("hgd,hnd->hgn", mu.reshape(hkv, g, d), k).mul_(s)
-    if sig is not None:
-        ks = torch.einsum("hnd,hgde->hgne", k, sig.reshape(hkv, g, d, d))
-        logits += torch.einsum("hgne,hne->hgn", ks, k).mul_(0.5 * s * s)
+    # the logits are score-sized ([Hkv, G, n]); the keys and k^T Sigma ([Hkv, G, n, d]: G
+    # rows per token, hence the narrower chunks) are read in bounded chunks, so the softmax
+    # over all n stays one exact pass
+    logits = keys.new_empty((hkv, g, n), dtype=dt)
+    spans = token_chunks(n, g if sig is not None else 1)
+    for span in spans:
+        k = as_compute(keys[:, span], dt)
+        part = torch.einsum("hgd,hnd->hgn", mu.reshape(hkv, g, d), k).mul_(s)
+        if sig is not None:
+            ks = torch.einsum("hnd,hgde->hgne", k, sig.reshape(hkv, g, d, d))
+            part += torch.einsum("hgne,hne->hgn", ks, k).mul_(0.5 * s * s)
+        logits[..., span] = part
     p = torch.softmax(logits, dim=-1).mean(dim=1)  # [Hkv, n]
     if use_vnorm:
-        p = (p + epsilon) * torch.linalg.vector_norm(as_compute(values, dt), dim=-1)
+        norms = torch.empty_like(p)
+        for span in spans:
+            norms[:, span] = torch.linalg.vector_norm(as_compute(values[:, span], dt), dim=-1)
+        p = (p + epsilon) * norms
     return p

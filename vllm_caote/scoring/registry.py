@@ -11,12 +11,10 @@ it per request and layer and compacts it together with the cache.
 to sum to 1 per KV head): the pooled SnapKV scores, TOVA's last-query attention,
 or H2O's accumulated attention.
 
-H2O, TOVA and KeyDiff scores are pooled over neighbouring tokens like SnapKV's (knob
-``pool_neighbours``, on by default): a kept token keeps its neighbours. Measured on the passkey
-eval at 25% (20 prompts, adaptive prefill): TOVA 0% -> 55%, CAOTE-TOVA 5% -> 55%, KeyDiff
-15% -> 40%, CAOTE-H2O 75% -> 90%, H2O 75% -> 55%. It costs the H2O pair perplexity in
-block-wise mode (CAOTE-H2O 14.36 -> 14.85 at 25%, full cache 13.95). The unpooled scores are the
-papers' (and kvpress's).
+H2O, TOVA, KeyDiff and Expected Attention scores are pooled over neighbouring tokens like
+SnapKV's (knob ``pool_neighbours``, on by default): a kept token keeps its neighbours. With the
+knob off the scores are the papers' (and kvpress's). What pooling and spans do to accuracy and
+perplexity is measured in docs/policies.md.
 """
 
 from __future__ import annotations
@@ -28,7 +26,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from .attention import attention_weights
+from .attention import attention_sums
 from .base import (
     h2o_scores,
     keydiff_scores,
@@ -123,6 +121,8 @@ class Policy:
     #: the scores read running moments of *every* query of the request (Expected Attention):
     #: the caller feeds each step's queries, un-rotated, and passes knob ``query_moments``
     tracks_queries: ClassVar[bool] = False
+    #: ``_base`` reads the window queries' attention averaged over them (SnapKV), not summed
+    window_mean: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         if self.meta not in _METAS:
@@ -233,14 +233,7 @@ class Policy:
             if query_lengths is None:
                 query_lengths = torch.full((b,), queries.shape[-2], device=keys.device)
             query_lengths = torch.as_tensor(query_lengths, device=keys.device)
-            attn = attention_weights(
-                queries,
-                keys,
-                scale=k["scale"],
-                causal=k["causal"],
-                key_lengths=key_lengths,
-                query_lengths=query_lengths,
-            )
+            attn = self._window_attention(queries, keys, k, key_lengths, query_lengths)
         base = self._base_padded(keys, values, attn, sinks, k, valid, query_lengths)
         return self._meta_scores(base, values, k, valid)
 
@@ -270,8 +263,8 @@ class Policy:
         ``[Hkv, m, d]`` (causal). Called once per step, every query is counted exactly once
         over the request's lifetime, whatever the step sizes and eviction times.
         """
-        attn = attention_weights(queries, keys, scale=scale, causal=True)
-        return self.accumulate(attn, prev)
+        sums = attention_sums(queries, keys, scale=scale, causal=True)  # bounded scratch
+        return self.accumulate(sums.unsqueeze(-2), prev)
 
     def score_from_state(
         self, values: torch.Tensor, state: torch.Tensor, **knobs: Any
@@ -320,11 +313,30 @@ class Policy:
                 raise ValueError(f"policy {self.name!r} needs `queries` or `attn`")
             if self.last_query_only:
                 queries = queries[:, -1:]
-            return attention_weights(queries, keys, scale=k["scale"], causal=k["causal"])
+            return self._window_attention(queries, keys, k)
         hkv, n = keys.shape[0], keys.shape[1]
         if attn.dim() != 4 or attn.shape[0] != hkv or attn.shape[-1] != n:
             raise ValueError(f"attn must be [Hkv={hkv}, G, w, n={n}], got {tuple(attn.shape)}")
         return attn
+
+    def _window_attention(self, queries, keys, k, key_lengths=None, query_lengths=None):
+        """What ``_base`` reads of the window queries' attention: ``[*B, Hkv, G, 1, n]``, their
+        weights summed over the queries (:attr:`window_mean`: averaged over each row's real
+        queries), computed in bounded scratch (:func:`~vllm_caote.scoring.attention_sums`)."""
+        sums = attention_sums(
+            queries,
+            keys,
+            scale=k["scale"],
+            causal=k["causal"],
+            key_lengths=key_lengths,
+            query_lengths=query_lengths,
+        )
+        if self.window_mean:
+            if query_lengths is None:
+                sums = sums / queries.shape[-2]
+            else:
+                sums = sums / query_lengths.to(sums.dtype).reshape(*query_lengths.shape, 1, 1, 1)
+        return sums.unsqueeze(-2)
 
     def _base(
         self, keys, values, attn, h2o_prev, sinks, k
@@ -415,6 +427,7 @@ class SnapKVPolicy(Policy):
     spans of 3 tokens either side (see ``select_keep``)."""
 
     span: ClassVar[int] = 3
+    window_mean: ClassVar[bool] = True
 
     needs_attention: ClassVar[bool] = True
     needs_queries: ClassVar[bool] = True
@@ -424,13 +437,8 @@ class SnapKVPolicy(Policy):
         return snapkv_scores(attn, kernel_size=k["kernel_size"], pooling=k["pooling"]), None
 
     def _base_padded(self, keys, values, attn, sinks, k, valid, query_lengths):
-        return snapkv_scores(
-            attn,
-            kernel_size=k["kernel_size"],
-            pooling=k["pooling"],
-            valid=valid,
-            query_lengths=query_lengths,
-        )
+        # attn is already the mean over each row's real queries (window_mean)
+        return snapkv_scores(attn, kernel_size=k["kernel_size"], pooling=k["pooling"], valid=valid)
 
 
 @dataclass(frozen=True)
