@@ -720,6 +720,42 @@ def test_stats_defaults(caote_server, info):
         assert not any("kv_eviction" in ev for ev in _sse(r))
 
 
+@pytest.mark.server
+def test_stats_tell_own_tokens_from_shared_prefix_tokens(caote_server, info):
+    """The same prompt twice with a budget, the second time after an unbudgeted request put it
+    in vLLM's prefix cache: the first evicts its whole prompt down to the budget; the second
+    reads the cached blocks whole (shared, not counted against the budget) and holds few
+    tokens of its own, so it evicts nothing. The stats say which tokens were which."""
+    bs, budget = info["block_size"], 512
+    # ~1.8k tokens, as in the report that asked for this; the nonce: nothing of it is cached
+    prompt = f"Session {uuid.uuid4().hex}. " + " ".join([LONG_PROMPT] * 5)
+
+    def send(kv_budget: int) -> dict[str, Any]:
+        body = _body(caote_server, "completions", max_tokens=4, prompt=prompt, kv_budget=kv_budget)
+        r = _post(caote_server, "completions", body)
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    cold = send(budget)
+    send(0)  # unbudgeted: its blocks go to the prefix cache
+    warm = send(budget)
+    n_prompt = warm["usage"]["prompt_tokens"]
+    assert n_prompt > 2 * budget
+    for data in (cold, warm):
+        s = data["kv_eviction"]
+        _check_stats(s, budget, DEFAULT_POLICY, info, data["usage"])
+        assert s["shared_prefix_tokens"] == s["prefix_cached_tokens"], s  # the old name stays
+        assert s["shared_prefix_blocks"] == s["shared_prefix_tokens"] // bs, s
+        assert s["peak_tokens"] == s["shared_prefix_tokens"] + s["own_peak_tokens"], s
+        assert s["peak_blocks"] == s["shared_prefix_blocks"] + s["own_peak_blocks"], s
+    c, w = cold["kv_eviction"], warm["kv_eviction"]
+    assert c["shared_prefix_tokens"] == 0 and c["evicted_tokens"] > 0, c
+    # the user's report: peak_blocks near the prompt's, nothing evicted, by design
+    assert w["shared_prefix_tokens"] >= n_prompt - 2 * bs, w
+    assert w["evicted_tokens"] == 0 and w["own_peak_tokens"] < budget, w
+    assert w["peak_blocks"] * bs >= n_prompt, w
+
+
 # ---------------------------------------------------------------------------------------
 # Fuzz: random JSON values never produce a 500
 # ---------------------------------------------------------------------------------------

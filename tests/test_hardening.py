@@ -7,6 +7,7 @@ directly); the fp8 test starts its own OpenAI server, as the failure it guards a
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -248,6 +249,92 @@ def test_session_update_keeps_eviction_state(llm):
     assert sched.caote.requests[rid] is state and state.evicted == evicted
     while engine.has_unfinished_requests():
         engine.step()
+
+
+def _session_turn(llm, rid: str, ids: list[int], params, resumable: bool = True) -> str:
+    """One input of a streaming-input (resumable) session, as ``AsyncLLM`` sends it (vLLM 0.32
+    exposes input streaming only there): the first names the session, later ones reuse the
+    engine's id. Returns the engine's request id."""
+    engine = llm.llm_engine
+    req = engine.input_processor.process_inputs(
+        rid, {"prompt_token_ids": list(ids)}, params,
+        supported_tasks=engine.get_supported_tasks(), resumable=resumable,
+    )  # fmt: skip
+    if rid in _core(llm).scheduler.requests:
+        req.external_req_id = rid.rsplit("-", 1)[0]
+    else:
+        engine.input_processor.assign_request_id(req)
+    engine.output_processor.add_request(req, None, None, 0)
+    # in-process, the engine core would share the token list the output processor extends
+    core_req = copy.copy(req)
+    core_req.prompt_token_ids = list(req.prompt_token_ids)
+    engine.engine_core.add_request(core_req)
+    return req.request_id
+
+
+def _step_until(llm, rid: str, status) -> None:
+    sched = _core(llm).scheduler
+    for _ in range(200):
+        if sched.requests[rid].status == status:
+            return
+        llm.llm_engine.step()
+    r = sched.requests[rid]
+    raise AssertionError(f"{rid} never reached {status}: {r.status} {r.num_computed_tokens}")
+
+
+def test_failed_compaction_of_a_session_between_turns_restarts_it(llm):
+    """A streaming-input session whose turn ends in the step whose compaction fails half-way
+    (15 of 30 layers compacted) is alive but not running: its blocks are freed at once, none
+    reaches the prefix cache, and its next turn is recomputed from token 0, answering as an
+    unbudgeted request on the same tokens does."""
+    from vllm.v1.request import RequestStatus
+
+    from vllm_caote.bench.tasks import filler_prompt_ids
+
+    sched = _core(llm).scheduler
+    pool = sched.kv_cache_manager.block_pool
+    a, _, _ = _prompts(llm)
+    more = filler_prompt_ids(llm.get_tokenizer(), 200, 130000)
+    assert llm.reset_prefix_cache()
+    base, _ = _run(llm, [("stream-base", a + more, _params(8))])
+    assert llm.reset_prefix_cache()  # so a block the session registered is what a hit reads
+    free_at_start = pool.get_num_free_blocks()
+
+    layers = []  # one entry per layer that reached the session's planned compaction
+
+    def half_way(req_id: str) -> bool:  # the worker compacts 15 layers, then skips the rest
+        if not req_id.startswith("stream"):
+            return False
+        layers.append(req_id)
+        return len(layers) > 15
+
+    ev = _worker_eviction(llm)
+    ev.skip_compaction = half_way
+    try:
+        rid = _session_turn(llm, "stream", a, _params(1, budget=BUDGET))
+        _step_until(llm, rid, RequestStatus.WAITING_FOR_STREAMING_REQ)
+    finally:
+        ev.skip_compaction = None
+    assert len(layers) == 30, "the compaction was not planned in the turn's last step"
+    assert rid in sched.caote.fallen_back and rid not in sched.caote.requests
+    assert sched.caote.kv.num_held_blocks(rid) == 0, "a half-compacted cache stayed alive"
+
+    _session_turn(llm, rid, more, _params(8, budget=BUDGET))
+    assert sched.requests[rid].num_computed_tokens == 0, "not recomputed from token 0"
+    _step_until(llm, rid, RequestStatus.WAITING_FOR_STREAMING_REQ)
+    turn = sched.requests[rid]
+    assert turn.num_prompt_tokens == len(a) + len(more)
+    assert list(turn.output_token_ids) == _tokens(base["stream-base"])
+    _session_turn(llm, rid, [0], _params(1), resumable=False)  # the session ends
+    while llm.llm_engine.has_unfinished_requests():
+        llm.llm_engine.step()
+
+    # the prefix cache holds no block of the half-compacted cache: an unbudgeted repeat reads
+    # the session's second (unbudgeted, recomputed) turn and answers as before
+    again, _ = _run(llm, [("stream-again", a + more, _params(8))])
+    assert again["stream-again"].num_cached_tokens > 0
+    assert _tokens(again["stream-again"]) == _tokens(base["stream-base"])
+    assert llm.reset_prefix_cache() and pool.get_num_free_blocks() == free_at_start
 
 
 def test_h2o_counts_every_query_exactly_once():

@@ -249,3 +249,96 @@ def test_non_causal_prefix_lm_layers_are_refused(tmp_path, monkeypatch):
     )
     msg = _start_fails(_llama(tmp_path))
     assert "non-causal (prefix-LM) attention" in msg and "CAOTE_DISABLE=1" in msg, msg
+
+
+def _config_folder(tmp_path, config, name: str, *processors) -> str:
+    """A Hugging Face model folder without weights (``EngineArgs.create_engine_config`` reads
+    none): ``config``, the embedded model's tokenizer and any ``processors``."""
+    from conftest import missing
+
+    from vllm_caote.models import model_dir
+
+    src = model_dir()
+    if not (src / "config.json").exists():
+        missing("the embedded model", "python -m vllm_caote.models fetch")
+    out = tmp_path / name
+    config.save_pretrained(out)
+    for f in src.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens", "vocab", "merges")):
+            shutil.copy(f, out / f.name)
+    for p in processors:
+        p.save_pretrained(out)
+    return str(out)
+
+
+def _engine_config(model: str, **kwargs):
+    from vllm.engine.arg_utils import EngineArgs
+
+    args = EngineArgs(model=model, max_model_len=512, enforce_eager=True, dtype="float32", **kwargs)
+    return args.create_engine_config()
+
+
+def test_fp8_kv_cache_with_per_head_scales_is_refused(tmp_path):
+    """A compressed-tensors checkpoint whose KV-cache scales are per head (strategy
+    ``attn_head``): vLLM keeps one scale per layer (the heads' maximum), so scoring would
+    dequantise every other head on the wrong scale. Refused with an fp8 cache; per-tensor scales,
+    or the cache left unquantised, start."""
+    from transformers import LlamaConfig
+
+    from vllm_caote.configure import ConfigConflictError
+
+    def checkpoint(strategy: str) -> str:
+        config = LlamaConfig(
+            vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+            max_position_embeddings=1024,
+        )  # fmt: skip
+        config.quantization_config = {
+            "quant_method": "compressed-tensors", "format": "dense", "config_groups": {},
+            "ignore": [], "kv_cache_scheme": {
+                "num_bits": 8, "type": "float", "strategy": strategy, "symmetric": True,
+                "dynamic": False,
+            },
+        }  # fmt: skip
+        return _config_folder(tmp_path, config, strategy)
+
+    per_head = checkpoint("attn_head")
+    with pytest.raises(ConfigConflictError) as e:
+        _engine_config(per_head, kv_cache_dtype="fp8")
+    msg = str(e.value)
+    assert "per-head KV-cache scales" in msg and "attn_head" in msg, msg
+    assert "--kv-cache-dtype fp8" in msg and "CAOTE_DISABLE=1" in msg, msg
+    assert _engine_config(per_head).cache_config.cache_dtype == "auto"
+    assert _engine_config(checkpoint("tensor"), kv_cache_dtype="fp8").cache_config.cache_dtype
+
+
+def test_multimodal_model_is_refused_unless_prompts_are_read_whole(tmp_path):
+    """PaliGemma (tiny, no weights): a block-wise prefill chunk is cut after vLLM scheduled the
+    chunk's encoder inputs, so it could split an image. Refused while a budgeted prompt may be
+    read block-wise (``prefill`` adaptive or blockwise); ``prefill: oneshot`` starts."""
+    from transformers import GemmaConfig, PaliGemmaConfig, SiglipImageProcessor, SiglipVisionConfig
+
+    from vllm_caote.configure import ConfigConflictError
+
+    config = PaliGemmaConfig(
+        text_config=GemmaConfig(
+            vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+        ),
+        vision_config=SiglipVisionConfig(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+            image_size=32, patch_size=16,
+        ),
+        projection_dim=64, image_token_index=49151,
+    )  # fmt: skip
+    model = _config_folder(
+        tmp_path, config, "paligemma", SiglipImageProcessor(size={"height": 32, "width": 32})
+    )
+    for prefill in ("adaptive", "blockwise"):
+        with pytest.raises(ConfigConflictError) as e:
+            _engine_config(model, additional_config={"kv_eviction": {"prefill": prefill}})
+        msg = str(e.value)
+        assert "multimodal model" in msg and f"prefill '{prefill}'" in msg, msg
+        assert '"prefill": "oneshot"' in msg and "CAOTE_DISABLE=1" in msg, msg
+    ok = _engine_config(model, additional_config={"kv_eviction": {"prefill": "oneshot"}})
+    assert ok.model_config.is_multimodal_model

@@ -68,7 +68,8 @@ CONTACTS: tuple[Contact, ...] = (
     Contact(
         f"{_SCHED}.add_request",
         "override",
-        "Read kv_budget of a new request.",
+        "Read kv_budget of a new request; a streaming-input session's next input restarts a "
+        "session whose eviction failed between turns (engine/fallback.py).",
         "Public method.",
         "Stays.",
         ("request",),
@@ -145,6 +146,17 @@ CONTACTS: tuple[Contact, ...] = (
         "Scheduler.__init__; update_from_output advances processed_step_seq).",
         "None: deferred frees are internal (vLLM uses them for KV-consumer connectors).",
         "When vLLM exposes a block-release API with an in-flight fence.",
+    ),
+    Contact(
+        f"{_SCHED}._free_request_blocks",
+        "api",
+        "A streaming-input session whose eviction failed as its turn ended is alive but not "
+        "running: its blocks are freed (after a step in flight) and it restarts from token 0 "
+        "(engine/fallback.py; it moves from kv_holding_waiting to waiting, and is listed in "
+        "reset_preempted_req_ids so the worker drops its eviction state).",
+        "None: vLLM preempts only running requests.",
+        "When vLLM can reset a waiting request.",
+        ("request",),
     ),
     Contact(
         f"{_SCHED}._free_request",

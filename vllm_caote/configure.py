@@ -23,10 +23,15 @@ would have said something else (or nothing); :func:`after` checks the built conf
 features that cannot be compacted (several KV-cache groups, sliding window, chunked-local
 attention, MLA, ALiBi, KV sharing, unwrapped attention backends, split kernel blocks) are refused
 by the engine itself at startup (:mod:`vllm_caote.engine.support`), where the KV-cache layout is
-known.
+known. What scoring cannot read right is refused here: an fp8 KV cache with per-head scales
+(scoring dequantises with the one scale vLLM keeps, the heads' maximum) and a multimodal model
+while a budgeted prompt may be cut into block-wise chunks (the cut comes after vLLM scheduled the
+chunk's encoder inputs, so it could split one).
 
-Prefix caching stays on: budgeted requests read prefix-cache hits (kept whole, never written)
-but never register the blocks they compact, so unbudgeted requests keep full prefix caching and
+Prefix caching stays on for every request. A budgeted request *reads* prefix-cache hits: they
+stay whole at its head, shared, never scored away or written, and not counted against its
+budget (its stats say how many: ``shared_prefix_tokens``). It never *registers* the blocks it
+computes, since compaction rewrites them, so unbudgeted requests keep full prefix caching and
 are never corrupted (:mod:`vllm_caote.engine.kv_cache_manager`).
 """
 
@@ -112,6 +117,40 @@ def _refuse_parallelism_and_transfer(
         )
 
 
+def _refuse_unreadable(vllm_config, cache_dtype: str) -> None:
+    """What scoring cannot read right: per-head fp8 KV scales, and encoder inputs a block-wise
+    prefill chunk could split."""
+    from vllm_caote.config import settings
+
+    mc = vllm_config.model_config
+    if mc is None:
+        return
+    quant = getattr(mc.hf_config, "quantization_config", None) or {}
+    if not isinstance(quant, dict):
+        quant = quant.to_dict() if hasattr(quant, "to_dict") else vars(quant)
+    scheme = quant.get("kv_cache_scheme") or (quant.get("quantization") or {}).get(
+        "kv_cache_scheme"
+    )
+    strategy = str((scheme or {}).get("strategy", "")).lower() if isinstance(scheme, dict) else ""
+    if cache_dtype.startswith("fp8") and strategy == "attn_head":
+        raise _refuse(
+            f"--kv-cache-dtype {cache_dtype} with this checkpoint's per-head KV-cache scales "
+            "(compressed-tensors kv_cache_scheme strategy attn_head: vLLM keeps one scale per "
+            "layer, the heads' maximum, so eviction would score every other head's keys and "
+            "values on the wrong scale)",
+            "Serve the KV cache unquantised (--kv-cache-dtype auto) or a checkpoint with "
+            "per-tensor KV scales",
+        )
+    s = settings(vllm_config)
+    if mc.is_multimodal_model and s.prefill_chunk != 0 and s.prefill != "oneshot":
+        raise _refuse(
+            f"A multimodal model ({', '.join(mc.architectures or [])}) with prefill "
+            f"'{s.prefill}' (a budgeted prompt may be cut into block-wise chunks after vLLM "
+            "scheduled the chunk's encoder inputs, which could split an image or audio input)",
+            'Set --additional-config \'{"kv_eviction": {"prefill": "oneshot"}}\'',
+        )
+
+
 def _refuse_v2_only(features: list[str]) -> None:
     if features:
         raise _refuse(
@@ -182,6 +221,7 @@ def after(vllm_config, notes: list[str]) -> None:
             f"--kv-cache-dtype {cache_dtype}",
             f"Use one of {', '.join(SUPPORTED_KV_CACHE_DTYPES)}",
         )
+    _refuse_unreadable(vllm_config, cache_dtype)
     from vllm_caote.engine.runner_choice import choose_v1, v2_only_features
 
     _refuse_v2_only(v2_only_features(vllm_config))

@@ -40,57 +40,17 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 from vllm.v1.core.sched.scheduler import Scheduler
-from vllm.v1.request import RequestStatus
 
 from vllm_caote.config import BUDGET_KEY, POLICY_KEY, STATS_KEY, settings
+from vllm_caote.engine.budget import RequestBudget
+from vllm_caote.engine.fallback import Restarts
 from vllm_caote.engine.kv_cache_manager import adopt
 from vllm_caote.engine.plan import PLAN_ATTR, REPORT_ATTR, StepPlan, cdiv
 from vllm_caote.engine.support import check_kv_cache_config
 
 logger = logging.getLogger("vllm.vllm_caote.engine")
-
-
-@dataclass
-class RequestBudget:
-    """Eviction state of one request, owned by the scheduler."""
-
-    budget: int  # tokens the user asked for
-    keep: int  # budget rounded up to whole blocks: the cache size after every eviction
-    policy: str
-    evicted: int = 0  # tokens evicted from the current cache (reset on preemption)
-    evicted_total: int = 0
-    events: int = 0
-    peak_blocks: int = 0
-    peak_tokens: int = 0
-    tokens_seen: int = 0
-    error: str | None = None  # set when eviction failed and the request ran without it
-    blockwise: bool = False  # this prefill step runs block-wise (mode, or memory pressure)
-    fresh: bool = True  # not scheduled since it arrived or was preempted
-    shared: int = 0  # leading tokens read from the prefix cache: shared, never evicted
-    steps_left_out: int = 0  # steps vLLM ran without it while it ran on an evicted cache
-    waiting_since: float | None = None  # waiting for headroom to read its prompt whole
-    wait_expired: bool = False  # waited prefill_wait seconds: block-wise from now on
-    generation: int = 0  # bumped on preemption: plans and reports of older ones are stale
-    started: float = field(default_factory=time.monotonic)
-
-    def stats(self) -> dict:
-        out = {
-            "budget": self.budget,
-            "policy": self.policy,
-            "evicted_tokens": self.evicted_total,
-            "eviction_events": self.events,
-            "peak_blocks": self.peak_blocks,
-            "peak_tokens": self.peak_tokens,
-            "tokens_seen": self.tokens_seen,
-            "prefix_cached_tokens": self.shared,
-            "steps_left_out": self.steps_left_out,
-        }
-        if self.error is not None:
-            out["error"] = self.error
-        return out
 
 
 class SchedulerEviction:
@@ -263,7 +223,7 @@ class SchedulerEviction:
             reset = st.fresh
             if reset:  # first step since arrival or preemption: any prefix so far is cache hits
                 st.fresh, st.evicted = False, 0
-                st.shared = computed_before
+                st.shared, st.shared_blocks = computed_before, computed_before // self.block_size
             cache_after = computed_before - st.evicted + n
             own = cache_after - st.shared  # the budget bounds the tokens it holds alone
             prefilling = computed_before < request.num_prompt_tokens
@@ -273,8 +233,7 @@ class SchedulerEviction:
             prompt_done = request.num_computed_tokens >= request.num_prompt_tokens
             if prefilling and not prompt_done and (self.mode == "oneshot" or not st.blockwise):
                 evict_to = None  # the whole prompt first: evict with the question in the window
-            st.peak_blocks = max(st.peak_blocks, self.kv.num_held_blocks(req_id))
-            st.peak_tokens = max(st.peak_tokens, cache_after)
+            st.observe(self.kv.num_held_blocks(req_id), cache_after)
             st.tokens_seen = max(st.tokens_seen, request.num_computed_tokens)
             plans[req_id] = StepPlan(
                 st.evicted, evict_to, st.policy, reset, st.shared, prompt_done=prompt_done,
@@ -330,17 +289,21 @@ class SchedulerEviction:
                     f"eviction failed in the request's last step (answer unaffected): {reason}"
                 )
 
-    def fall_back(self, request, reason: str) -> None:
-        """Eviction failed mid-way: recompute the request from token 0 without eviction."""
+    def fall_back(self, request, reason: str) -> bool:
+        """Eviction failed mid-way: the request runs without eviction from now on (the caller
+        restarts it from token 0: :mod:`vllm_caote.engine.fallback`). False if unbudgeted."""
         st = self.requests.pop(request.request_id, None)
         if st is None:
-            return
+            return False
         st.error = f"eviction failed, request recomputed without eviction: {reason}"
-        # its stats now describe the run that produces its answer: the full cache
+        # its stats now describe the run that produces its answer: the full cache, nothing
+        # claimed as shared (its restart may read prefix-cache hits, unbudgeted)
         st.evicted = st.evicted_total = st.events = 0
-        st.peak_blocks = st.peak_tokens = 0
+        st.peak_blocks = st.peak_tokens = st.own_peak_blocks = st.own_peak_tokens = 0
+        st.shared = st.shared_blocks = 0
         self.fallen_back[request.request_id] = st
         logger.error("vllm-caote: request %s: %s", request.request_id, st.error)
+        return True
 
     def preempted(self, request) -> None:
         st = self.requests.get(request.request_id)
@@ -356,8 +319,7 @@ class SchedulerEviction:
             if st is None:
                 return None
             # ran on the full cache since its fallback: what it holds at the end is its peak
-            st.peak_tokens = max(st.peak_tokens, request.num_computed_tokens)
-            st.peak_blocks = max(st.peak_blocks, self.kv.num_held_blocks(rid))
+            st.observe(self.kv.num_held_blocks(rid), request.num_computed_tokens)
         st.tokens_seen = max(st.tokens_seen, request.num_computed_tokens)
         stats = st.stats()
         self.finished_stats.append(stats)
@@ -389,14 +351,18 @@ class EvictionSchedulerMixin:
         super().__init__(*args, **kwargs)
         check_kv_cache_config(self.kv_cache_config)
         self.caote = SchedulerEviction(self)
+        self.caote_restarts = Restarts(self)
         from vllm_caote.metrics.engine import EngineMetrics
 
         self.caote_metrics = EngineMetrics(self)
 
     def add_request(self, request) -> None:
         super().add_request(request)
-        if self.requests.get(request.request_id) is request:
+        existing = self.requests.get(request.request_id)
+        if existing is request:
             self.caote.add(request)
+        elif existing is not None:  # a streaming-input session's next input
+            self.caote_restarts.session_updated(existing)
 
     def _reserve_prefill_lookahead(self, request, num_computed_tokens, num_new_tokens):
         n = super()._reserve_prefill_lookahead(request, num_computed_tokens, num_new_tokens)
@@ -423,14 +389,8 @@ class EvictionSchedulerMixin:
         outputs = super().update_from_output(scheduler_output, model_runner_output)
         for req_id, reason in failed.items():
             request = self.requests.get(req_id)
-            if request is None:
-                continue
-            self.caote.fall_back(request, reason)
-            if request.status == RequestStatus.RUNNING:
-                self.running.remove(request)
-                # a step scheduled since (async) ran on the unconfirmed cache: drop its output.
-                # Synchronous: nothing is in flight here, so the flag changes nothing.
-                self._preempt_request(request, time.monotonic(), drop_stale_output=True)
+            if request is not None and self.caote.fall_back(request, reason):
+                self.caote_restarts.restart(request)  # blocks freed, from token 0
         self._caote_settled()
         return outputs
 
@@ -440,6 +400,7 @@ class EvictionSchedulerMixin:
 
     def _free_request(self, request, *args, **kwargs):
         stats = self.caote.finished(request)  # first: it reads the blocks the request holds
+        self.caote_restarts.forget(request.request_id)
         result = super()._free_request(request, *args, **kwargs)
         if stats is None:
             return result
