@@ -12,8 +12,9 @@
 #              prom/prometheus           -> localhost/vllm-caote-base/prometheus:debian-<hash>
 #   build    deploy/Dockerfile.cpu -> vllm-caote:cpu (left in podman's store), through
 #            scripts/install.sh --fetch-model, FROM the stand-in (--build-arg PYTHON_IMAGE)
-#   serve    podman run vllm-caote:cpu: healthy (its HEALTHCHECK), a budgeted completion with
-#            kv_eviction stats, a bad budget answered 400, vllm_caote:* on /metrics
+#   serve    README.md's `docker run` line of vllm-caote:cpu, run with podman: healthy (its
+#            HEALTHCHECK), a budgeted completion with kv_eviction stats, a bad budget answered
+#            400, vllm_caote:* on /metrics
 #   compose  deploy/docker-compose.yml, profile cpu, through podman-compose: the server and
 #            Prometheus (the Debian stand-in); budgeted traffic, then vllm_caote:* in Prometheus.
 #            Grafana is not started: its image cannot be had here.
@@ -285,10 +286,16 @@ phase_serve() {
   local port t0
   port="$(free_port)"
   t0="$(now)"
-  log "podman run $CPU_IMAGE on 127.0.0.1:$port"
-  podman run -d --name "$SERVE_CTR" -p "127.0.0.1:$port:8000" --shm-size 2g --cap-add SYS_NICE \
-    --security-opt seccomp=unconfined "${SERVER_ENV[@]}" "$CPU_IMAGE" \
-    >"$WORK/logs/serve-run.log" 2>&1 || die "podman run failed: $(cat "$WORK/logs/serve-run.log")"
+  # The README's own `docker run` line (between its image-test markers), run with podman:
+  # detached and named, port 8000 on 127.0.0.1:$port, the test's -e settings; flags as written.
+  local run=()
+  "${CHECKS[@]}" readme-run "$ROOT/README.md" "$SERVE_CTR" "$port" "$CPU_IMAGE" "${SERVER_ENV[@]}" \
+    >"$WORK/serve-command" || die "no docker run line of the CPU image in README.md"
+  mapfile -d '' -t run <"$WORK/serve-command"
+  SERVE_COMMAND="${run[*]}"
+  log "README's docker run line: $SERVE_COMMAND"
+  "${run[@]}" >"$WORK/logs/serve-run.log" 2>&1 ||
+    die "podman run failed: $(cat "$WORK/logs/serve-run.log")"
   # podman runs HEALTHCHECKs from systemd timers; without systemd, run the image's own check.
   local health=starting deadline=$(($(date +%s) + START_TIMEOUT))
   while [ "$(date +%s)" -lt "$deadline" ]; do
@@ -316,7 +323,7 @@ $(tail -40 "$WORK/logs/serve.log")"
   user="$(podman exec "$SERVE_CTR" id -u)"
   podman logs "$SERVE_CTR" >"$WORK/logs/serve.log" 2>&1 || true
   "${CHECKS[@]}" report "$WORK/report/serve.json" health="$health" startup_seconds="$up_s" \
-    uid="$user" api="@$WORK/report/serve-api.json" \
+    uid="$user" api="@$WORK/report/serve-api.json" command="$SERVE_COMMAND" \
     plugin_ready="$(grep -c 'vllm-caote: KV eviction ready' "$WORK/logs/serve.log" || true)"
   [ "${IMAGE_TEST_KEEP:-0}" = 1 ] || cleanup_serve
 }

@@ -5,6 +5,10 @@ python3, not the project venv).
     image_test_checks.py compose URL PROM_URL OUT.json budgeted traffic, then Prometheus
     image_test_checks.py wait URL SECONDS              until URL answers 200
     image_test_checks.py report OUT.json key=value...  a phase report (key=@file.json embeds)
+    image_test_checks.py readme-run README NAME PORT IMAGE [ARG...]
+                                                       README's `docker run` line of the CPU
+                                                       image as the serve phase runs it (argv,
+                                                       NUL-separated)
 
 A failed check prints what was expected and what came back, and exits 1.
 """
@@ -12,6 +16,7 @@ A failed check prints what was expected and what came back, and exits 1.
 from __future__ import annotations
 
 import json
+import shlex
 import sys
 import time
 import urllib.error
@@ -179,6 +184,48 @@ def report(out: str, pairs: list[str]) -> None:
         json.dump(data, f, indent=1)
 
 
+#: README.md's `docker run` line of the CPU image sits between these two comments: the serve
+#: phase runs that line as written (with podman), so the README's command is the tested one.
+README_RUN_BEGIN = "<!-- image-test: docker run (cpu) -->"
+README_RUN_END = "<!-- /image-test -->"
+README_IMAGE = "vllm-caote:cpu"
+
+
+def readme_docker_run(text: str) -> list[str]:
+    """argv of the one ``docker run`` line between the README's image-test markers."""
+    begin = text.find(README_RUN_BEGIN)
+    end = text.find(README_RUN_END, begin + 1)
+    expect(begin >= 0 and end > begin, f"no {README_RUN_BEGIN} ... {README_RUN_END} in README")
+    block = text[begin + len(README_RUN_BEGIN) : end].replace("\\\n", " ")
+    lines = [ln.strip() for ln in block.splitlines() if ln.strip().startswith("docker run ")]
+    expect(len(lines) == 1, f"want one `docker run` line between the markers, got {lines}")
+    argv = shlex.split(lines[0], comments=True)
+    expect(argv[-1] == README_IMAGE, f"the README's line must end with {README_IMAGE}: {argv}")
+    return argv
+
+
+def podman_run_argv(readme: list[str], name: str, port: int, image: str, extra=()) -> list[str]:
+    """The README's ``docker run`` line as the serve phase runs it: ``podman`` for ``docker``,
+    detached and named, the published port 8000 on ``127.0.0.1:port``, ``--rm`` left out (a
+    container that dies during start-up keeps its log), ``extra`` (the test's ``-e`` settings)
+    before the image, the image by its local name. Every other flag stays as written."""
+    expect(readme[:2] == ["docker", "run"], f"not a docker run line: {readme}")
+    flags, published = [], 0
+    args = iter(readme[2:-1])
+    for arg in args:
+        if arg == "--rm":
+            continue
+        if arg in ("-p", "--publish"):
+            value = next(args, "")
+            expect(value.endswith(":8000"), f"the README publishes {value!r}, not port 8000")
+            flags += [arg, f"127.0.0.1:{port}:8000"]
+            published += 1
+            continue
+        flags.append(arg)
+    expect(published == 1, f"the README's line must publish port 8000 once: {readme}")
+    return ["podman", "run", "-d", "--name", name, *flags, *extra, image]
+
+
 def main(argv: list[str]) -> int:
     cmd, args = argv[0], argv[1:]
     try:
@@ -190,6 +237,11 @@ def main(argv: list[str]) -> int:
             wait(args[0], float(args[1]))
         elif cmd == "report":
             report(args[0], args[1:])
+        elif cmd == "readme-run":
+            with open(args[0]) as f:
+                readme = readme_docker_run(f.read())
+            run = podman_run_argv(readme, args[1], int(args[2]), args[3], args[4:])
+            sys.stdout.write("\0".join(run) + "\0")
         else:
             print(__doc__, file=sys.stderr)
             return 2

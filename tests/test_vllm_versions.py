@@ -106,12 +106,13 @@ def test_pin_is_what_the_static_check_proves():
             assert minor in minors, f"vLLM 0.{minor} is admitted by the pin but never checked"
 
 
-def test_readme_version_matrix_names_the_checked_releases():
-    readme = (ROOT / "README.md").read_text()
-    row = next(line for line in readme.splitlines() if line.startswith("| vLLM |"))
-    assert compat.SUPPORTED_VLLM in row
-    for version in CHECKED_VLLM:
-        assert version.rsplit(".", 1)[0] in row, version
+def test_docs_version_matrix_names_the_checked_releases():
+    for doc in ("docs/compatibility.md", "README.md"):
+        text = (ROOT / doc).read_text()
+        row = next(line for line in text.splitlines() if line.startswith("| vLLM |"))
+        assert compat.SUPPORTED_VLLM in row, doc
+        for version in CHECKED_VLLM:
+            assert version.rsplit(".", 1)[0] in row, (doc, version)
 
 
 # -- the checker itself, on a made-up vLLM --------------------------------------------------

@@ -1,3 +1,3 @@
 """vllm-caote: CAOTE KV-cache eviction for vLLM."""
 
-__version__ = "0.2.0"
+__version__ = "0.3.0.dev0"
