@@ -12,6 +12,8 @@ prefix caching is off on the started server, so no cell reads another's cache. P
 exact-match accuracy with a Wilson 95% interval (and per phrasing, haystack and task), peak
 and mean ``vllm:num_requests_running`` (polled from ``/metrics``), requests/s, output tokens/s
 and time to first token p50/p99 against stock in the same run, and vLLM's preemptions.
+Then (``--shorts``) short unbudgeted requests beside the long prompts, unbudgeted and budgeted:
+their latency (:mod:`vllm_caote.bench.loadtest.shorts`).
 """
 
 from __future__ import annotations
@@ -56,6 +58,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--cell-seconds", type=float, default=900.0, help="time limit per cell")
     p.add_argument("--out", default="bench/results")
     p.add_argument("--tag", default="capacity_quality")
+    p.add_argument("--shorts", type=int, default=12,
+                   help="short unbudgeted requests sent beside the long prompts, stock and "
+                   "budgeted (first policy, first fraction); 0: skip")  # fmt: skip
+    p.add_argument("--shorts-delay", type=float, default=3.0,
+                   help="seconds after the long prompts the short requests arrive")  # fmt: skip
     return p.parse_args(argv)
 
 
@@ -181,6 +188,12 @@ async def run(args, url) -> dict:
         c = cells[-1]
         print(f"  {c['policy']} @ {budget}: {c['correct']}/{c['n']} correct, peak running "
               f"{c['peak_running']:.0f}, {c['wall_s']:.0f} s", file=sys.stderr)  # fmt: skip
+    shorts = []
+    if args.shorts > 0 and len(grid) > 1:
+        from vllm_caote.bench.loadtest.shorts import run_scenarios
+
+        budget, policy = grid[1]
+        shorts = await run_scenarios(url, model, cases, budget, policy, args)
     stock = cells[0]
     for c in cells:
         c["peak_running_ratio"] = c["peak_running"] / max(stock["peak_running"], 1e-9)
@@ -193,6 +206,7 @@ async def run(args, url) -> dict:
         tasks=list(tasks),
         fractions=fractions,
         cells=cells,
+        shorts=shorts,
     )
 
 

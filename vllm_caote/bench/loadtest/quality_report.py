@@ -55,6 +55,9 @@ def render_md(r: dict) -> str:
         f"{stock['peak_running']:.0f} running. Total wall time {r['wall_s']:.0f} s.",
         "",
     ]
+    from vllm_caote.bench.loadtest.shorts import render_md as shorts_md
+
+    lines += shorts_md(r.get("shorts") or [])
     if r.get("plots"):
         lines += [f"![accuracy vs concurrency]({Path(p).name})" for p in r["plots"]] + [""]
     return "\n".join(lines)
