@@ -90,6 +90,12 @@ bench-decode: setup
 eval: setup
 	$(PY) -m vllm_caote.bench.eval $(ARGS)
 
+# Paired CAOTE-X vs X on hundreds of held-out prompts, torch-only offline harness (no engine):
+# answer log-probability differences with 95% intervals. ARGS=--device cuda for the full size.
+.PHONY: eval-paired
+eval-paired: setup
+	$(PY) -m vllm_caote.bench.paired $(ARGS)
+
 loadtest: setup
 	$(PY) -m vllm_caote.bench.loadtest $(ARGS)
 

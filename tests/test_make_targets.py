@@ -38,6 +38,7 @@ EXPECTED = {
     "bench-quality": [*SETUP, "-m vllm_caote.bench.loadtest.quality --start-server"],
     "bench-decode": [*SETUP, "-m vllm_caote.bench.loadtest.decode --start-server"],
     "eval": [*SETUP, "-m vllm_caote.bench.eval"],
+    "eval-paired": [*SETUP, "-m vllm_caote.bench.paired"],
     "loadtest": [*SETUP, "-m vllm_caote.bench.loadtest"],
     "image-test": ["scripts/system-deps.sh", "scripts/image-test.sh"],
     "clean": ["rm -rf"],
