@@ -53,14 +53,20 @@ def test_every_request_that_evicts_in_a_layer_is_scored_in_one_call(llm, monkeyp
     step = [0]
     layer_calls: Counter = Counter()  # step -> scoring calls (one per layer when batched)
     rows_per_call: list[int] = []
-    real = evict.score_rows
+    real_rows, real_padded = evict.score_rows, evict.score_padded_rows
 
-    def counting(policy, keys, *args, **kwargs):
+    def counting(policy, keys, *args, **kwargs):  # per-row tensors, padded by score_rows
         rows_per_call.append(len(keys))
         layer_calls[step[0]] += 1
-        return real(policy, keys, *args, **kwargs)
+        return real_rows(policy, keys, *args, **kwargs)
+
+    def counting_padded(policy, keys, *args, **kwargs):  # read padded: [rows, Hkv, N, d]
+        rows_per_call.append(keys.shape[0])
+        layer_calls[step[0]] += 1
+        return real_padded(policy, keys, *args, **kwargs)
 
     monkeypatch.setattr(evict, "score_rows", counting)
+    monkeypatch.setattr(evict, "score_padded_rows", counting_padded)
     assert llm.reset_prefix_cache()
     batched = _run(llm, prompts, params, step)
     num_layers = _core(llm).model_executor.driver_worker.worker.model_runner.caote.num_kv_layers
@@ -68,7 +74,9 @@ def test_every_request_that_evicts_in_a_layer_is_scored_in_one_call(llm, monkeyp
     # every step that scored did so once per layer, however many requests evicted in it
     assert set(layer_calls.values()) == {num_layers}, layer_calls
 
-    monkeypatch.setattr(evict, "_batched", lambda *a, **k: None)  # the per-request path
+    # the per-request path: each row read and scored alone
+    monkeypatch.setattr(evict, "_compact_padded", lambda ev, items, *a: items)
+    monkeypatch.setattr(evict, "_batched", lambda *a, **k: None)
     assert llm.reset_prefix_cache()
     per_row = _run(llm, prompts, params, step)
     assert batched == per_row

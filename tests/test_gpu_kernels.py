@@ -156,6 +156,23 @@ def _wrong_blocks_write(orig):
     return write
 
 
+# the engine's write through the step's token index (compaction.scatter_tokens), broken alike
+def _flipped_scatter(orig):
+    def scatter(plane, index, start, tokens, keep):
+        orig(plane, index, start, tokens, keep.flip(-1))  # kept tokens out of order
+
+    return scatter
+
+
+def _wrong_blocks_scatter(orig):
+    def scatter(plane, index, start, tokens, keep):
+        bs = plane.shape[2]  # the request's blocks in reverse order
+        blocks = index.block[::bs].flip(0).repeat_interleave(bs)[: index.block.numel()]
+        orig(plane, compaction.TokenIndex(blocks, index.slot, index.heads), start, tokens, keep)
+
+    return scatter
+
+
 @pytest.mark.parametrize(
     "broken, flag",
     [
@@ -169,9 +186,15 @@ def test_check_catches_a_broken_eviction(tmp_path, monkeypatch, broken, flag):
         monkeypatch.setattr(
             compaction.PagedLayout, "write", _flipped_write(compaction.PagedLayout.write)
         )
+        monkeypatch.setattr(
+            compaction, "scatter_tokens", _flipped_scatter(compaction.scatter_tokens)
+        )
     elif broken == "blocks":
         monkeypatch.setattr(
             compaction.PagedLayout, "write", _wrong_blocks_write(compaction.PagedLayout.write)
+        )
+        monkeypatch.setattr(
+            compaction, "scatter_tokens", _wrong_blocks_scatter(compaction.scatter_tokens)
         )
     else:  # the device path scores different keys than the cache holds
 

@@ -14,7 +14,7 @@ of a (block, head) lives:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -97,6 +97,105 @@ class PagedLayout:
                 packed = torch.empty(nb, h, bs * d, dtype=region.dtype, device=region.device)
                 packed[:, :, perm.to(region.device)] = tok.reshape(nb, h, bs * d)
             region.index_copy_(0, ids, packed)
+
+    def planes(self, kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Keys and values as ``[num_blocks, Hkv, bs, d]`` strided views of ``kv_cache`` (nothing
+        copied): token ``t`` of head ``h`` in block ``b`` is ``planes[i][b, h, t]``. None for a
+        packing that is no strided view (``"perm"``): then :meth:`read` / :meth:`write`."""
+        nb, h, bs, d2 = kv_cache.shape
+        d = d2 // 2
+        if self.kind == "channels":
+            return kv_cache[..., :d], kv_cache[..., d:]
+        if "perm" in (self.key_order, self.value_order):
+            return None
+        out = []
+        for i, order in enumerate((self.key_order, self.value_order)):
+            if order == "tokens":
+                out.append(kv_cache.view(nb, h, 2, bs, d)[:, :, i])
+            else:  # "channels": the region is [d, bs]
+                out.append(kv_cache.view(nb, h, 2, d, bs)[:, :, i].transpose(-1, -2))
+        return out[0], out[1]
+
+
+@dataclass
+class TokenIndex:
+    """Where a request's tokens are in the paged cache, the same in every layer of a step:
+    token ``t`` is slot ``slot[t]`` of block ``block[t]``; ``heads`` is ``arange(Hkv)[:, None]``.
+    A layer's read and write are then one gather and one scatter per plane
+    (:func:`gather_tokens`, :func:`scatter_tokens`)."""
+
+    block: torch.Tensor  # [n] long
+    slot: torch.Tensor  # [n] long
+    heads: torch.Tensor  # [Hkv, 1] long
+    _dest: dict = field(default_factory=dict, repr=False)
+
+    @staticmethod
+    def of(block_ids: torch.Tensor, length: int, block_size: int, heads: int) -> TokenIndex:
+        dev = block_ids.device
+        t = torch.arange(length, device=dev)
+        return TokenIndex(
+            block_ids.long()[t // block_size],
+            t % block_size,
+            torch.arange(heads, device=dev).unsqueeze(1),
+        )
+
+    def dest(self, start: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(block, slot) of the token slots ``start .. start + count - 1`` (made once)."""
+        d = self._dest.get((start, count))
+        if d is None:
+            d = self._dest[(start, count)] = (
+                self.block[start : start + count],
+                self.slot[start : start + count],
+            )
+        return d
+
+
+@dataclass
+class PaddedIndex:
+    """Several requests' tokens padded to the longest, ``[R, 1, N]`` block and slot indices
+    (a row's padding points at its own first token: finite values, masked by the scorers) and
+    the rows' lengths on the device: one gather per plane reads every row
+    (:func:`gather_padded`)."""
+
+    block: torch.Tensor  # [R, 1, N] long
+    slot: torch.Tensor  # [R, 1, N] long
+    heads: torch.Tensor  # [Hkv, 1] long
+    lengths: torch.Tensor  # [R] long
+
+    @staticmethod
+    def of(indexes: list[TokenIndex], lengths: list[int]) -> PaddedIndex:
+        n = max(lengths)
+        dev = indexes[0].block.device
+
+        def padded(t: torch.Tensor, length: int) -> torch.Tensor:
+            return t if length == n else torch.cat([t, t[:1].expand(n - length)])
+
+        block = torch.stack([padded(ix.block, m) for ix, m in zip(indexes, lengths, strict=True)])
+        slot = torch.stack([padded(ix.slot, m) for ix, m in zip(indexes, lengths, strict=True)])
+        # filled on the device (no host-to-device copy)
+        lens = torch.cat([torch.full((1,), m, dtype=torch.long, device=dev) for m in lengths])
+        return PaddedIndex(block.unsqueeze(1), slot.unsqueeze(1), indexes[0].heads, lens)
+
+
+def gather_padded(plane: torch.Tensor, index: PaddedIndex) -> torch.Tensor:
+    """Every row's tokens of one plane, padded: ``[R, Hkv, N, d]``."""
+    return plane[index.block, index.heads, index.slot]
+
+
+def gather_tokens(plane: torch.Tensor, index: TokenIndex) -> torch.Tensor:
+    """All the request's tokens of one plane (:meth:`PagedLayout.planes`): ``[Hkv, n, d]``."""
+    return plane[index.block, index.heads, index.slot]
+
+
+def scatter_tokens(
+    plane: torch.Tensor, index: TokenIndex, start: int, tokens: torch.Tensor, keep: torch.Tensor
+) -> None:
+    """Write ``tokens[h, keep[h, j]]`` (``tokens`` ``[Hkv, n, d]``, ``keep`` ``[Hkv, K]``) into
+    the request's token slots ``start .. start + K - 1`` of ``plane``: one gather, one scatter.
+    The slots past them keep their old contents (never read: ``seq_len`` ends before them).
+    ``tokens`` must not be a view of ``plane`` (a read of the cache is a copy)."""
+    block, slot = index.dest(start, keep.shape[-1])
+    plane.index_put_((block, index.heads, slot), tokens[index.heads, keep])
 
 
 def take_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -68,6 +68,7 @@ class RowWork:
     layers_compacted: int = 0
     error: str | None = None  # set by the first layer that failed; later layers skip the row
     scorer: Policy | None = None  # what scores this step's eviction (None: ``policy``)
+    index: dict = field(default_factory=dict)  # compaction.TokenIndex per cache shape (evict.py)
 
     def __post_init__(self) -> None:
         if self.scorer is None:

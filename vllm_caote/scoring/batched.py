@@ -61,6 +61,8 @@ def pad_rows(
     first = rows[0]
     if len(rows) == 1 and first.shape[-2] == length:
         return first.unsqueeze(0)  # a lone row needs no padded copy (scorers never write it)
+    if all(r.shape[-2] == length for r in rows):
+        return torch.stack(list(rows))  # nothing to pad: one copy
     out = first.new_full((len(rows), first.shape[0], length, first.shape[-1]), fill)
     for b, r in enumerate(rows):
         n = r.shape[-2]
@@ -143,9 +145,56 @@ def score_rows(
         ]  # fmt: skip
     if policy.needs_values and any(v is None for v in values):
         raise ValueError(f"policy {policy.name!r} needs `values` for every row")
+    if policy.needs_attention:
+        for i, q in enumerate(queries):
+            if q is None:
+                raise ValueError(f"policy {policy.name!r} needs `queries` (row {i} has none)")
     lengths = [int(k.shape[-2]) for k in keys]
-    use_q = policy.needs_attention
-    if use_q:
+    out: list[torch.Tensor | None] = [None] * b
+    for group in buckets(lengths, bucket_ratio, max_tokens):
+        n_max = lengths[group[0]]
+        extra = {}
+        if any("reduce_heads" in row_knobs[i] for i in group):
+            extra["reduce_heads"] = [row_knobs[i].get("reduce_heads") for i in group]
+        scores = score_padded_rows(
+            policy,
+            pad_rows([keys[i] for i in group], n_max),
+            pad_rows([values[i] for i in group], n_max) if policy.needs_values else None,
+            [queries[i] for i in group],
+            [lengths[i] for i in group],
+            sinks=sinks,
+            scale=scale,
+            **{**knobs, **extra},
+        )
+        for j, i in enumerate(group):
+            out[i] = scores[j, :, : lengths[i]]
+    return out  # type: ignore[return-value]
+
+
+def score_padded_rows(
+    policy: Policy,
+    keys: torch.Tensor,
+    values: torch.Tensor | None,
+    queries: Sequence[torch.Tensor | None],
+    lengths: Sequence[int],
+    key_lengths: torch.Tensor | None = None,
+    sinks: int = 4,
+    scale: float | None = None,
+    **knobs: Any,
+) -> torch.Tensor:
+    """Keep-scores ``[B, Hkv, N]`` of rows already padded (a stateless policy, one call).
+
+    ``keys``/``values`` are ``[B, Hkv, N, d]``: row ``b``'s ``lengths[b]`` tokens first, then
+    any finite values (what :meth:`Policy.score_padded` takes); ``queries`` per row
+    ``[Hq, w_b, d]`` (None where the policy needs none), padded here on the left;
+    ``key_lengths`` is ``lengths`` on the keys' device (made here when None). Row ``b``'s
+    scores are ``out[b, :, :lengths[b]]``, those of :func:`score_rows`.
+    """
+    if policy.needs_values and values is None:
+        raise ValueError(f"policy {policy.name!r} needs `values` for every row")
+    dev = keys.device
+    q_pad = q_len = None
+    if policy.needs_attention:
         for i, q in enumerate(queries):
             if q is None:
                 raise ValueError(f"policy {policy.name!r} needs `queries` (row {i} has none)")
@@ -155,36 +204,14 @@ def score_rows(
                 )
             if q.shape[-2] == 0:
                 raise ValueError(f"row {i}: policy {policy.name!r} needs w >= 1 queries")
-    out: list[torch.Tensor | None] = [None] * b
-    dev = keys[0].device
-    for group in buckets(lengths, bucket_ratio, max_tokens):
-        n_max = lengths[group[0]]
-        k_pad = pad_rows([keys[i] for i in group], n_max)
-        v_pad = pad_rows([values[i] for i in group], n_max) if policy.needs_values else None
-        q_pad = q_len = None
-        if use_q:
-            qs = [queries[i] for i in group]
-            if policy.last_query_only:
-                qs = [q[:, -1:] for q in qs]
-            w_lens = [q.shape[-2] for q in qs]
-            q_pad = pad_rows(qs, max(w_lens), left=True)
+        qs = [q[:, -1:] for q in queries] if policy.last_query_only else list(queries)
+        w_lens = [q.shape[-2] for q in qs]
+        q_pad = pad_rows(qs, max(w_lens), left=True)
+        if min(w_lens) != max(w_lens):  # else None: every row has all W
             q_len = torch.tensor(w_lens, device=dev)
-        extra = {}
-        if any("reduce_heads" in row_knobs[i] for i in group):
-            extra["reduce_heads"] = [row_knobs[i].get("reduce_heads") for i in group]
-        scores = policy.score_padded(
-            k_pad,
-            v_pad,
-            q_pad,
-            torch.tensor([lengths[i] for i in group], device=dev),
-            q_len,
-            sinks,
-            scale=scale,
-            **{**knobs, **extra},
-        )
-        for j, i in enumerate(group):
-            out[i] = scores[j, :, : lengths[i]]
-    return out  # type: ignore[return-value]
+    if key_lengths is None:
+        key_lengths = torch.tensor(list(lengths), device=dev)
+    return policy.score_padded(keys, values, q_pad, key_lengths, q_len, sinks, scale=scale, **knobs)
 
 
 def _from_states(policy, values, states, bucket_ratio, max_tokens, knobs) -> list[torch.Tensor]:

@@ -58,22 +58,47 @@ def select_keep(
     # here sinks + protect_recent <= keep < n: the two protected ranges are disjoint
     mid_lo, mid_hi = sinks, n - protect_recent
     m = keep - sinks - protect_recent  # free slots in the middle
-    if span > 0 and scores.is_floating_point():
-        clean = torch.where(torch.isnan(scores), torch.full_like(scores, float("-inf")), scores)
-        flat = clean.reshape(-1, 1, n)
-        scores = F.max_pool1d(flat, 2 * span + 1, stride=1, padding=span).reshape(clean.shape)
-    mid = scores[..., mid_lo:mid_hi]
-    if mid.is_floating_point():
-        mid = torch.where(torch.isnan(mid), torch.full_like(mid, float("-inf")), mid)
-    # stable descending sort of the *reversed* middle: equal scores keep reversed
-    # order, i.e. the newer token comes first
-    rev = mid.flip(-1)
-    order = torch.sort(rev, dim=-1, descending=True, stable=True).indices[..., :m]
-    chosen = (mid_hi - mid_lo - 1 - order) + mid_lo
-    parts = [
-        torch.arange(0, sinks, device=dev).expand(*lead, sinks),
-        chosen,
-        torch.arange(mid_hi, n, device=dev).expand(*lead, protect_recent),
-    ]
-    out = torch.cat(parts, dim=-1)
+    protected = _protected(tuple(lead), sinks, mid_hi, n, dev)
+    if m == 0:
+        return protected.clone()
+    if scores.is_floating_point():
+        # NaN ranks lowest (-inf); infinities stay as they are
+        scores = torch.nan_to_num(
+            scores, nan=float("-inf"), posinf=float("inf"), neginf=float("-inf")
+        )
+        if span > 0:
+            scores = _max_filter(scores, span)
+    # stable ascending sort: equal scores keep token order, so the last ``m`` are the best
+    # scores with the newer token first among equals
+    order = torch.sort(scores[..., mid_lo:mid_hi], dim=-1, stable=True).indices[..., -m:]
+    out = torch.cat([protected, order + mid_lo], dim=-1)
     return torch.sort(out, dim=-1).values
+
+
+def _max_filter(scores: torch.Tensor, span: int) -> torch.Tensor:
+    """The best score within ``span`` tokens of each token (no NaN in ``scores``)."""
+    k = 2 * span + 1
+    if scores.dim() in (2, 3):  # max_pool1d's (C, L) and (N, C, L): pooled per row
+        return F.max_pool1d(scores, k, stride=1, padding=span)
+    flat = scores.reshape(-1, 1, scores.shape[-1])
+    return F.max_pool1d(flat, k, stride=1, padding=span).reshape(scores.shape)
+
+
+#: (lead shape, sinks, first recent token, n, device) -> the always-kept indices
+#: ``[*lead, sinks + n - first]`` (sinks, then the recent window): built once per shape, as an
+#: eviction repeats at the same cache length; a few hundred bytes each, bounded in number
+_PROTECTED: dict[tuple, torch.Tensor] = {}
+_PROTECTED_MAX = 256
+
+
+def _protected(lead: tuple, sinks: int, recent_from: int, n: int, dev) -> torch.Tensor:
+    key = (lead, sinks, recent_from, n, dev)
+    t = _PROTECTED.get(key)
+    if t is None:
+        if len(_PROTECTED) >= _PROTECTED_MAX:
+            _PROTECTED.clear()
+        # made on the device: no host-to-device copy
+        idx = torch.cat([torch.arange(sinks, device=dev), torch.arange(recent_from, n, device=dev)])
+        t = idx.expand(*lead, idx.numel()).contiguous()
+        _PROTECTED[key] = t
+    return t
