@@ -134,6 +134,45 @@ def test_failed_compaction_in_the_last_step_stays_in_the_stats(llm):
     assert len(got["last-step"].outputs[0].token_ids) == 1
 
 
+@pytest.mark.parametrize("policy", ["caote-snapkv", "h2o", "expected-attention"])
+def test_a_fallen_back_request_releases_its_worker_state_at_the_fallback(llm, policy):
+    """A compaction that fails mid-request (the fault seam, at its second eviction, while it
+    decodes): the worker releases the request's state (query ring slot, H2O sums, query
+    moments) in the step that failed, not when the request finishes: from the fallback on,
+    while it is recomputed without eviction, the worker holds nothing for it, and nothing
+    re-creates it."""
+    a, _, _ = _prompts(llm)
+    assert llm.reset_prefix_cache()
+    engine, sched, ev = llm.llm_engine, _core(llm).scheduler, _worker_eviction(llm)
+    rid = f"state-{policy}"
+
+    def state() -> bool:  # the worker holds eviction state for the request
+        live = (*ev.requests, *ev.rings.slot_of, *ev.rings.recorded)
+        return any(r.startswith(rid) for r in live)
+
+    def second_eviction(r: str) -> bool:  # the first, at the prompt's end, goes through
+        st = sched.caote.requests.get(r)
+        return r.startswith(rid) and st is not None and st.events >= 2
+
+    ev.skip_compaction = second_eviction
+    engine.add_request(rid, {"prompt_token_ids": a}, _params(200, budget=BUDGET, policy=policy))
+    held, after, outputs = [], [], {}
+    try:
+        while engine.has_unfinished_requests():
+            for o in engine.step():
+                if o.finished:
+                    outputs[o.request_id] = o
+            fell_back = any(r.startswith(rid) for r in sched.caote.fallen_back)
+            if not outputs:
+                (after if fell_back else held).append(state())
+    finally:
+        ev.skip_compaction = None
+    stats = outputs[rid].kv_transfer_params["kv_eviction"]
+    assert "recomputed without eviction" in stats["error"], stats
+    assert any(held), "the worker never held state for the request: nothing to release"
+    assert after and not any(after), after  # released at the fallback, not at the finish
+
+
 def test_exception_in_scoring_is_contained(llm, monkeypatch):
     """An exception inside scoring (as an unsupported cache dtype raised before) costs that
     request its eviction only: no engine death, the batch's other request is unchanged."""
