@@ -101,6 +101,7 @@ class KeptSessions:
         self.lengths: dict[tuple, int] = {}  # (policy, extra, T) -> entries with that length
         self.resumed_tokens: dict[str, int] = {}  # per policy, not yet shipped (metrics)
         self.kept_total = 0
+        self.blocks = 0  # blocks of the kept caches indexed
 
     # -- the index -------------------------------------------------------------------------
 
@@ -119,12 +120,14 @@ class KeptSessions:
         self.kept_total += 1
         k = kept.key[:3]
         self.lengths[k] = self.lengths.get(k, 0) + 1
+        self.blocks += len(kept.block_ids)
         while len(self.kept) > MAX_KEPT:
-            self.discard(next(iter(self.kept)))
+            self.drop(next(iter(self.kept)))
 
     def discard(self, key: tuple) -> Kept | None:
         kept = self.kept.pop(key, None)
         if kept is not None:
+            self.blocks -= len(kept.block_ids)
             k = key[:3]
             self.lengths[k] -= 1
             if not self.lengths[k]:
@@ -150,7 +153,7 @@ class KeptSessions:
 
     def num_blocks(self) -> int:
         """Blocks registered by kept caches (cached free blocks in vLLM's pool)."""
-        return sum(len(k.block_ids) for k in self.kept.values())
+        return self.blocks
 
     # -- decisions -------------------------------------------------------------------------
 
