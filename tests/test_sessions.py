@@ -159,3 +159,24 @@ def test_kept_blocks_are_reclaimed_under_pressure_without_preemption(llm):
     out, _ = _generate(llm, [("p2", history + _ids(llm, 100, 35000), BUDGET, OUT)])
     assert _stats(out["p2"])["resumed_tokens"] == 0  # reclaimed: recomputed
     assert len(out["p2"].outputs[0].token_ids) == OUT
+
+
+def test_resume_after_a_shared_prefix(llm):
+    """Turn 1 read a document from vLLM's prefix cache (shared, protected blocks): turn 2 gets
+    those blocks again by their true hashes, then the kept compacted blocks, and keeps the
+    document protected."""
+    sched = _sched(llm)
+    bs = sched.cache_config.block_size
+    assert llm.reset_prefix_cache()
+    doc = _ids(llm, 5 * bs, 20000)
+    _generate(llm, [("s-doc", doc + _ids(llm, 50, 26000), None, 2)])  # caches the document
+    prompt = doc + _ids(llm, 700, 27000)
+    out, _ = _generate(llm, [("s1", prompt, BUDGET, OUT)])
+    assert _stats(out["s1"])["shared_prefix_tokens"] == 5 * bs
+    history = prompt + list(out["s1"].outputs[0].token_ids)
+    out, preempted = _generate(llm, [("s2", history + _ids(llm, 100, 28000), BUDGET, OUT)])
+    st = _stats(out["s2"])
+    assert st["resumed_tokens"] == len(history) - 1, st
+    assert st["shared_prefix_tokens"] == 5 * bs, st
+    assert out["s2"].num_cached_tokens == len(history) - 1
+    assert len(out["s2"].outputs[0].token_ids) == OUT and preempted == 0
