@@ -87,6 +87,12 @@ bench-quality: setup
 bench-decode: setup
 	$(PY) -m vllm_caote.bench.loadtest.decode --start-server $(ARGS)
 
+# Conversations under a budget: 3 conversations x 7 turns over a 1.5k-token document through
+# the OpenAI server, stock vs kv_budget 512 resuming each turn from the kept compacted cache.
+.PHONY: bench-sessions
+bench-sessions: setup
+	$(PY) -m vllm_caote.bench.loadtest.sessions --start-server $(ARGS)
+
 eval: setup
 	$(PY) -m vllm_caote.bench.eval $(ARGS)
 

@@ -37,6 +37,7 @@ EXPECTED = {
     "bench": [*SETUP, "-m vllm_caote.bench"],
     "bench-quality": [*SETUP, "-m vllm_caote.bench.loadtest.quality --start-server"],
     "bench-decode": [*SETUP, "-m vllm_caote.bench.loadtest.decode --start-server"],
+    "bench-sessions": [*SETUP, "-m vllm_caote.bench.loadtest.sessions --start-server"],
     "eval": [*SETUP, "-m vllm_caote.bench.eval"],
     "eval-paired": [*SETUP, "-m vllm_caote.bench.paired"],
     "loadtest": [*SETUP, "-m vllm_caote.bench.loadtest"],

@@ -217,6 +217,38 @@ CONTACTS: tuple[Contact, ...] = (
         ("request", "num_computed_tokens"),
     ),
     Contact(
+        "vllm.v1.core.kv_cache_manager:KVCacheManager.get_computed_blocks",
+        "override",
+        "Kept conversation caches (engine/sessions.py): a budgeted request whose prompt "
+        "continues a finished budgeted request's tokens gets that request's compacted blocks "
+        "and its true length as its prefix hit; every other request gets vLLM's own lookup.",
+        "None: vLLM's prefix cache matches true-token hashes only; a compacted cache has none "
+        "(vLLM PR #53876, bounded sessions, is open).",
+        "When vLLM can resume a request from a compacted cache (bounded sessions).",
+        ("request",),
+    ),
+    Contact(
+        f"{_COORD}.allocate_new_computed_blocks",
+        "override",
+        "A resuming request's computed tokens are seen as its kept blocks, whole (its partial "
+        "last block is its own: no copy-on-write); once vLLM has taken them, their session "
+        "hashes are removed so no other request can match them.",
+        "As for get_computed_blocks.",
+        "As above.",
+        ("request_id", "new_computed_blocks", "num_local_computed_tokens"),
+    ),
+    Contact(
+        "vllm.v1.core.block_pool:BlockPool._insert_block_hash",
+        "api",
+        "A finished budgeted request's compacted blocks are registered under session hashes "
+        "(never true-token ones) before vLLM frees them, so they stay cached free blocks, "
+        "reclaimed least recently used first; BlockPool.evict_blocks removes the hashes when "
+        "a request takes them or they go stale.",
+        "BlockPool.cache_full_blocks hashes a request's true tokens only.",
+        "When vLLM has a public way to cache a block under a caller's hash (bounded sessions).",
+        ("block_hash_with_group_id", "block", "num_tokens"),
+    ),
+    Contact(
         "vllm.v1.core.single_type_kv_cache_manager:SingleTypeKVCacheManager",
         "api",
         "trim()/detach() shorten req_to_blocks / num_cached_block of a budgeted request; the "

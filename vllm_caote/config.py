@@ -65,6 +65,9 @@ class EvictionSettings:
     # decode: a budgeted request grows to its budget plus this many tokens (rounded up to whole
     # blocks, at least one) and then evicts back to its budget: one eviction per `slack` tokens
     eviction_slack: int = 128
+    # a finished budgeted request's compacted cache stays in vLLM's pool as cached free blocks,
+    # and the next turn of its conversation resumes from it (engine/sessions.py); 0 = off
+    keep_sessions: int = 1
 
     def min_budget(self, block_size: int) -> int:
         """Smallest sensible budget: sinks + observation window + one block."""
@@ -120,7 +123,14 @@ def settings(vllm_config: Any = None) -> EvictionSettings:
         else:
             values[name] = _as_int(name, raw, source.rstrip("=."))
     s = EvictionSettings(**values)
-    for name in ("default_budget", "sinks", "prefill_chunk", "prefill_wait", "eviction_slack"):
+    for name in (
+        "default_budget",
+        "sinks",
+        "prefill_chunk",
+        "prefill_wait",
+        "eviction_slack",
+        "keep_sessions",
+    ):
         if getattr(s, name) < 0:
             raise SettingsError(f"kv_eviction setting {name} must be >= 0, got {getattr(s, name)}")
     if s.window < 1:

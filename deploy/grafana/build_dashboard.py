@@ -176,6 +176,20 @@ def rows() -> list[tuple[str, list[PanelSpec]]]:
             ],
         ),
         PanelSpec(
+            "Conversations resumed from kept caches",
+            "Tokens budgeted requests took from the kept compacted cache of their conversation's "
+            "previous turn instead of computing them (rate of vllm_caote:resumed_tokens_total, "
+            "by policy), and the blocks kept caches hold (vllm_caote:kept_session_blocks: "
+            "cached free blocks vLLM reclaims when it needs them).",
+            [
+                Query(
+                    f"sum by (policy) (rate(vllm_caote:resumed_tokens_total{{{SEL}}}[{RI}]))",
+                    "resumed tokens/s {{policy}}",
+                ),
+                Query(f"sum(vllm_caote:kept_session_blocks{{{SEL}}})", "kept blocks"),
+            ],
+        ),
+        PanelSpec(
             "Budgeted requests running",
             "Running requests with a KV budget, by policy (vllm_caote:budgeted_requests_running), "
             "next to all running requests (vllm:num_requests_running).",

@@ -10,13 +10,17 @@ bounds apart from what it does not:
   prefix cache (shared with other requests and the cache, never evicted, not counted against
   the budget);
 * ``peak_tokens`` / ``peak_blocks``: everything it held at its peak, the two together;
-  ``prefix_cached_tokens`` is ``shared_prefix_tokens`` under its first name.
+  ``prefix_cached_tokens`` is ``shared_prefix_tokens`` under its first name;
+* ``resumed_tokens``: leading tokens it did not compute because it resumed the kept compacted
+  cache of an earlier request whose tokens its prompt continues (:mod:`.sessions`); 0 if none.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+
+from vllm_caote.engine.sessions import Resume
 
 
 @dataclass
@@ -43,6 +47,9 @@ class RequestBudget:
     waiting_since: float | None = None  # waiting for headroom to read its prompt whole
     wait_expired: bool = False  # waited prefill_wait seconds: block-wise from now on
     generation: int = 0  # bumped on preemption: plans and reports of older ones are stale
+    resume: Resume | None = None  # a kept cache it starts from (until its first plan)
+    resumed: int = 0  # tokens it took from a kept cache instead of computing them
+    evict_in_flight: bool = False  # its latest plan compacts (async: may still be running)
     started: float = field(default_factory=time.monotonic)
 
     def observe(self, held_blocks: int, cache_tokens: int) -> None:
@@ -67,6 +74,7 @@ class RequestBudget:
             "tokens_seen": self.tokens_seen,
             "prefix_cached_tokens": self.shared,
             "steps_left_out": self.steps_left_out,
+            "resumed_tokens": self.resumed,
         }
         if self.error is not None:
             out["error"] = self.error

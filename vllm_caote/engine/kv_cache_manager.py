@@ -9,7 +9,10 @@ Invariants, for every request the scheduler marks as budgeted:
   blocks at its head, which compaction never writes (``StepPlan.protected``);
 * :meth:`trim` and :meth:`detach` are the only ways its list shrinks before it finishes;
   trimmed blocks go straight back to the pool, detached ones once no step in flight may
-  write them (async scheduling: :mod:`vllm_caote.engine.async_scheduler`).
+  write them (async scheduling: :mod:`vllm_caote.engine.async_scheduler`);
+* a finished budgeted request's compacted blocks may be registered under *session* hashes
+  (:meth:`keep_session`), never true-token ones, and are then taken by exactly one later
+  budgeted request, which removes the hashes (:mod:`vllm_caote.engine.sessions`).
 
 Unbudgeted requests see vLLM's manager unchanged, prefix caching included.
 
@@ -34,6 +37,8 @@ class BlockBudgets(Protocol):
 
     def admission_tokens(self, request_id: str, num_tokens: int, prefix: int = 0) -> int: ...
 
+    sessions: object  # vllm_caote.engine.sessions.KeptSessions
+
 
 def coordinator_class(base: type) -> type:
     """``base`` (a vLLM KV-cache coordinator class) for budgeted requests: blocks back their
@@ -45,6 +50,9 @@ def coordinator_class(base: type) -> type:
         def get_num_blocks_to_allocate(self, request_id, num_tokens, *args, **kwargs):
             b = self.caote_budgets
             if b is not None and b.is_budgeted(request_id):
+                for name in ("total_computed_tokens", "num_local_computed_tokens"):
+                    if name in kwargs:  # a resuming request: the kept blocks, whole
+                        kwargs[name] = b.sessions.computed_for_blocks(request_id, kwargs[name])
                 if kwargs.get("apply_admission_cap"):
                     prefix = kwargs.get("num_local_computed_tokens", 0)
                     num_tokens = b.admission_tokens(request_id, num_tokens, prefix)
@@ -64,6 +72,18 @@ def coordinator_class(base: type) -> type:
             return super().allocate_new_blocks(
                 request_id, num_tokens, num_tokens_main_model, *a, **kw
             )
+
+        def allocate_new_computed_blocks(self, request_id, new_computed_blocks, *args, **kw):
+            b = self.caote_budgets
+            resuming = b is not None and b.is_budgeted(request_id)
+            if resuming and args:
+                args = (b.sessions.computed_for_blocks(request_id, args[0]), *args[1:])
+            elif resuming and "num_local_computed_tokens" in kw:
+                n = kw["num_local_computed_tokens"]
+                kw["num_local_computed_tokens"] = b.sessions.computed_for_blocks(request_id, n)
+            super().allocate_new_computed_blocks(request_id, new_computed_blocks, *args, **kw)
+            if resuming:
+                b.sessions.taken(request_id)  # a kept cache is the request's own from now on
 
         def cache_blocks(self, request, num_computed_tokens):
             b = self.caote_budgets
@@ -100,6 +120,66 @@ def manager_class(base: type) -> type:
                     return free + n - i  # not found: count the rest as free (safe side)
                 free += blocks[0].ref_cnt == 0
             return free + max(n - len(request.block_hashes), 0)
+
+        def get_computed_blocks(self, request, *args, **kwargs):
+            """vLLM's prefix lookup; a budgeted request whose prompt continues a kept
+            compacted cache gets that cache's blocks and its true length instead."""
+            out = super().get_computed_blocks(request, *args, **kwargs)
+            b = self.coordinator.caote_budgets
+            if b is None or not b.is_budgeted(request.request_id):
+                return out
+            blocks, hit_tokens, *rest = out
+            hit_blocks = blocks.blocks[0] if blocks.blocks else []
+            found = b.sessions.lookup(request, hit_blocks, hit_tokens)
+            if found is None:
+                return out
+            resume, taken = found
+            return (self.create_kv_cache_blocks((taken,)), resume.length, *[0 for _ in rest])
+
+        def keep_session(self, request_id: str, skip: int, hashes: list) -> list[int] | None:
+            """Register the request's blocks after its first ``skip`` (shared prefix-cache
+            hits) under ``hashes`` (session hashes, one per block), so that they stay cached
+            free blocks once vLLM frees them. Returns their ids, or None (nothing done) if
+            they are not the request's own, unhashed blocks or caching is off."""
+            if not self.enable_caching or len(self.coordinator.single_type_managers) != 1:
+                return None
+            blocks = self.coordinator.single_type_managers[0].req_to_blocks.get(request_id)
+            own = list(blocks[skip : skip + len(hashes)]) if blocks else []
+            if len(own) != len(hashes) or any(
+                b.is_null or b.ref_cnt != 1 or b.block_hash is not None for b in own
+            ):
+                return None
+            from vllm.v1.core.kv_cache_utils import make_block_hash_with_group_id
+
+            for h, block in zip(hashes, own, strict=True):
+                self.block_pool._insert_block_hash(make_block_hash_with_group_id(h, 0), block, None)
+            return [b.block_id for b in own]
+
+        def lookup_session(self, hashes: list, block_ids: list[int]) -> list | None:
+            """The kept blocks, if every one is still free and registered under its session
+            hash (vLLM reclaims cached free blocks when it needs them); else None."""
+            from vllm.v1.core.kv_cache_utils import make_block_hash_with_group_id
+
+            found = []
+            for h, bid in zip(hashes, block_ids, strict=True):
+                block = self.block_pool.blocks[bid]
+                if block.ref_cnt != 0 or block.block_hash != make_block_hash_with_group_id(h, 0):
+                    return None
+                found.append(block)
+            return found
+
+        def take_session(self, hashes: list, block_ids: list[int]) -> None:
+            """Remove the session hashes of those kept blocks that still carry theirs: nobody
+            else can match them (the taker holds them, or they become plain free blocks)."""
+            from vllm.v1.core.kv_cache_utils import make_block_hash_with_group_id
+
+            mine = {
+                bid
+                for h, bid in zip(hashes, block_ids, strict=True)
+                if self.block_pool.blocks[bid].block_hash == make_block_hash_with_group_id(h, 0)
+            }
+            if mine:
+                self.block_pool.evict_blocks(mine)
 
         def detach(self, request_id: str, keep_blocks: int) -> list:
             """Cut every block past the first ``keep_blocks`` from the request's list and

@@ -48,6 +48,7 @@ from vllm_caote.engine.budget import RequestBudget
 from vllm_caote.engine.fallback import Restarts
 from vllm_caote.engine.kv_cache_manager import adopt
 from vllm_caote.engine.plan import PLAN_ATTR, REPORT_ATTR, StepPlan, cdiv
+from vllm_caote.engine.sessions import KeptSessions, sessions_enabled
 from vllm_caote.engine.support import check_kv_cache_config
 
 logger = logging.getLogger("vllm.vllm_caote.engine")
@@ -74,6 +75,8 @@ class SchedulerEviction:
         # decode: grow to keep + slack, then evict back to keep (whole blocks, at least one)
         self.slack = max(cdiv(self.settings.eviction_slack, self.block_size), 1) * self.block_size
         self.kv = adopt(scheduler.kv_cache_manager, self)
+        # finished requests' compacted caches, resumed by the next turn (engine/sessions.py)
+        self.sessions = KeptSessions(self, sessions_enabled(scheduler, self.settings))
         #: Test seam: a request for which it returns True is given 0 tokens this step, so vLLM
         #: leaves it out of the step through its own ``num_new_tokens == 0`` path, as it does
         #: when a token, encoder or DP-balancing budget runs out in front of it.
@@ -140,7 +143,9 @@ class SchedulerEviction:
                 return 0  # vLLM leaves it waiting this step; it holds no block meanwhile
         st.blockwise = True
         # its own tokens never exceed keep + chunk: the first chunk may be keep + chunk tokens
-        own = cache - (computed if st.fresh else st.shared)  # before its first step: all hits
+        # (before its first step all computed tokens are hits, or a kept cache it resumes)
+        head = st.shared if not st.fresh else (st.resume.shared if st.resume else computed)
+        own = cache - head
         room = max(st.keep + self.chunk - own, bs)
         # chunks are aligned to the prompt's end: the last one, which holds the question, is a
         # whole chunk, so its eviction picks from the most text the bound lets the question see;
@@ -167,7 +172,10 @@ class SchedulerEviction:
         block cap does not grow: its next block comes with an eviction."""
         held = self.kv.num_held_blocks(request.request_id)
         free = self.kv.block_pool.get_num_free_blocks()
-        if st.fresh and held == 0 and computed:
+        if st.fresh and held == 0 and st.resume is not None:
+            held = st.resume.num_blocks  # a kept cache: free blocks it is about to take
+            free -= st.resume.num_blocks
+        elif st.fresh and held == 0 and computed:
             held = computed // self.block_size
             free -= self.kv.num_free_hit_blocks(request, computed)
         growing = 1  # the request itself, once its prompt is in
@@ -222,8 +230,10 @@ class SchedulerEviction:
             computed_before = request.num_computed_tokens - n
             reset = st.fresh
             if reset:  # first step since arrival or preemption: any prefix so far is cache hits
-                st.fresh, st.evicted = False, 0
-                st.shared, st.shared_blocks = computed_before, computed_before // self.block_size
+                r, st.resume = st.resume, None  # or a kept compacted cache it resumes
+                st.fresh, st.evicted = False, (r.evicted if r else 0)
+                shared = r.shared if r else computed_before
+                st.shared, st.shared_blocks = shared, shared // self.block_size
             cache_after = computed_before - st.evicted + n
             own = cache_after - st.shared  # the budget bounds the tokens it holds alone
             prefilling = computed_before < request.num_prompt_tokens
@@ -235,6 +245,7 @@ class SchedulerEviction:
                 evict_to = None  # the whole prompt first: evict with the question in the window
             st.observe(self.kv.num_held_blocks(req_id), cache_after)
             st.tokens_seen = max(st.tokens_seen, request.num_computed_tokens)
+            st.evict_in_flight = evict_to is not None
             plans[req_id] = StepPlan(
                 st.evicted, evict_to, st.policy, reset, st.shared, prompt_done=prompt_done,
                 generation=st.generation,
@@ -301,6 +312,7 @@ class SchedulerEviction:
         st.evicted = st.evicted_total = st.events = 0
         st.peak_blocks = st.peak_tokens = st.own_peak_blocks = st.own_peak_tokens = 0
         st.shared = st.shared_blocks = 0
+        st.resume, st.resumed = None, 0
         self.fallen_back[request.request_id] = st
         logger.error("vllm-caote: request %s: %s", request.request_id, st.error)
         return True
@@ -309,6 +321,7 @@ class SchedulerEviction:
         st = self.requests.get(request.request_id)
         if st is not None:
             st.evicted, st.fresh = 0, True
+            st.resume, st.resumed = None, 0  # recomputed from token 0
             st.generation += 1
 
     def finished(self, request) -> dict | None:
@@ -320,6 +333,8 @@ class SchedulerEviction:
                 return None
             # ran on the full cache since its fallback: what it holds at the end is its peak
             st.observe(self.kv.num_held_blocks(rid), request.num_computed_tokens)
+        else:
+            self.sessions.keep(request, st)  # its blocks stay cached free blocks once freed
         st.tokens_seen = max(st.tokens_seen, request.num_computed_tokens)
         stats = st.stats()
         self.finished_stats.append(stats)

@@ -46,6 +46,8 @@ BLOCKS_FREED = PREFIX + "blocks_freed"
 EVICTION_SECONDS = PREFIX + "eviction_seconds"
 COMPRESSION_RATIO = PREFIX + "request_compression_ratio"
 PREFIX_CACHED_TOKENS = PREFIX + "prefix_cached_tokens"
+RESUMED_TOKENS = PREFIX + "resumed_tokens"
+SESSION_BLOCKS = PREFIX + "kept_session_blocks"
 
 #: every family this package exports, as its sample names appear on ``/metrics``
 EXPORTED = {
@@ -59,6 +61,8 @@ EXPORTED = {
     EVICTION_SECONDS: "histogram",
     COMPRESSION_RATIO: "histogram",
     PREFIX_CACHED_TOKENS + "_total": "counter",
+    RESUMED_TOKENS + "_total": "counter",
+    SESSION_BLOCKS: "gauge",
 }
 
 KIND_BUDGETED = "budgeted"

@@ -209,6 +209,10 @@ class EngineMetrics:
         timings, self.timings = self.timings, []
         ratios, self.ratios = self.ratios, []
         prefix_cached, self.prefix_cached = dict(self.prefix_cached), defaultdict(int)
+        sessions = getattr(ev, "sessions", None)
+        resumed: dict[str, int] = {}
+        if sessions is not None:
+            resumed, sessions.resumed_tokens = dict(sessions.resumed_tokens), {}
         return {
             "v": PAYLOAD_VERSION,
             "policies": sorted(self.policies),
@@ -223,6 +227,8 @@ class EngineMetrics:
             "eviction_seconds": timings,
             "compression_ratio": ratios,
             "prefix_cached_tokens": prefix_cached,
+            "resumed_tokens": resumed,
+            "session_blocks": sessions.num_blocks() if sessions is not None else 0,
         }
 
 

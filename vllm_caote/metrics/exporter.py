@@ -82,6 +82,19 @@ class CaoteMetrics:
             "evicted), by policy.",
             LABELS + ["policy"],
         )
+        self.resumed_tokens = Counter(
+            m.RESUMED_TOKENS,
+            "Tokens budgeted requests took from a kept compacted cache (the previous turn of "
+            "their conversation) instead of computing them, by policy.",
+            LABELS + ["policy"],
+        )
+        self.session_blocks = Gauge(
+            m.SESSION_BLOCKS,
+            "KV-cache blocks holding kept compacted caches of finished budgeted requests: "
+            "cached free blocks, reclaimed by vLLM when it needs them.",
+            LABELS,
+            multiprocess_mode="mostrecent",
+        )
         self.eviction_seconds = Histogram(
             m.EVICTION_SECONDS,
             "Time one eviction spends scoring and compacting, over all layers, measured in "
@@ -109,6 +122,7 @@ class CaoteMetrics:
             self.evicted_tokens.labels(*labels, policy)
             self.eviction_events.labels(*labels, policy)
             self.prefix_cached_tokens.labels(*labels, policy)
+            self.resumed_tokens.labels(*labels, policy)
             self.eviction_seconds.labels(*labels, policy)
             self.compression_ratio.labels(*labels, policy)
         for policy, n in payload.get("running", {}).items():
@@ -122,6 +136,10 @@ class CaoteMetrics:
         for policy, n in payload.get("prefix_cached_tokens", {}).items():
             if n > 0:
                 self.prefix_cached_tokens.labels(*labels, policy).inc(n)
+        for policy, n in payload.get("resumed_tokens", {}).items():
+            if n > 0:
+                self.resumed_tokens.labels(*labels, policy).inc(n)
+        self.session_blocks.labels(*labels).set(payload.get("session_blocks", 0))
         freed = self.blocks_freed.labels(*labels)
         if payload.get("blocks_freed", 0) > 0:
             freed.inc(payload["blocks_freed"])

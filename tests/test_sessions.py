@@ -1,0 +1,182 @@
+"""Conversations under a budget (issue 31): the next turn resumes from the compacted cache.
+
+One in-process engine with a 40-block pool (128-token blocks on vLLM-CPU). Turn 1 is a
+budgeted request; turn 2's prompt is turn 1's prompt, turn 1's output and new text. Turn 2
+takes the kept compacted cache: it starts with turn 1's tokens computed and prefills only its
+new ones. Edited histories, unbudgeted requests and other policies never see the kept blocks;
+two continuations of one history: one resumes, the other recomputes; under memory pressure
+vLLM reclaims the kept blocks like any cached free block, without preempting anyone.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+pytestmark = pytest.mark.engine
+
+POOL_BLOCKS = 40
+BUDGET = 256
+OUT = 16  # turn 1's output tokens
+
+
+@pytest.fixture(scope="module")
+def llm():
+    from vllm_caote.bench.eval.common import close_llm, make_llm
+
+    engine = make_llm(None, max_model_len=4096, num_gpu_blocks_override=POOL_BLOCKS)
+    yield engine
+    close_llm(engine)
+
+
+def _sched(llm):
+    return llm.llm_engine.engine_core.engine_core.scheduler
+
+
+def _ids(llm, n, offset):
+    from vllm_caote.bench.tasks import filler_prompt_ids
+
+    return filler_prompt_ids(llm.get_tokenizer(), n, offset)
+
+
+def _generate(llm, requests) -> tuple[dict, int]:
+    """``(id, prompt ids, budget, max_tokens[, policy])`` added at once, stepped to completion:
+    ``({id: RequestOutput}, most preemptions of any request)``."""
+    from vllm_caote.bench.eval.common import sampling
+
+    engine, sched = llm.llm_engine, _sched(llm)
+    for rid, ids, budget, max_tokens, *policy in requests:
+        params = sampling(max_tokens, budget=budget, policy=(policy or [None])[0], ignore_eos=True)
+        engine.add_request(rid, {"prompt_token_ids": ids}, params)
+    outputs, preempted = {}, 0
+    while engine.has_unfinished_requests():
+        for o in engine.step():
+            if o.finished:
+                outputs[o.request_id] = o
+        preempted = max([preempted] + [r.num_preemptions for r in sched.requests.values()])
+    return outputs, preempted
+
+
+def _stats(output) -> dict:
+    return (output.kv_transfer_params or {}).get("kv_eviction") or {}
+
+
+def _turn1(llm, rid: str, offset: int, n: int = 1500, policy=None):
+    """A budgeted first turn; returns ``(its prompt + output, T = tokens whose KV it kept)``."""
+    prompt = _ids(llm, n, offset)
+    req = (rid, prompt, BUDGET, OUT) + ((policy,) if policy else ())
+    out, _ = _generate(llm, [req])
+    history = prompt + list(out[rid].outputs[0].token_ids)
+    assert len(history) == n + OUT
+    return history, len(history) - 1
+
+
+def test_next_turn_resumes_from_the_compacted_cache(llm):
+    sched = _sched(llm)
+    assert llm.reset_prefix_cache()
+    history, T = _turn1(llm, "t1", 0)
+    assert sched.caote.sessions.num_blocks() > 0
+    new = _ids(llm, 200, 30000)
+    out, preempted = _generate(llm, [("t2", history + new, BUDGET, OUT)])
+    st = _stats(out["t2"])
+    assert st["resumed_tokens"] == T, st
+    assert out["t2"].num_cached_tokens == T  # vLLM computed only the new tokens
+    assert st["eviction_events"] >= 1 and len(out["t2"].outputs[0].token_ids) == OUT
+    # its cache never held more than the kept cache plus the new tokens
+    assert st["own_peak_tokens"] <= BUDGET + sched.caote.slack + len(new) + 1, st
+    assert sched.caote.sessions.num_blocks() > 0  # turn 2 is kept in its turn
+    assert preempted == 0
+    # the same prompt read whole at the same budget (the kept cache was taken: recomputed)
+    ref, _ = _generate(llm, [("t2-reread", history + new, BUDGET, OUT)])
+    assert _stats(ref["t2-reread"])["resumed_tokens"] == 0
+    a = list(out["t2"].outputs[0].token_ids)
+    b = list(ref["t2-reread"].outputs[0].token_ids)
+    agree = next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), len(a))
+    print(f"resumed vs re-read greedy answers agree on the first {agree}/{len(a)} tokens")
+
+
+def test_edited_history_unbudgeted_and_other_policy_never_match(llm):
+    sched = _sched(llm)
+    assert llm.reset_prefix_cache()
+    history, T = _turn1(llm, "e1", 2000, n=800)
+    new = _ids(llm, 150, 31000)
+    edited = list(history)
+    edited[300] = edited[301]  # one token changed, far before the end
+    unchanged = history + new
+    out, _ = _generate(
+        llm,
+        [
+            ("e2-edited", edited + new, BUDGET, OUT),
+            ("e2-unbudgeted", unchanged, None, OUT),
+            ("e2-other-policy", unchanged, BUDGET, OUT, "keydiff"),
+        ],
+    )
+    assert _stats(out["e2-edited"])["resumed_tokens"] == 0
+    assert _stats(out["e2-other-policy"])["resumed_tokens"] == 0
+    assert _stats(out["e2-unbudgeted"]) == {}
+    assert out["e2-unbudgeted"].num_cached_tokens == 0  # no block of the kept cache
+    # none of them took it: it is still kept for the real continuation
+    assert any(k.length == T for k in sched.caote.sessions.kept.values())
+
+
+def test_two_continuations_one_resumes_the_other_recomputes(llm):
+    assert llm.reset_prefix_cache()
+    history, T = _turn1(llm, "b1", 4000)
+    a = history + _ids(llm, 120, 32000)
+    b = history + _ids(llm, 180, 33000)
+    out, preempted = _generate(llm, [("b2-a", a, BUDGET, OUT), ("b2-b", b, BUDGET, OUT)])
+    resumed = sorted(_stats(out[r])["resumed_tokens"] for r in ("b2-a", "b2-b"))
+    assert resumed == [0, T]
+    for rid in ("b2-a", "b2-b"):
+        assert len(out[rid].outputs[0].token_ids) == OUT
+    assert preempted == 0
+
+
+def test_stateful_policy_keeps_nothing(llm):
+    sched = _sched(llm)
+    assert llm.reset_prefix_cache()
+    before = sched.caote.sessions.kept_total
+    history, _ = _turn1(llm, "h1", 6000, policy="h2o")
+    assert sched.caote.sessions.kept_total == before
+    out, _ = _generate(llm, [("h2", history + _ids(llm, 100, 34000), BUDGET, OUT, "h2o")])
+    assert _stats(out["h2"])["resumed_tokens"] == 0
+
+
+def test_kept_blocks_are_reclaimed_under_pressure_without_preemption(llm):
+    """Kept caches are cached free blocks: vLLM takes them when it needs room (least recently
+    used first), never preempting a request for them; the turn after that recomputes."""
+    sched = _sched(llm)
+    assert llm.reset_prefix_cache()
+    history, T = _turn1(llm, "p1", 8000)
+    kept = sched.caote.sessions.num_blocks()
+    pool = sched.kv_cache_manager.block_pool
+    assert kept > 0 and pool.get_num_free_blocks() == POOL_BLOCKS - 1  # kept blocks count free
+    # two unbudgeted prompts needing more blocks than the pool has outside the kept cache
+    out, preempted = _generate(
+        llm,
+        [("p-hog", _ids(llm, 4000, 12000), None, 4), ("p-hog2", _ids(llm, 700, 17000), None, 4)],
+    )
+    assert preempted == 0
+    out, _ = _generate(llm, [("p2", history + _ids(llm, 100, 35000), BUDGET, OUT)])
+    assert _stats(out["p2"])["resumed_tokens"] == 0  # reclaimed: recomputed
+    assert len(out["p2"].outputs[0].token_ids) == OUT
+
+
+def test_resume_after_a_shared_prefix(llm):
+    """Turn 1 read a document from vLLM's prefix cache (shared, protected blocks): turn 2 gets
+    those blocks again by their true hashes, then the kept compacted blocks, and keeps the
+    document protected."""
+    sched = _sched(llm)
+    bs = sched.cache_config.block_size
+    assert llm.reset_prefix_cache()
+    doc = _ids(llm, 5 * bs, 20000)
+    _generate(llm, [("s-doc", doc + _ids(llm, 50, 26000), None, 2)])  # caches the document
+    prompt = doc + _ids(llm, 700, 27000)
+    out, _ = _generate(llm, [("s1", prompt, BUDGET, OUT)])
+    assert _stats(out["s1"])["shared_prefix_tokens"] == 5 * bs
+    history = prompt + list(out["s1"].outputs[0].token_ids)
+    out, preempted = _generate(llm, [("s2", history + _ids(llm, 100, 28000), BUDGET, OUT)])
+    st = _stats(out["s2"])
+    assert st["resumed_tokens"] == len(history) - 1, st
+    assert st["shared_prefix_tokens"] == 5 * bs, st
+    assert out["s2"].num_cached_tokens == len(history) - 1
+    assert len(out["s2"].outputs[0].token_ids) == OUT and preempted == 0
