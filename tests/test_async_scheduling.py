@@ -280,7 +280,7 @@ BUDGETED_TOKENS = 24
 
 @pytest.fixture(scope="module")
 def llm():
-    from vllm_caote.bench.eval.common import close_llm, make_llm
+    from benchmarks.eval.common import close_llm, make_llm
 
     engine = make_llm(None, max_model_len=2048, num_gpu_blocks_override=ENGINE_POOL)
     yield engine
@@ -356,7 +356,7 @@ def _run(llm, cls, batch_queue: bool, stop_at_first_problem: bool = False):
     Returns ``(token ids per request, stats per request, watch)``."""
     from test_engine_schedules import _params
 
-    from vllm_caote.bench.tasks import filler_prompt_ids
+    from benchmarks.tasks import filler_prompt_ids
 
     core = llm.llm_engine.engine_core.engine_core
     sched = _use(core, cls, batch_queue)
@@ -398,7 +398,7 @@ def _run(llm, cls, batch_queue: bool, stop_at_first_problem: bool = False):
 
 
 def PROBES(tok):  # noqa: N802
-    from vllm_caote.bench.tasks import filler_prompt_ids
+    from benchmarks.tasks import filler_prompt_ids
 
     return [filler_prompt_ids(tok, n, off) for n, off in ((900, 30000), (700, 60000), (600, 90000))]
 

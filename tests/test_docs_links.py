@@ -19,7 +19,7 @@ DOCS = sorted(
         ROOT / "CONTRIBUTING.md",
         ROOT / "CHANGELOG.md",
         ROOT / "deploy" / "README.md",
-        ROOT / "bench" / "README.md",
+        ROOT / "benchmarks" / "README.md",
         *(ROOT / "docs").glob("*.md"),
     ]
 )

@@ -18,7 +18,7 @@ BUDGET = 164  # the minimum on vLLM-CPU: 4 sinks + 32 window + one 128-token blo
 
 @pytest.fixture(scope="module")
 def llm():
-    from vllm_caote.bench.eval.common import close_llm, make_llm  # engine core in this process
+    from benchmarks.eval.common import close_llm, make_llm  # engine core in this process
 
     # Strict block-wise prefill, so every step of a prompt holds the block bound (the adaptive
     # default and its fallback are tested in test_prefill.py).
@@ -95,7 +95,7 @@ def test_noop_when_budget_covers_sequence_matches_stock_vllm(llm, tmp_path):
     also when batched with a request that does evict."""
     from conftest import stock_greedy
 
-    from vllm_caote.bench.tasks import filler_prompt_ids
+    from benchmarks.tasks import filler_prompt_ids
 
     tok = _tok(llm)
     cases = [
@@ -133,7 +133,7 @@ def test_blocks_held_stay_within_budget(llm, budget, prompt_len):
     ``eviction_slack`` rounded up to whole blocks, one 128-token block here), + one prefill
     chunk while prefilling, read from vLLM's KV cache manager after every step, for prompts
     4-16x the budget."""
-    from vllm_caote.bench.tasks import filler_prompt_ids
+    from benchmarks.tasks import filler_prompt_ids
 
     sched = _scheduler(llm)
     bs = sched.cache_config.block_size
@@ -167,7 +167,7 @@ def test_blocks_held_stay_within_budget(llm, budget, prompt_len):
 
 def test_blocks_return_to_pool_after_finish_and_abort(llm):
     """Invariant 4: the pool's free-block count is back at its start afterwards."""
-    from vllm_caote.bench.tasks import filler_prompt_ids
+    from benchmarks.tasks import filler_prompt_ids
 
     pool = _scheduler(llm).kv_cache_manager.block_pool
     tok = _tok(llm)
@@ -185,7 +185,7 @@ def test_blocks_return_to_pool_after_finish_and_abort(llm):
 
 def test_every_policy_runs_end_to_end_in_one_batch(llm):
     """All policies at a small budget, each request with its own policy, in one batch."""
-    from vllm_caote.bench.tasks import filler_prompt_ids
+    from benchmarks.tasks import filler_prompt_ids
     from vllm_caote.scoring import policy_names
 
     tok = _tok(llm)
@@ -244,7 +244,7 @@ def test_passkey_survives_eviction(llm):
     in its cache, now at other slots but with their true RoPE positions, and must be found;
     the one at depth 0.2 (~1065 tokens before the end) is evicted whole and must be missed
     (finding it would mean the cache held more than its budget)."""
-    from vllm_caote.bench.tasks import passkey_case
+    from benchmarks.tasks import passkey_case
 
     tok = _tok(llm)
     sched = _scheduler(llm)
@@ -319,7 +319,7 @@ def test_prefill_base_scores_chunks_read_before_the_question(llm, monkeypatch):
     every eviction from the last prompt token on by caote-snapkv itself."""
     import dataclasses
 
-    from vllm_caote.bench.tasks import filler_prompt_ids
+    from benchmarks.tasks import filler_prompt_ids
     from vllm_caote.engine import step
 
     runner = llm.llm_engine.engine_core.engine_core.model_executor.driver_worker.worker
@@ -354,8 +354,8 @@ def test_needle_trace_follows_true_positions(llm):
     decode eviction. StreamingLLM's choice is known exactly: after its last eviction each KV
     head of every layer holds the sinks and the newest ``keep - sinks`` tokens; the decode
     eviction comes once ``bs`` tokens have grown past ``keep``."""
-    from vllm_caote.bench.needle_trace import kept_positions
-    from vllm_caote.bench.tasks import filler_prompt_ids
+    from benchmarks.needle_trace import kept_positions
+    from benchmarks.tasks import filler_prompt_ids
 
     n_prompt, sinks, bs = 1400, 4, 128
     keep = -(-BUDGET // bs) * bs  # the budget is kept in whole blocks
@@ -378,7 +378,7 @@ def test_a_failing_selection_observer_never_fails_the_eviction(llm):
     """The selection seam (``engine.observe``) is read-only: an observer that raises is logged
     and the request evicts, answers and reports as it would without it; the observer saw every
     layer's selection."""
-    from vllm_caote.bench.tasks import filler_prompt_ids
+    from benchmarks.tasks import filler_prompt_ids
     from vllm_caote.engine import observe
 
     seen = []

@@ -20,7 +20,7 @@ POOL_BLOCKS = 24  # 128-token blocks: three ~1k-token prompts fill it
 
 @pytest.fixture(scope="module")
 def llm():
-    from vllm_caote.bench.eval.common import close_llm, make_llm
+    from benchmarks.eval.common import close_llm, make_llm
 
     engine = make_llm(None, max_model_len=2048, num_gpu_blocks_override=POOL_BLOCKS)
     yield engine
@@ -37,7 +37,7 @@ def _runner(llm):
 
 def _params(max_tokens, budget=None, policy="caote-snapkv"):
     """Budgeted: runs its full length. Unbudgeted probes: plain greedy, as stock_generate."""
-    from vllm_caote.bench.eval.common import sampling
+    from benchmarks.eval.common import sampling
 
     if budget is None:
         return sampling(max_tokens)
@@ -73,7 +73,7 @@ def test_compacted_request_left_out_of_a_step_keeps_its_own_blocks(llm, tmp_path
     the unbudgeted answers must equal stock vLLM's."""
     from conftest import stock_greedy
 
-    from vllm_caote.bench.tasks import filler_prompt_ids
+    from benchmarks.tasks import filler_prompt_ids
 
     tok = llm.get_tokenizer()
     sched = _core(llm).scheduler

@@ -1,4 +1,4 @@
-"""``python -m vllm_caote.bench.gpu_kernels`` (issue #20): the GPU kernel benchmark without vLLM.
+"""``python -m benchmarks.gpu_kernels`` (issue #20): the GPU kernel benchmark without vLLM.
 
 It must run with torch alone (vLLM blocked at import), measure the engine's own per-layer
 eviction (not a copy of it), and its correctness check must catch a broken eviction. CI runs
@@ -15,7 +15,7 @@ import textwrap
 import pytest
 import torch
 
-from vllm_caote.bench import gpu_kernels as gk
+from benchmarks import gpu_kernels as gk
 from vllm_caote.config import EvictionSettings
 from vllm_caote.engine import compaction
 from vllm_caote.scoring import get_policy, policy_names
@@ -38,7 +38,7 @@ NO_VLLM = textwrap.dedent(
     sys.meta_path.insert(0, NoVllm())
     sys.argv = ["gpu_kernels", *sys.argv[1:]]
     try:
-        runpy.run_module("vllm_caote.bench.gpu_kernels", run_name="__main__", alter_sys=True)
+        runpy.run_module("benchmarks.gpu_kernels", run_name="__main__", alter_sys=True)
         code = 0
     except SystemExit as e:
         code = e.code

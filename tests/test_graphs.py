@@ -83,7 +83,7 @@ def test_full_only_mode_runs_hook_steps_eagerly():
 
 @pytest.fixture(scope="module")
 def llm():
-    from vllm_caote.bench.eval.common import close_llm, make_llm
+    from benchmarks.eval.common import close_llm, make_llm
 
     engine = make_llm(None, max_model_len=2048, num_gpu_blocks_override=48)
     yield engine
@@ -132,8 +132,8 @@ def test_graph_mode_per_step_on_the_real_engine(llm, graphs_on):
     """Unbudgeted decode steps and KeyDiff rows between compactions ride FULL graphs; a step
     with a row that records window queries or compacts never does. KeyDiff's answer is the
     same as with no graphs at all: nothing it needs ran in the hook on the FULL steps."""
-    from vllm_caote.bench.eval.common import sampling, stats_of
-    from vllm_caote.bench.tasks import filler_prompt_ids
+    from benchmarks.eval.common import sampling, stats_of
+    from benchmarks.tasks import filler_prompt_ids
 
     d, runner = graphs_on, _runner(llm)
     tok = llm.get_tokenizer()
@@ -180,8 +180,8 @@ def test_a_row_that_missed_the_hook_falls_back(llm, graphs_on):
     without eviction (its next eviction would have scored on queries it never recorded), and
     its answer is the full cache's (its budget was not reached before); its worker state goes at
     once. The unbudgeted request beside it is not touched, and every block comes back."""
-    from vllm_caote.bench.eval.common import sampling, stats_of
-    from vllm_caote.bench.tasks import filler_prompt_ids
+    from benchmarks.eval.common import sampling, stats_of
+    from benchmarks.tasks import filler_prompt_ids
 
     d, runner = graphs_on, _runner(llm)
     sched = _core(llm).scheduler

@@ -22,7 +22,7 @@ BUDGET = 256
 
 @pytest.fixture(scope="module")
 def llm():
-    from vllm_caote.bench.eval.common import close_llm, make_llm
+    from benchmarks.eval.common import close_llm, make_llm
 
     engine = make_llm(
         None, max_model_len=4096, kv_space_gib=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")
@@ -41,7 +41,7 @@ def _worker_eviction(llm):
 
 
 def _params(max_tokens, budget=None, policy=None):
-    from vllm_caote.bench.eval.common import sampling
+    from benchmarks.eval.common import sampling
 
     return sampling(max_tokens, budget=budget, policy=policy, ignore_eos=True)
 
@@ -63,7 +63,7 @@ def _run(llm, requests):
 
 
 def _prompts(llm):
-    from vllm_caote.bench.tasks import filler_prompt_ids
+    from benchmarks.tasks import filler_prompt_ids
 
     tok = llm.get_tokenizer()
     a = filler_prompt_ids(tok, 1100, 0)
@@ -193,7 +193,7 @@ def test_budgeted_request_reuses_a_cached_prefix_without_writing_it(llm):
     """A budgeted request whose prompt starts with a cached prefix (a shared document) reads it
     from the prefix cache, evicts only among its own tokens, and never writes the shared
     blocks: the unbudgeted request that cached them answers the same afterwards."""
-    from vllm_caote.bench.tasks import filler_prompt_ids
+    from benchmarks.tasks import filler_prompt_ids
 
     tok = llm.get_tokenizer()
     bs = _core(llm).scheduler.cache_config.block_size
@@ -289,7 +289,7 @@ def test_failed_compaction_of_a_session_between_turns_restarts_it(llm):
     unbudgeted request on the same tokens does."""
     from vllm.v1.request import RequestStatus
 
-    from vllm_caote.bench.tasks import filler_prompt_ids
+    from benchmarks.tasks import filler_prompt_ids
 
     sched = _core(llm).scheduler
     pool = sched.kv_cache_manager.block_pool
@@ -378,7 +378,7 @@ def test_fp8_kv_cache_budgeted_request_evicts_and_server_keeps_serving(fp8_serve
     import requests
     from transformers import AutoTokenizer
 
-    from vllm_caote.bench.tasks import filler_prompt_ids
+    from benchmarks.tasks import filler_prompt_ids
     from vllm_caote.models import model_dir
 
     tok = AutoTokenizer.from_pretrained(model_dir())

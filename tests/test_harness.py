@@ -10,8 +10,8 @@ import math
 import pytest
 from conftest import missing
 
-from vllm_caote.bench.eval import FULL, budget_grid, render_md, summarize, targets
-from vllm_caote.bench.eval.common import wilson
+from benchmarks.eval import FULL, budget_grid, render_md, summarize, targets
+from benchmarks.eval.common import wilson
 
 
 def test_wilson_interval_known_values():
@@ -70,11 +70,11 @@ def _ppl(policy, label, nll):
 
 
 def _result(s: dict, policies: list[str]) -> dict:
-    """An eval result around summary ``s``, as ``vllm_caote.bench.eval.main`` builds it."""
+    """An eval result around summary ``s``, as ``benchmarks.eval.main`` builds it."""
     return dict(
         config=dict(
             model="/m/SmolLM2",
-            command="python -m vllm_caote.bench.eval --quick",
+            command="python -m benchmarks.eval --quick",
             contexts=[1024],
             depths=[0.5],
             samples=4,
@@ -98,8 +98,8 @@ def test_results_json_is_written_when_matplotlib_is_missing(tmp_path, monkeypatc
     """On a box installed without the `bench` extra the numbers survive the plotting step."""
     import sys
 
-    from vllm_caote.bench.eval.common import write_results
-    from vllm_caote.bench.eval.report import plot
+    from benchmarks.eval.common import write_results
+    from benchmarks.eval.report import plot
 
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` raises
     rows = _pk(FULL, FULL, 4) + _pk("caote-snapkv", "0.25", 4) + _pk("snapkv", "0.25", 3)
@@ -146,7 +146,7 @@ def test_summary_targets_and_report():
 
 
 def test_loadtest_helpers():
-    from vllm_caote.bench.loadtest import _parse_budgets, check_loopback, pct
+    from loadtest import _parse_budgets, check_loopback, pct
 
     assert _parse_budgets("none,512,0") == [None, 512, None]
     assert pct([1, 2, 3, 4], 50) == 2.5 and pct([], 50) is None
@@ -158,7 +158,7 @@ def test_loadtest_helpers():
 
 
 def test_bench_decode_variants_bracket_the_sequence():
-    from vllm_caote.bench.engine import decode_variants
+    from benchmarks.engine import decode_variants
 
     class A:
         decode_prompt, decode_tokens = 300, 136
@@ -170,7 +170,7 @@ def test_bench_decode_variants_bracket_the_sequence():
 
 
 def test_longbench_scoring_and_loading(tmp_path):
-    from vllm_caote.bench.eval import longbench
+    from benchmarks.eval import longbench
 
     assert longbench.normalize_answer("The  Quick, brown fox!") == "quick brown fox"
     assert longbench.token_f1("the brown fox", "quick brown fox") == pytest.approx(0.8)
@@ -235,7 +235,7 @@ def test_multikey_case_hides_every_key_and_asks_for_one():
         missing("embedded model", "make setup-serve, or python -m vllm_caote.models fetch")
     from transformers import AutoTokenizer
 
-    from vllm_caote.bench.tasks import MULTIKEY_NEEDLE, multikey_case
+    from benchmarks.tasks import MULTIKEY_NEEDLE, multikey_case
 
     tok = AutoTokenizer.from_pretrained(model_dir())
     case = multikey_case(tok, 1024, n_keys=4, seed=3)
@@ -249,7 +249,7 @@ def test_multikey_case_hides_every_key_and_asks_for_one():
 
 def test_the_plugin_loads_without_the_harness():
     """What vLLM loads (the plugin entry points, the engine, API and metrics modules) must not
-    import the benchmark/eval harness: it is a separate subpackage with its own extra."""
+    import the benchmark/eval harness (top-level benchmarks/ and loadtest/, not in the wheel)."""
     import subprocess
     import sys
 
@@ -257,7 +257,7 @@ def test_the_plugin_loads_without_the_harness():
         "import sys, vllm_caote.plugin as p; p.register();"
         "import vllm_caote.engine.model_runner, vllm_caote.engine.scheduler, vllm_caote.engine.worker;"
         "import vllm_caote.api.server, vllm_caote.metrics.logger;"
-        "bad = sorted(m for m in sys.modules if m.startswith('vllm_caote.bench'));"
+        "bad = sorted(m for m in sys.modules if m.startswith(('benchmarks', 'loadtest')));"
         "print(bad); sys.exit(1 if bad else 0)"
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
@@ -266,7 +266,7 @@ def test_the_plugin_loads_without_the_harness():
 
 
 def test_decode_heavy_budgets_follow_the_plugins_rounding():
-    from vllm_caote.bench.loadtest.decode_summary import (
+    from loadtest.decode_summary import (
         budget_for,
         label_of,
         parse_compressions,
@@ -309,7 +309,7 @@ def _poll(t, running, waiting, steps, gen, ev=0.0, events=0, prompt=0):
 
 
 def test_decode_heavy_steady_state_keeps_only_pure_decode_intervals():
-    from vllm_caote.bench.loadtest.decode_summary import decode_steady_state, is_decode_interval
+    from loadtest.decode_summary import decode_steady_state, is_decode_interval
 
     s = [
         _poll(0.0, 4, 6, 10, 100),
@@ -335,8 +335,8 @@ def test_decode_heavy_steady_state_keeps_only_pure_decode_intervals():
 
 
 def test_decode_heavy_summary_ratios_and_targets():
-    from vllm_caote.bench.loadtest.decode_report import render_md
-    from vllm_caote.bench.loadtest.decode_summary import (
+    from loadtest.decode_report import render_md
+    from loadtest.decode_summary import (
         add_ratios,
         check_targets,
         middle_half,
@@ -389,20 +389,19 @@ def test_decode_heavy_summary_ratios_and_targets():
 
 
 def test_command_line_leads_with_the_caote_settings_in_force(monkeypatch):
-    from vllm_caote.bench.eval.common import command_line
+    from benchmarks.eval.common import command_line
 
     monkeypatch.setenv("CAOTE_PREFILL_BASE", "keydiff")
     monkeypatch.setenv("CAOTE_PREFILL", "blockwise")
     monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "2")  # not a plugin setting: left out
-    cmd = command_line("vllm_caote.bench.eval", ["--tasks", "ppl"])
+    cmd = command_line("benchmarks.eval", ["--tasks", "ppl"])
     assert cmd == (
-        "CAOTE_PREFILL=blockwise CAOTE_PREFILL_BASE=keydiff "
-        "python -m vllm_caote.bench.eval --tasks ppl"
+        "CAOTE_PREFILL=blockwise CAOTE_PREFILL_BASE=keydiff python -m benchmarks.eval --tasks ppl"
     )
 
 
 def test_needle_trace_report_counts_strong_layers_and_splits():
-    from vllm_caote.bench.needle_trace import render_md
+    from benchmarks.needle_trace import render_md
 
     row = dict(phrasing="end", haystack="kjv", depth=0.75, key_at=1155, correct=True,
                text="The secret passkey is 36109.", heads_with_key=0.5,

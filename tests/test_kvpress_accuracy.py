@@ -49,8 +49,8 @@ def _budget(ids: list[int]) -> int:
 
 @pytest.fixture(scope="module")
 def cases():
-    from vllm_caote.bench.eval.common import resolve_model
-    from vllm_caote.bench.tasks import passkey_case
+    from benchmarks.eval.common import resolve_model
+    from benchmarks.tasks import passkey_case
 
     root = kvpress_root()
     if root is None:
@@ -77,7 +77,7 @@ def cases():
 @pytest.fixture(scope="module")
 def ours(cases):
     """{policy: [answer per case]} from vLLM with the plugin, every request in one batch."""
-    from vllm_caote.bench.eval.common import close_llm, make_llm, sampling
+    from benchmarks.eval.common import close_llm, make_llm, sampling
 
     llm = make_llm(None, max_model_len=4096, kv_space_gib="4", block_size=BLOCK)
     try:

@@ -1,4 +1,4 @@
-"""``vllm_caote.bench.op_count``: top-level torch ops attributed by Python stack (issue #29).
+"""``benchmarks.op_count``: top-level torch ops attributed by Python stack (issue #29).
 
 The attribution rules on a synthetic event tree, then a tiny profiled run on the real engine:
 a budgeted request that evicts launches eviction ops, an unbudgeted one launches no plugin op.
@@ -44,7 +44,7 @@ def _py(path_func: str, start: int, end: int) -> _Ev:
 
 
 def test_classify_top_level_ops_by_stack():
-    from vllm_caote.bench.op_count import classify
+    from benchmarks.op_count import classify
 
     events = [
         _py("vllm/v1/worker/gpu_model_runner.py:execute_model", 0, 1000),
@@ -65,7 +65,7 @@ def test_classify_top_level_ops_by_stack():
         _Ev("aten::copy_", 260, 270),  # nested: not counted
         _py("vllm_caote/engine/compaction.py:write", 400, 500),
         _Ev("aten::index_put_", 410, 420),  # eviction
-        _py("vllm_caote/bench/op_count.py:count_ops", 2000, 3000),  # the harness: not plugin
+        _py("benchmarks/op_count.py:count_ops", 2000, 3000),  # the harness: not plugin
         _Ev("aten::add", 2100, 2110),  # model
         _Ev("aten::mul", 5, 6, tid=2),  # another thread: model
     ]
@@ -77,7 +77,7 @@ def test_classify_top_level_ops_by_stack():
 
 
 def test_old_layout_compact_counts_as_eviction():
-    from vllm_caote.bench.op_count import classify
+    from benchmarks.op_count import classify
 
     events = [
         _py("/work/old/vllm_caote/engine/step.py:after_attention", 0, 100),
@@ -94,9 +94,9 @@ def test_old_layout_compact_counts_as_eviction():
 
 @pytest.mark.engine
 def test_profiled_run_counts_eviction_ops_only_when_evicting():
-    from vllm_caote.bench.eval.common import close_llm, make_llm, min_budget_of, sampling
-    from vllm_caote.bench.op_count import count_ops, per_token
-    from vllm_caote.bench.tasks import filler_prompt_ids
+    from benchmarks.eval.common import close_llm, make_llm, min_budget_of, sampling
+    from benchmarks.op_count import count_ops, per_token
+    from benchmarks.tasks import filler_prompt_ids
 
     llm = make_llm(None, max_model_len=512, num_gpu_blocks_override=24, block_size=32)
     try:

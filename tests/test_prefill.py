@@ -21,7 +21,7 @@ BUDGET = 256
 
 @pytest.fixture(scope="module")
 def llm():
-    from vllm_caote.bench.eval.common import close_llm, make_llm
+    from benchmarks.eval.common import close_llm, make_llm
 
     engine = make_llm(None, max_model_len=4096, num_gpu_blocks_override=POOL_BLOCKS)
     yield engine
@@ -47,7 +47,7 @@ class Run:
 
 def _run(llm, requests) -> Run:
     """Add ``(id, prompt ids, budget, max_tokens)`` requests and step to completion."""
-    from vllm_caote.bench.eval.common import sampling
+    from benchmarks.eval.common import sampling
 
     engine, sched = llm.llm_engine, _sched(llm)
     for rid, ids, budget, max_tokens in requests:
@@ -74,7 +74,7 @@ def _run(llm, requests) -> Run:
 
 
 def _ids(llm, n, offset):
-    from vllm_caote.bench.tasks import filler_prompt_ids
+    from benchmarks.tasks import filler_prompt_ids
 
     return filler_prompt_ids(llm.get_tokenizer(), n, offset)
 
@@ -165,7 +165,7 @@ def test_adaptive_room_check_counts_prefix_hits_held_by_others_as_no_cost(llm):
     """A budgeted prompt whose head is another running request's prompt (prefix-cache hits
     that request holds): those blocks cost the pool nothing, so the room check counts only
     the rest; with room for that rest, the prompt is cached whole and evicted once."""
-    from vllm_caote.bench.eval.common import sampling
+    from benchmarks.eval.common import sampling
 
     sched, engine = _sched(llm), llm.llm_engine
     bs = sched.cache_config.block_size
@@ -202,7 +202,7 @@ def _crowd(llm, wait_s: int, tag: str):
     import dataclasses
     import time
 
-    from vllm_caote.bench.eval.common import sampling
+    from benchmarks.eval.common import sampling
 
     sched, engine = _sched(llm), llm.llm_engine
     bs = sched.cache_config.block_size
@@ -260,7 +260,7 @@ def test_adaptive_wait_for_headroom_is_bounded(llm, wait_s):
     instead of waiting more; with 0 it never waits. Nobody is preempted, nothing deadlocks."""
     import dataclasses
 
-    from vllm_caote.bench.eval.common import sampling
+    from benchmarks.eval.common import sampling
 
     sched, engine = _sched(llm), llm.llm_engine
     assert llm.reset_prefix_cache()

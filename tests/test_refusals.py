@@ -44,7 +44,7 @@ def _tiny_model(tmp_path, config, name: str | None = None) -> str:
 def _start_fails(model: str, **kwargs) -> str:
     from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
 
-    from vllm_caote.bench.eval.common import make_llm
+    from benchmarks.eval.common import make_llm
 
     try:
         with pytest.raises(Exception) as e:  # noqa: PT011 - the message is what is checked
@@ -215,7 +215,7 @@ def test_kernel_blocks_split_from_manager_blocks_are_refused(tmp_path, monkeypat
     the message gives) starts."""
     from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
 
-    from vllm_caote.bench.eval.common import close_llm, make_llm
+    from benchmarks.eval.common import close_llm, make_llm
 
     monkeypatch.setattr(
         CPUAttentionBackend,

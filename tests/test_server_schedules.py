@@ -42,7 +42,7 @@ def test_probes_unchanged_beside_chunked_evictions_on_a_tight_schedule(tight_ser
     from conftest import stock_greedy
     from transformers import AutoTokenizer
 
-    from vllm_caote.bench.tasks import filler_prompt_ids
+    from benchmarks.tasks import filler_prompt_ids
     from vllm_caote.models import model_dir
 
     tok = AutoTokenizer.from_pretrained(model_dir())

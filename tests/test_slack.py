@@ -21,7 +21,7 @@ DECODE = 768
 
 @pytest.fixture(scope="module", params=[32, 128], ids=lambda bs: f"bs{bs}")
 def llm(request):
-    from vllm_caote.bench.eval.common import close_llm, make_llm
+    from benchmarks.eval.common import close_llm, make_llm
 
     bs = request.param
     engine = make_llm(
@@ -39,7 +39,7 @@ def _core(llm):
 
 
 def _ids(llm, n, offset):
-    from vllm_caote.bench.tasks import filler_prompt_ids
+    from benchmarks.tasks import filler_prompt_ids
 
     return filler_prompt_ids(llm.get_tokenizer(), n, offset)
 
@@ -82,7 +82,7 @@ def test_decode_grows_by_the_slack_and_holds_exactly_the_bound(llm, slack):
     ``ceil(B/bs) + max(1, ceil(slack/bs))`` blocks at its peak, and evicts once per slack
     tokens (at block size 32 and the default 128-token slack: 7 evictions for 768 tokens,
     where evicting at every block boundary made 24)."""
-    from vllm_caote.bench.eval.common import sampling
+    from benchmarks.eval.common import sampling
 
     sched = _core(llm).scheduler
     bs = sched.cache_config.block_size
@@ -116,7 +116,7 @@ def test_a_failed_query_record_falls_back_for_that_request_only(llm, monkeypatch
     error), the unbudgeted request beside it is untouched, and the engine keeps serving."""
     import torch
 
-    from vllm_caote.bench.eval.common import sampling
+    from benchmarks.eval.common import sampling
 
     if _core(llm).scheduler.cache_config.block_size != 32:
         pytest.skip("one block size is enough")

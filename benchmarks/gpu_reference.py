@@ -1,4 +1,4 @@
-"""The correctness check of :mod:`vllm_caote.bench.gpu_kernels`: what an eviction left in the
+"""The correctness check of :mod:`benchmarks.gpu_kernels`: what an eviction left in the
 paged cache, read back from raw memory, against the policy run on CPU float32 copies of the
 request's tokens (no paging, scoring + ``select_keep`` only)."""
 
@@ -12,7 +12,7 @@ from vllm_caote.engine.plan import cdiv
 from vllm_caote.scoring import Policy, QueryMoments, select_keep
 
 if TYPE_CHECKING:
-    from vllm_caote.bench.gpu_kernels import PagedRequest
+    from benchmarks.gpu_kernels import PagedRequest
 
 
 class Reference:

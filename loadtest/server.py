@@ -41,7 +41,7 @@ def _free_port() -> int:
 
 def start_server(args, log_path: Path):
     """The `make serve` command (same flags), plus ``--server-args``, on a free port."""
-    from vllm_caote.bench.eval.common import resolve_model
+    from benchmarks.eval.common import resolve_model
     from vllm_caote.models import engine_dtype
 
     port = _free_port()

@@ -1,4 +1,4 @@
-"""Markdown report and plot of ``python -m vllm_caote.bench.loadtest.decode``."""
+"""Markdown report and plot of ``python -m loadtest.decode``."""
 
 from __future__ import annotations
 

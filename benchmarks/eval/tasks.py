@@ -1,5 +1,5 @@
 """The eval's tasks: passkey retrieval, KJV perplexity and LongBench QA, each sent to the engine
-as one request batch per task (see :mod:`vllm_caote.bench.eval` for what they measure)."""
+as one request batch per task (see :mod:`benchmarks.eval` for what they measure)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import time
 
 from tqdm import tqdm
 
-from vllm_caote.bench.eval.common import sampling, stats_of
+from benchmarks.eval.common import sampling, stats_of
 
 FULL = "full"
 CAOTE_PAIRS = [
@@ -110,8 +110,8 @@ class _Batch:
 
 def _retrieval(llm, args, grid, policies, task: str) -> list[dict]:
     """The retrieval suite (``--suite retrieval``): every needle phrasing x haystack x depth
-    x sample, each stating the key once (:func:`vllm_caote.bench.tasks.retrieval_case`)."""
-    from vllm_caote.bench.tasks import HAYSTACKS, PASSKEY_NEEDLES, retrieval_case
+    x sample, each stating the key once (:func:`benchmarks.tasks.retrieval_case`)."""
+    from benchmarks.tasks import HAYSTACKS, PASSKEY_NEEDLES, retrieval_case
 
     tok = llm.get_tokenizer()
     batch = _Batch(task)
@@ -136,7 +136,7 @@ def _retrieval(llm, args, grid, policies, task: str) -> list[dict]:
 
 
 def run_passkey(llm, args, grid, policies) -> list[dict]:
-    from vllm_caote.bench.tasks import passkey_case
+    from benchmarks.tasks import passkey_case
 
     if getattr(args, "suite", "classic") == "retrieval":
         return _retrieval(llm, args, grid, policies, "passkey")
@@ -159,7 +159,7 @@ def run_passkey(llm, args, grid, policies) -> list[dict]:
 
 def run_multikey(llm, args, grid, policies) -> list[dict]:
     """RULER-style multi-key retrieval: 4 labelled numbers, the question asks for one."""
-    from vllm_caote.bench.tasks import multikey_case
+    from benchmarks.tasks import multikey_case
 
     if getattr(args, "suite", "classic") == "retrieval":
         return _retrieval(llm, args, grid, policies, "multikey")
@@ -183,7 +183,7 @@ def run_multikey(llm, args, grid, policies) -> list[dict]:
 
 
 def _passages(tok, ctx: int, n: int, seed: int) -> list[list[int]]:
-    from vllm_caote.bench.tasks import kjv_passages
+    from benchmarks.tasks import kjv_passages
 
     out = []
     for text in kjv_passages(n, min_chars=ctx * 6, seed=seed * 7919 + ctx):
@@ -196,7 +196,7 @@ def _passages(tok, ctx: int, n: int, seed: int) -> list[list[int]]:
 
 def run_longbench(llm, args, fractions, min_budget, policies, max_context) -> list[dict]:
     """LongBench QA: each budget is a fraction of that example's own prompt length."""
-    from vllm_caote.bench.eval import longbench
+    from benchmarks.eval import longbench
     from vllm_caote.models import home
 
     tok = llm.get_tokenizer()

@@ -1,4 +1,4 @@
-"""``python -m vllm_caote.bench.gpu_kernels``: eviction kernels on a paged cache, torch only.
+"""``python -m benchmarks.gpu_kernels``: eviction kernels on a paged cache, torch only.
 
 For a machine with a GPU but without vLLM (or network): one request's KV cache in
 FlashAttention's paged layout at Llama-3.1-8B shapes (32 layers, 8 KV heads, 32 query heads,
@@ -39,9 +39,9 @@ and every block the eviction must not write must be unchanged.
 **Batched** (``--batch-rows``, default 4): per context and policy, that many requests evicting
 in the same step through one ``compact_layer`` call per layer (one padded scoring call, as the
 engine batches them), timed per layer next to one decode step's attention of the same rows,
-with the peak scratch (:mod:`vllm_caote.bench.gpu_batched`).
+with the peak scratch (:mod:`benchmarks.gpu_batched`).
 
-Output: JSON (``--out``, default ``bench/results/gpu_kernels.json``) and a Markdown table next to
+Output: JSON (``--out``, default ``benchmarks/results/gpu_kernels.json``) and a Markdown table next to
 it. Exit status 1 when a check fails. ``--tiny`` runs tiny shapes on CPU in seconds (CI).
 """
 
@@ -57,10 +57,10 @@ from types import SimpleNamespace
 
 import torch
 
-from vllm_caote.bench.gpu_batched import measure_batched
-from vllm_caote.bench.gpu_reference import Reference, check_eviction, h2o_states, moment_states
-from vllm_caote.bench.gpu_report import environment, render_md, target_result
-from vllm_caote.bench.gpu_timing import measure_decode, rounded, timed
+from benchmarks.gpu_batched import measure_batched
+from benchmarks.gpu_reference import Reference, check_eviction, h2o_states, moment_states
+from benchmarks.gpu_report import environment, render_md, target_result
+from benchmarks.gpu_timing import measure_decode, rounded, timed
 from vllm_caote.config import EvictionSettings
 from vllm_caote.engine import compaction
 from vllm_caote.engine.plan import StepPlan, cdiv
@@ -209,7 +209,7 @@ def run(args) -> dict:
     policies = [get_policy(p) for p in args.policies]
     checked = sorted({0, shape.layers - 1})
     report: dict = {
-        "tool": "vllm_caote.bench.gpu_kernels",
+        "tool": "benchmarks.gpu_kernels",
         "env": environment(device),
         "shape": asdict(shape),
         "args": {k: v for k, v in vars(args).items()},
@@ -319,7 +319,7 @@ def _ints(s: str) -> list[int]:
 
 def parse_args(argv: list[str] | None = None):
     ap = argparse.ArgumentParser(
-        prog="python -m vllm_caote.bench.gpu_kernels",
+        prog="python -m benchmarks.gpu_kernels",
         description="Eviction (gather + score + select + compact) on a paged KV cache vs one "
         "decode attention, torch only; checked against a CPU float32 reference.",
     )
@@ -367,7 +367,9 @@ def parse_args(argv: list[str] | None = None):
         default=4.0,
         help="stop repeating a configuration after this many seconds of timed runs",
     )
-    ap.add_argument("--out", type=Path, help="JSON path (default bench/results/gpu_kernels.json)")
+    ap.add_argument(
+        "--out", type=Path, help="JSON path (default benchmarks/results/gpu_kernels.json)"
+    )
     args = ap.parse_args(argv)
     if args.device is None:
         args.device = "cpu" if args.tiny or not torch.cuda.is_available() else "cuda"

@@ -1,10 +1,10 @@
 """Quality at capacity, as one joint measurement through the real OpenAI server.
 
-    python -m vllm_caote.bench.loadtest.quality --start-server            # make bench-quality
-    python -m vllm_caote.bench.loadtest.quality --url http://127.0.0.1:8000 --policies caote-snapkv
+    python -m loadtest.quality --start-server            # make bench-quality
+    python -m loadtest.quality --url http://127.0.0.1:8000 --policies caote-snapkv
 
 ``--requests`` retrieval prompts of ``--context-tokens`` tokens (the retrieval suite of
-:func:`vllm_caote.bench.tasks.retrieval_suite`: three needle phrasings, each stating the key once,
+:func:`benchmarks.tasks.retrieval_suite`: three needle phrasings, each stating the key once,
 in the essays and the KJV haystacks) are sent *at once* into a pool that cannot hold them all
 (``--start-server`` passes ``--num-gpu-blocks-override 40``): first with no budget (stock
 vLLM), then for each policy at each fraction of the prompt. Every cell sends the same prompts;
@@ -13,7 +13,7 @@ exact-match accuracy with a Wilson 95% interval (and per phrasing, haystack and 
 and mean ``vllm:num_requests_running`` (polled from ``/metrics``), requests/s, output tokens/s
 and time to first token p50/p99 against stock in the same run, and vLLM's preemptions.
 Then (``--shorts``) short unbudgeted requests beside the long prompts, unbudgeted and budgeted:
-their latency (:mod:`vllm_caote.bench.loadtest.shorts`).
+their latency (:mod:`loadtest.shorts`).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from vllm_caote.bench.loadtest.server import serving
+from loadtest.server import serving
 
 POLICIES = "caote-snapkv,snapkv,caote-tova,tova,caote-h2o,h2o,keydiff"
 PREEMPT = re.compile(r"^vllm:num_preemptions_total\{[^}]*\}\s+([0-9.eE+-]+)", re.M)
@@ -37,7 +37,7 @@ WAITING = re.compile(r"^vllm:num_requests_waiting\{[^}]*\}\s+([0-9.eE+-]+)", re.
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m vllm_caote.bench.loadtest.quality", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m loadtest.quality", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--url", help="a loopback server you started (prefix caching off, please)")
@@ -56,7 +56,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--fractions", default="0.25,0.125", help="budgets as prompt fractions")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cell-seconds", type=float, default=900.0, help="time limit per cell")
-    p.add_argument("--out", default="bench/results")
+    p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--tag", default="capacity_quality")
     p.add_argument("--shorts", type=int, default=12,
                    help="short unbudgeted requests sent beside the long prompts, stock and "
@@ -118,8 +118,8 @@ async def _cell(url, model, cases, budget, policy, args) -> dict:
 
 
 def summarize_cell(cases, outs, wall, samples, preemptions, budget, policy) -> dict:
-    from vllm_caote.bench.eval.common import wilson
-    from vllm_caote.bench.loadtest import pct
+    from benchmarks.eval.common import wilson
+    from loadtest import pct
 
     rows = [
         dict(task=c.task, phrasing=c.phrasing, haystack=c.haystack, depth=c.depth,
@@ -165,8 +165,8 @@ async def run(args, url) -> dict:
     from tqdm import tqdm
     from transformers import AutoTokenizer
 
-    from vllm_caote.bench.eval.common import resolve_model
-    from vllm_caote.bench.tasks import retrieval_suite
+    from benchmarks.eval.common import resolve_model
+    from benchmarks.tasks import retrieval_suite
 
     with urllib.request.urlopen(url + "/v1/models", timeout=10) as r:
         served = json.load(r)["data"]
@@ -190,7 +190,7 @@ async def run(args, url) -> dict:
               f"{c['peak_running']:.0f}, {c['wall_s']:.0f} s", file=sys.stderr)  # fmt: skip
     shorts = []
     if args.shorts > 0 and len(grid) > 1:
-        from vllm_caote.bench.loadtest.shorts import run_scenarios
+        from loadtest.shorts import run_scenarios
 
         budget, policy = grid[1]
         shorts = await run_scenarios(url, model, cases, budget, policy, args)
@@ -211,8 +211,8 @@ async def run(args, url) -> dict:
 
 
 def main(argv=None) -> int:
-    from vllm_caote.bench.eval.common import command_line, environment, write_results
-    from vllm_caote.bench.loadtest.quality_report import plot, render_md
+    from benchmarks.eval.common import command_line, environment, write_results
+    from loadtest.quality_report import plot, render_md
 
     args = parse_args(argv)
     out = Path(args.out)
@@ -222,7 +222,7 @@ def main(argv=None) -> int:
         res = asyncio.run(run(args, url))
     env = environment()
     res.update(
-        command=command_line("vllm_caote.bench.loadtest.quality", argv),
+        command=command_line("loadtest.quality", argv),
         server_cmd=server_cmd,
         wall_s=time.perf_counter() - t0,
         environment=env,

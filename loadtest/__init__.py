@@ -1,8 +1,8 @@
 """Load test of a real vLLM OpenAI server with the vllm-caote plugin (loopback only).
 
-    python -m vllm_caote.bench.loadtest --start-server                       # starts its own server (make serve)
-    python -m vllm_caote.bench.loadtest --url http://127.0.0.1:8000          # a server you started
-    python -m vllm_caote.bench.loadtest --start-server --quick
+    python -m loadtest --start-server                       # starts its own server (make serve)
+    python -m loadtest --url http://127.0.0.1:8000          # a server you started
+    python -m loadtest --start-server --quick
 
 Three parts, each bounded in request count and in time:
 
@@ -43,9 +43,9 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
-from vllm_caote.bench.loadtest.report import render_md
-from vllm_caote.bench.loadtest.server import check_loopback as check_loopback  # re-exported
-from vllm_caote.bench.loadtest.server import serving
+from loadtest.report import render_md
+from loadtest.server import check_loopback as check_loopback  # re-exported
+from loadtest.server import serving
 
 DEFAULTS = dict(
     requests=12,
@@ -75,7 +75,7 @@ WAITING = re.compile(r"^vllm:num_requests_waiting\{[^}]*\}\s+([0-9.eE+-]+)", re.
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        prog="python -m vllm_caote.bench.loadtest",
+        prog="python -m loadtest",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -114,7 +114,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--duration", type=float, default=None, help="time limit of the mixed part")
     p.add_argument("--room-requests", type=int, default=None, help="pairs in the room part")
     p.add_argument("--parts", default="mixed,capacity,throughput,room")
-    p.add_argument("--out", default="bench/results")
+    p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--tag", default="loadtest")
     p.add_argument("--quick", action="store_true")
     args = p.parse_args(argv)
@@ -185,7 +185,7 @@ async def mixed(url, model, tok, args) -> dict:
     import aiohttp
     from tqdm import tqdm
 
-    from vllm_caote.bench.tasks import filler_prompt_ids
+    from benchmarks.tasks import filler_prompt_ids
 
     budgets = _parse_budgets(args.budgets)
     sem = asyncio.Semaphore(args.concurrency)
@@ -245,7 +245,7 @@ def _metrics(url: str) -> tuple[float, float]:
 async def capacity(url, model, tok, args) -> dict:
     import aiohttp
 
-    from vllm_caote.bench.tasks import filler_prompt_ids
+    from benchmarks.tasks import filler_prompt_ids
 
     res = {}
     for phase, (mode, budget) in enumerate((("stock", None), ("budgeted", args.cap_budget))):
@@ -309,7 +309,7 @@ async def throughput(url, model, tok, args) -> dict:
     TTFT, errors; ratios against stock in the same pool."""
     import aiohttp
 
-    from vllm_caote.bench.tasks import filler_prompt_ids
+    from benchmarks.tasks import filler_prompt_ids
 
     n, length = args.cap_requests, args.cap_prompt_tokens
     res: dict = {}
@@ -351,7 +351,7 @@ async def room(url, model, tok, args) -> dict:
     (4x compression) prompts of ``--prompt-tokens`` tokens, each prompt new to the server."""
     import aiohttp
 
-    from vllm_caote.bench.tasks import filler_prompt_ids
+    from benchmarks.tasks import filler_prompt_ids
 
     length, budget = args.prompt_tokens, args.prompt_tokens // 4
     by: dict[str, list] = {"stock": [], "4x": []}
@@ -376,7 +376,7 @@ async def room(url, model, tok, args) -> dict:
 async def _run(args, url) -> dict:
     from transformers import AutoTokenizer
 
-    from vllm_caote.bench.eval.common import resolve_model
+    from benchmarks.eval.common import resolve_model
 
     with urllib.request.urlopen(url + "/v1/models", timeout=10) as r:
         served = json.load(r)["data"]
@@ -404,7 +404,7 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         res = asyncio.run(_run(args, url))
     res.update(
-        command="python -m vllm_caote.bench.loadtest " + " ".join(argv or sys.argv[1:]),
+        command="python -m loadtest " + " ".join(argv or sys.argv[1:]),
         server_cmd=server_cmd,
         budgets=args.budgets,
         policy=args.policy,
@@ -420,7 +420,7 @@ def main(argv=None) -> int:
         else None,
         wall_s=time.perf_counter() - t0,
     )
-    from vllm_caote.bench.eval.common import write_results
+    from benchmarks.eval.common import write_results
 
     print(write_results(out, args.tag, res, render_md))
     return 0

@@ -8,8 +8,8 @@ import math
 import statistics
 from pathlib import Path
 
-from vllm_caote.bench.eval.common import wilson
-from vllm_caote.bench.eval.tasks import CAOTE_PAIRS, FULL
+from benchmarks.eval.common import wilson
+from benchmarks.eval.tasks import CAOTE_PAIRS, FULL
 
 #: tasks scored as exact-answer accuracy
 ACCURACY_TASKS = ("passkey", "multikey")

@@ -1,8 +1,8 @@
 """Decode-heavy load test: long generations into a pool that holds few of them, stock vs budgets.
 
-    python -m vllm_caote.bench.loadtest.decode --start-server          # make bench-decode
-    python -m vllm_caote.bench.loadtest.decode --start-server --quick  # ~10 min check
-    python -m vllm_caote.bench.loadtest.decode --url http://127.0.0.1:8000 --no-ppl
+    python -m loadtest.decode --start-server          # make bench-decode
+    python -m loadtest.decode --start-server --quick  # ~10 min check
+    python -m loadtest.decode --url http://127.0.0.1:8000 --no-ppl
 
 ``--requests`` streaming completions of ``--prompt-tokens`` KJV tokens each, generating
 ``--output-tokens`` tokens (``ignore_eos``), are sent *at once* to a real OpenAI server whose
@@ -30,12 +30,12 @@ time (``vllm:iteration_tokens_total_count`` counts steps) and the decode through
 
 Quality for the same budgets (``--ppl``, on by default): once the server has stopped (the two
 never share the CPU), the in-process eval's block-wise perplexity task on KJV passages of the
-final sequence length (``python -m vllm_caote.bench.eval --tasks ppl --prefill blockwise``)
+final sequence length (``python -m benchmarks.eval --tasks ppl --prefill blockwise``)
 with the same budgets, the same policy and block size, and a prefill chunk of one block
 (``--ppl-chunk``): every block of teacher-forced tokens is then scored against a cache evicted
 back to ``keep``, as decoding is. Perplexity against the full cache, in the same report.
 
-Results: ``bench/results/<tag>.json``, ``.md`` and ``.png`` (output tokens/s and peak/mean
+Results: ``benchmarks/results/<tag>.json``, ``.md`` and ``.png`` (output tokens/s and peak/mean
 running requests vs budget, stock marked; perplexity vs budget).
 """
 
@@ -52,7 +52,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from vllm_caote.bench.loadtest.decode_summary import (
+from loadtest.decode_summary import (
     add_ratios,
     budget_for,
     check_targets,
@@ -62,7 +62,7 @@ from vllm_caote.bench.loadtest.decode_summary import (
     ppl_fractions,
     summarize_config,
 )
-from vllm_caote.bench.loadtest.server import scrape_metrics, serving
+from loadtest.server import scrape_metrics, serving
 
 DEFAULTS = dict(requests=24, prompt_tokens=1024, output_tokens=512, ppl_passages=4)
 QUICK = dict(requests=8, prompt_tokens=1024, output_tokens=128, ppl_passages=1)
@@ -83,7 +83,7 @@ POLL_S = 0.5
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m vllm_caote.bench.loadtest.decode", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m loadtest.decode", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--url", help="a loopback server you started (a small pool, please)")
@@ -109,7 +109,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="block-wise prefill chunk of the ppl run (default one block)")  # fmt: skip
     p.add_argument("--config-seconds", type=float, default=1800.0,
                    help="time limit per configuration")  # fmt: skip
-    p.add_argument("--out", default="bench/results")
+    p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--tag", default="decode_heavy")
     p.add_argument("--quick", action="store_true",
                    help="8 requests of 128 output tokens, one ppl passage")  # fmt: skip
@@ -161,7 +161,7 @@ async def run_config(url, model, prompts, budget, args, desc) -> tuple:
     import aiohttp
     from tqdm import tqdm
 
-    from vllm_caote.bench.loadtest import _one
+    from loadtest import _one
 
     before = await asyncio.to_thread(_poll, url)
     samples: list[dict] = []
@@ -190,9 +190,9 @@ async def run_config(url, model, prompts, budget, args, desc) -> tuple:
 async def run(args, url) -> dict:
     from transformers import AutoTokenizer
 
-    from vllm_caote.bench.eval.common import resolve_model
-    from vllm_caote.bench.loadtest import _one
-    from vllm_caote.bench.tasks import filler_prompt_ids, haystack_ids
+    from benchmarks.eval.common import resolve_model
+    from benchmarks.tasks import filler_prompt_ids, haystack_ids
+    from loadtest import _one
     from vllm_caote.config import settings
 
     with urllib.request.urlopen(url + "/v1/models", timeout=10) as r:
@@ -267,7 +267,7 @@ def run_ppl(args, res: dict, out: Path) -> dict:
     chunk = args.ppl_chunk or res["block_size"]
     tag = f"{args.tag}_ppl"
     cmd = [
-        sys.executable, "-m", "vllm_caote.bench.eval", "--tasks", "ppl", "--prefill", "blockwise",
+        sys.executable, "-m", "benchmarks.eval", "--tasks", "ppl", "--prefill", "blockwise",
         "--prefill-chunk", str(chunk), "--block-size", str(res["block_size"]),
         "--contexts", str(res["sequence_tokens"]), "--budgets", ",".join(map(repr, fractions)),
         "--policies", args.policy, "--ppl-passages", str(args.ppl_passages),
@@ -315,8 +315,8 @@ def _worktree_changes() -> list[str]:
 
 
 def main(argv=None) -> int:
-    from vllm_caote.bench.eval.common import environment, write_results
-    from vllm_caote.bench.loadtest.decode_report import plot, render_md
+    from benchmarks.eval.common import environment, write_results
+    from loadtest.decode_report import plot, render_md
 
     args = parse_args(argv)
     out = Path(args.out)
@@ -328,7 +328,7 @@ def main(argv=None) -> int:
     res["ppl"] = run_ppl(args, res, out) if args.ppl else None
     res["targets"] = check_targets(res["configs"])
     res.update(
-        command="python -m vllm_caote.bench.loadtest.decode " + " ".join(argv or sys.argv[1:]),
+        command="python -m loadtest.decode " + " ".join(argv or sys.argv[1:]),
         server_cmd=server_cmd,
         quick=args.quick,
         wall_s=time.perf_counter() - t0,

@@ -1,4 +1,4 @@
-"""Markdown table and plot of ``python -m vllm_caote.bench.loadtest.quality``."""
+"""Markdown table and plot of ``python -m loadtest.quality``."""
 
 from __future__ import annotations
 
@@ -55,7 +55,7 @@ def render_md(r: dict) -> str:
         f"{stock['peak_running']:.0f} running. Total wall time {r['wall_s']:.0f} s.",
         "",
     ]
-    from vllm_caote.bench.loadtest.shorts import render_md as shorts_md
+    from loadtest.shorts import render_md as shorts_md
 
     lines += shorts_md(r.get("shorts") or [])
     if r.get("plots"):

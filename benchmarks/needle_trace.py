@@ -1,6 +1,6 @@
-"""``python -m vllm_caote.bench.needle_trace``: where a needle survives eviction, per layer.
+"""``python -m benchmarks.needle_trace``: where a needle survives eviction, per layer.
 
-A diagnostic, not a score. The retrieval suite's prompts (:func:`vllm_caote.bench.tasks.
+A diagnostic, not a score. The retrieval suite's prompts (:func:`benchmarks.tasks.
 retrieval_suite`) run through an in-process engine with the plugin loaded, once per prefill
 setting (``--modes``, e.g. ``blockwise:keydiff`` = ``prefill: blockwise`` with ``prefill_base:
 keydiff``; ``oneshot`` = the whole prompt in view). Every selection the worker makes is followed
@@ -14,7 +14,7 @@ The trace reads the worker's selections through the engine's read-only seam
 (``VLLM_ENABLE_V1_MULTIPROCESSING=0``, as every in-process bench here) and changes nothing the
 engine computes.
 
-Results: ``bench/results/<tag>.{json,md,png}`` (the PNG: a heat map per mode, prompts x layers,
+Results: ``benchmarks/results/<tag>.{json,md,png}`` (the PNG: a heat map per mode, prompts x layers,
 the share of KV heads holding the key).
 """
 
@@ -31,7 +31,7 @@ import torch
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m vllm_caote.bench.needle_trace", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m benchmarks.needle_trace", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.add_argument("--policy", default="caote-snapkv")
     p.add_argument("--modes", default="oneshot,blockwise:keydiff,blockwise:own",
@@ -41,7 +41,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--context-tokens", type=int, default=1500)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-tokens", type=int, default=12)
-    p.add_argument("--out", default="bench/results")
+    p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--tag", default="needle_trace")
     return p.parse_args(argv)
 
@@ -79,7 +79,7 @@ def _layer_index(name: str) -> int:
 
 
 def trace_mode(mode: str, args, cases) -> dict:
-    from vllm_caote.bench.eval.common import close_llm, make_llm, sampling
+    from benchmarks.eval.common import close_llm, make_llm, sampling
     from vllm_caote.config import settings
     from vllm_caote.engine.plan import blockwise_edges
 
@@ -226,13 +226,13 @@ def plot(result: dict, out_dir: Path, tag: str) -> list[str]:
 def main(argv=None) -> int:
     from transformers import AutoTokenizer
 
-    from vllm_caote.bench.eval.common import (
+    from benchmarks.eval.common import (
         command_line,
         environment,
         resolve_model,
         write_results,
     )
-    from vllm_caote.bench.tasks import retrieval_suite
+    from benchmarks.tasks import retrieval_suite
 
     args = parse_args(argv)
     tok = AutoTokenizer.from_pretrained(resolve_model(None))
@@ -246,7 +246,7 @@ def main(argv=None) -> int:
     result = dict(
         policy=args.policy, fraction=args.fraction, context_tokens=args.context_tokens,
         seed=args.seed, modes=modes, environment=environment(),
-        command=command_line("vllm_caote.bench.needle_trace", argv),
+        command=command_line("benchmarks.needle_trace", argv),
     )  # fmt: skip
     print(write_results(Path(args.out), args.tag, result, render_md, plot))
     return 0

@@ -1,4 +1,4 @@
-"""The report of :mod:`vllm_caote.bench.gpu_kernels`: the issue's target read off the run, and the
+"""The report of :mod:`benchmarks.gpu_kernels`: the issue's target read off the run, and the
 Markdown table written beside the JSON."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 import torch
 
 if TYPE_CHECKING:
-    from vllm_caote.bench.gpu_kernels import Shape
+    from benchmarks.gpu_kernels import Shape
 
 
 def environment(device: torch.device) -> dict:
@@ -70,7 +70,7 @@ def target_result(report: dict, shape: Shape, device: torch.device) -> dict:
 def render_md(report: dict) -> str:
     env, shape = report["env"], report["shape"]
     lines = [
-        "# Eviction kernels vs decode attention (`python -m vllm_caote.bench.gpu_kernels`)",
+        "# Eviction kernels vs decode attention (`python -m benchmarks.gpu_kernels`)",
         "",
         f"Device: {env['device']} ({env.get('device_name')}), torch {env['torch']}, "
         f"CUDA {env['cuda']}. Shape: {shape['layers']} layers, {shape['kv_heads']} KV heads, "

@@ -1,4 +1,4 @@
-"""The batched eviction of :mod:`vllm_caote.bench.gpu_kernels`: several requests evicting in
+"""The batched eviction of :mod:`benchmarks.gpu_kernels`: several requests evicting in
 the same step, scored together in each layer as the engine does it.
 
 :class:`BatchedEviction` is ``rows`` requests of ``context`` tokens each, their blocks shuffled
@@ -20,7 +20,7 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
-from vllm_caote.bench.gpu_timing import timed
+from benchmarks.gpu_timing import timed
 from vllm_caote.scoring import chunking
 
 
@@ -28,7 +28,7 @@ class BatchedEviction:
     """``rows`` requests of ``context`` tokens, one layer, all evicting to ``keep`` together."""
 
     def __init__(self, shape, context: int, rows: int, policy, keep: int, settings, device, seed):
-        from vllm_caote.bench.gpu_kernels import EngineEviction, PagedRequest
+        from benchmarks.gpu_kernels import EngineEviction, PagedRequest
         from vllm_caote.engine import evict, step
 
         self.evict, self.step, self.context, self.rows = evict, step, context, rows

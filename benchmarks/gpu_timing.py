@@ -1,4 +1,4 @@
-"""Timing for :mod:`vllm_caote.bench.gpu_kernels`: device-timeline clocks, and the decode
+"""Timing for :mod:`benchmarks.gpu_kernels`: device-timeline clocks, and the decode
 attention baseline an eviction is compared with."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 if TYPE_CHECKING:
-    from vllm_caote.bench.gpu_kernels import PagedRequest
+    from benchmarks.gpu_kernels import PagedRequest
 
 
 # -- timing ------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""``python -m vllm_caote.bench.op_count``: torch ops launched per generated token (issue #29).
+"""``python -m benchmarks.op_count``: torch ops launched per generated token (issue #29).
 
 A decode-heavy budgeted run on the in-process engine (``VLLM_ENABLE_V1_MULTIPROCESSING=0``: the
 engine core and the model run in this process, so the profiler sees the model's ops), counted
@@ -15,7 +15,7 @@ even inside vLLM's opaque attention custom op, is). Each is attributed by its Py
   scoring, selection, reads and writes of ``engine/compaction.py`` and ``scoring/`` while
   compacting;
 * **per-step**: otherwise, the innermost Python frame outside torch and the standard library
-  is plugin code (``vllm_caote/``, not ``vllm_caote/bench/``): query recording, scoring state,
+  is plugin code (``vllm_caote/``, not ``benchmarks/``): query recording, scoring state,
   step inputs;
 * **model**: the rest (vLLM and the model).
 
@@ -62,7 +62,9 @@ def _frame_kind(name: str) -> tuple[bool, bool, bool]:
         else:
             path, func = m.group(1).replace("\\", "/"), m.group(3)
             i = path.rfind("vllm_caote/")
-            plugin = i >= 0 and not path.startswith("vllm_caote/bench/", i)
+            plugin = i >= 0 and not path.startswith(
+                ("vllm_caote/benchmarks/", "vllm_caote/loadtest/"), i
+            )
             tail = path[i:] if i >= 0 else ""
             transparent = not plugin and (
                 path.startswith("torch/") or "/torch/" in path or "/" not in path
@@ -111,7 +113,7 @@ def count_ops(llm, requests, chunk_steps: int = 32, progress=None) -> dict:
     and each request's eviction stats."""
     from torch.profiler import ProfilerActivity, profile
 
-    from vllm_caote.bench.eval.common import scheduler_of, stats_of
+    from benchmarks.eval.common import scheduler_of, stats_of
 
     engine, sched = llm.llm_engine, scheduler_of(llm)
     base = f"opc-{time.monotonic_ns()}"
@@ -181,8 +183,8 @@ def measure(args) -> dict:
     """One label: the budgeted run and the unbudgeted baseline on one engine."""
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     import vllm_caote
-    from vllm_caote.bench.eval.common import close_llm, environment, make_llm, sampling
-    from vllm_caote.bench.tasks import filler_prompt_ids
+    from benchmarks.eval.common import close_llm, environment, make_llm, sampling
+    from benchmarks.tasks import filler_prompt_ids
 
     seq = args.prompt_tokens + args.output_tokens
     blocks = args.requests * -(-seq // args.block_size) + 8
@@ -218,7 +220,7 @@ def measure(args) -> dict:
     return dict(
         label=args.label,
         config={k: v for k, v in vars(args).items() if k not in ("merge",)},
-        command=" ".join(["python -m vllm_caote.bench.op_count", *sys.argv[1:]]),
+        command=" ".join(["python -m benchmarks.op_count", *sys.argv[1:]]),
         pythonpath=os.environ.get("PYTHONPATH", ""),
         plugin=str(pkg),
         git=git_state(pkg.parent),
@@ -337,8 +339,8 @@ def render_md(m: dict) -> str:
         "An older checkout is measured from a worktree holding a copy of this script, run with "
         "the worktree as the working directory (the current directory comes first on "
         "`sys.path`, so `PYTHONPATH` alone would not win over `/work/main`): `git worktree add "
-        "<dir> <commit>; cp vllm_caote/bench/op_count.py <dir>/vllm_caote/bench/; cd <dir>; "
-        "PYTHONPATH=<dir> python -m vllm_caote.bench.op_count --label before ...`; the run "
+        "<dir> <commit>; cp benchmarks/op_count.py <dir>/benchmarks/; cd <dir>; "
+        "PYTHONPATH=<dir> python -m benchmarks.op_count --label before ...`; the run "
         "records the plugin folder it imported. Per-step vLLM work is the same in both "
         "(model ops/token identical), so the plugin's rows compare directly.",
         "",
@@ -386,7 +388,7 @@ def plot(m: dict, out_dir: Path, tag: str) -> list[str]:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m vllm_caote.bench.op_count", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m benchmarks.op_count", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.add_argument("--policy", default="caote-snapkv")
     p.add_argument("--budget", type=int, default=264)
@@ -396,7 +398,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--requests", type=int, default=1)
     p.add_argument("--no-baseline", action="store_true", help="skip the unbudgeted run")
     p.add_argument("--chunk-steps", type=int, default=32, help="engine steps per profiler session")
-    p.add_argument("--out", default="bench/results")
+    p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--tag", default="op_count_bs32")
     p.add_argument("--label", default="after")
     p.add_argument("--merge", nargs="+", metavar="JSON",
@@ -409,7 +411,7 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.merge:
-        from vllm_caote.bench.eval.common import write_results
+        from benchmarks.eval.common import write_results
 
         print(write_results(out, args.tag, merge(args.merge), render_md, plot))
         return 0

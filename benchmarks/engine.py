@@ -1,7 +1,7 @@
 """Engine benchmark of the plugin against stock vLLM, in one run (``make bench``).
 
-    python -m vllm_caote.bench            # default settings
-    python -m vllm_caote.bench --quick    # smaller: fewer requests, fewer decode tokens
+    python -m benchmarks            # default settings
+    python -m benchmarks --quick    # smaller: fewer requests, fewer decode tokens
 
 One in-process engine (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) with a shrunk KV pool
 (``num_gpu_blocks_override``, default 40 blocks). Requests without ``kv_budget`` take vLLM's own
@@ -31,8 +31,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from vllm_caote.bench import shared_prefix
-from vllm_caote.bench.eval.common import (
+from benchmarks import shared_prefix
+from benchmarks.eval.common import (
     Driver,
     block_size_of,
     environment,
@@ -72,7 +72,7 @@ QUICK = dict(
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        prog="python -m vllm_caote.bench",
+        prog="python -m benchmarks",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -93,7 +93,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--decode-tokens", type=int, default=None)
     p.add_argument("--decode-prompt", type=int, default=None, help="decode prompt tokens")
     p.add_argument("--repeats", type=int, default=None)
-    p.add_argument("--out", default="bench/results")
+    p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--tag", default="bench")
     p.add_argument("--quick", action="store_true")
     args = p.parse_args(argv)
@@ -104,7 +104,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def capacity(llm, args, bar) -> dict:
-    from vllm_caote.bench.tasks import filler_prompt_ids
+    from benchmarks.tasks import filler_prompt_ids
 
     tok = llm.get_tokenizer()
     res = {}
@@ -156,7 +156,7 @@ def decode_variants(args, min_budget: int, bs: int) -> dict:
 
 
 def decode(llm, args, bar, min_budget: int, bs: int) -> dict:
-    from vllm_caote.bench.tasks import filler_prompt_ids
+    from benchmarks.tasks import filler_prompt_ids
 
     tok = llm.get_tokenizer()
     variants = decode_variants(args, min_budget, bs)
@@ -365,7 +365,7 @@ def main(argv=None) -> int:
         block_size=bs,
         min_budget=min_b,
         pool_tokens=args.blocks * bs,
-        command="python -m vllm_caote.bench " + " ".join(argv or sys.argv[1:]),
+        command="python -m benchmarks " + " ".join(argv or sys.argv[1:]),
     )
     notes = [
         "Per-token times come from the wall time of engine.step() calls in which every "

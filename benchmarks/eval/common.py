@@ -1,4 +1,4 @@
-"""Helpers shared by ``python -m vllm_caote.bench.eval`` and ``python -m vllm_caote.bench``."""
+"""Helpers shared by ``python -m benchmarks.eval`` and ``python -m benchmarks``."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""``python -m vllm_caote.bench.eviction_profile``: where one eviction's time goes, per layer.
+"""``python -m benchmarks.eviction_profile``: where one eviction's time goes, per layer.
 
 One layer's eviction of one request, phase by phase, with the functions the worker runs
 (:func:`vllm_caote.engine.evict.compact_layer`): **read** the request's tokens from its paged blocks
@@ -12,7 +12,7 @@ embedded model's shapes (30 layers, 3 KV heads, 9 query heads, head 64) unless t
 Decode-time eviction evicts one block from ``budget + block_size`` tokens, which is the default
 grid. Medians of ``--repeats``; per layer and times the layer count (one eviction).
 
-Results: ``bench/results/eviction_profile.{json,md}``.
+Results: ``benchmarks/results/eviction_profile.{json,md}``.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import torch
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m vllm_caote.bench.eviction_profile", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m benchmarks.eviction_profile", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.add_argument("--policies", default="caote-snapkv,snapkv,caote-tova,keydiff,streaming")
     p.add_argument("--budgets", default="192,384,1024", help="kept tokens (cache = budget + bs)")
@@ -41,7 +41,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--sinks", type=int, default=4)
     p.add_argument("--repeats", type=int, default=30)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    p.add_argument("--out", default="bench/results")
+    p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--tag", default="eviction_profile")
     return p.parse_args(argv)
 
@@ -117,7 +117,7 @@ def render_md(result: dict) -> str:
 
 
 def main(argv=None) -> int:
-    from vllm_caote.bench.eval.common import environment, write_results
+    from benchmarks.eval.common import environment, write_results
     from vllm_caote.engine import compaction
 
     args = parse_args(argv)
@@ -134,7 +134,7 @@ def main(argv=None) -> int:
             rows.append(profile(p, b, args, layout))
             print(f"{p} budget {b}: {rows[-1]['ms_per_layer']} ms/layer", file=sys.stderr)
     result = {
-        "command": "python -m vllm_caote.bench.eviction_profile " + " ".join(argv or sys.argv[1:]),
+        "command": "python -m benchmarks.eviction_profile " + " ".join(argv or sys.argv[1:]),
         "args": vars(args),
         "threads": torch.get_num_threads(),
         "isa": isa,

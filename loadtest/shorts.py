@@ -1,6 +1,6 @@
 """Short requests beside long ones at capacity: what a budget costs the traffic that did not ask.
 
-Part of the capacity benchmark (``python -m vllm_caote.bench.loadtest.quality --shorts N``).
+Part of the capacity benchmark (``python -m loadtest.quality --shorts N``).
 The long retrieval prompts of a quality cell are sent at once into the small pool; ``delay``
 seconds later (the pool full, long prompts queued), ``N`` short unbudgeted requests arrive.
 Two scenarios, in the same run: the long prompts unbudgeted (stock vLLM's first-come,
@@ -34,8 +34,8 @@ async def scenario(url, model, cases, budget, policy, n_shorts, delay, args) -> 
         async_request_openai_completions,
     )
 
-    from vllm_caote.bench.loadtest import pct
-    from vllm_caote.bench.loadtest.quality import _scrape
+    from loadtest import pct
+    from loadtest.quality import _scrape
 
     def request(prompt, output_len, extra, session):
         inp = RequestFuncInput(prompt=prompt, api_url=url + "/v1/completions", prompt_len=0,

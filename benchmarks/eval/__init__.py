@@ -1,8 +1,8 @@
 """Long-context quality of KV eviction, measured through the real vLLM engine.
 
-    python -m vllm_caote.bench.eval                      # default grid (embedded SmolLM2-135M)
-    python -m vllm_caote.bench.eval --quick              # reduced grid, a few minutes on a CPU
-    python -m vllm_caote.bench.eval --model meta-llama/Llama-3.1-8B-Instruct --contexts 8192,16384
+    python -m benchmarks.eval                      # default grid (embedded SmolLM2-135M)
+    python -m benchmarks.eval --quick              # reduced grid, a few minutes on a CPU
+    python -m benchmarks.eval --model meta-llama/Llama-3.1-8B-Instruct --contexts 8192,16384
 
 Tasks
 -----
@@ -11,11 +11,11 @@ exact passkey appears in the greedy answer (12 tokens), with Wilson 95% interval
 ``--suite retrieval`` (default) every prompt is one of three needle phrasings, each stating the
 key once (at a sentence end, mid-sentence, leading), in one of two haystacks (Paul Graham's
 essays, the KJV), and the report breaks accuracy down by both
-(:func:`vllm_caote.bench.tasks.retrieval_case`); ``--suite classic`` is the 0.2 release's single
-template in the essays, which states the key twice (:func:`vllm_caote.bench.tasks.passkey_case`).
+(:func:`benchmarks.tasks.retrieval_case`); ``--suite classic`` is the 0.2 release's single
+template in the essays, which states the key twice (:func:`benchmarks.tasks.passkey_case`).
 
 ``multikey``: RULER's multi-key needle: four labelled 5-digit numbers spread over the context,
-the question names one (:func:`vllm_caote.bench.tasks.multikey_case`); accuracy as for passkey.
+the question names one (:func:`benchmarks.tasks.multikey_case`); accuracy as for passkey.
 ``depths x samples`` prompts per context.
 
 ``ppl``: perplexity of contiguous KJV passages of ``context`` tokens by teacher forcing through
@@ -42,7 +42,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from vllm_caote.bench.eval.common import (
+from benchmarks.eval.common import (
     block_size_of,
     command_line,
     environment,
@@ -51,8 +51,8 @@ from vllm_caote.bench.eval.common import (
     scheduler_of,
     write_results,
 )
-from vllm_caote.bench.eval.report import plot, render_md, summarize, targets
-from vllm_caote.bench.eval.tasks import (
+from benchmarks.eval.report import plot, render_md, summarize, targets
+from benchmarks.eval.tasks import (
     CAOTE_PAIRS,
     FULL,
     _floats,
@@ -90,7 +90,7 @@ QUICK = dict(
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        prog="python -m vllm_caote.bench.eval",
+        prog="python -m benchmarks.eval",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -168,7 +168,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         "'classic' (the 0.2 release's one template, which states the key twice)",
     )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="bench/results")
+    p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--tag", default="eval", help="output file stem (default eval)")
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument(
@@ -308,7 +308,7 @@ def main(argv=None) -> int:
             seed=args.seed,
             suite=args.suite,
             quick=args.quick,
-            command=command_line("vllm_caote.bench.eval", argv),
+            command=command_line("benchmarks.eval", argv),
         ),
         environment=environment(),
         summary=summary,

@@ -64,7 +64,7 @@ def _phase(llm, prompts, warm, budget: int, policy: str, max_tokens: int, skip: 
 def shared_prefix(llm, policy: str, requests: int = 6, prefix_tokens: int = 2048,
                   question_tokens: int = 256, budget: int = 512, max_tokens: int = 16) -> dict:  # fmt: skip
     """Both phases on the same engine; the result dict ``make bench`` stores and renders."""
-    from vllm_caote.bench.tasks import filler_prompt_ids
+    from benchmarks.tasks import filler_prompt_ids
 
     tok = llm.get_tokenizer()
     prefix = filler_prompt_ids(tok, prefix_tokens, 60000)

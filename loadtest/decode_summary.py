@@ -1,4 +1,4 @@
-"""The decode-heavy benchmark's bookkeeping (:mod:`vllm_caote.bench.loadtest.decode`): budgets
+"""The decode-heavy benchmark's bookkeeping (:mod:`loadtest.decode`): budgets
 from compression ratios, the pure-decode intervals of the ``/metrics`` samples, per-configuration
 summaries, ratios against stock and the issue's targets. Pure functions of the samples
 (``tests/test_harness.py``)."""
@@ -168,7 +168,7 @@ def check_targets(configs: list[dict], targets: dict = TARGETS) -> list[dict]:
 
 def summarize_config(label, budget_info, outs, wall, samples, before, after) -> dict:
     """One configuration's numbers from its client outputs, /metrics polls and counters."""
-    from vllm_caote.bench.loadtest import _latency_stats
+    from loadtest import _latency_stats
 
     lat = _latency_stats(outs)
     busy = [s["running"] for s in samples if s["running"] > 0]
