@@ -137,7 +137,7 @@ def test_failed_compaction_in_the_last_step_stays_in_the_stats(llm):
 def test_exception_in_scoring_is_contained(llm, monkeypatch):
     """An exception inside scoring (as an unsupported cache dtype raised before) costs that
     request its eviction only: no engine death, the batch's other request is unchanged."""
-    from vllm_caote.scoring import registry
+    from vllm_caote.scoring import KeyDiff
 
     a, b, _ = _prompts(llm)
     base, _ = _run(llm, [("exc-base-b", b, _params(16))])
@@ -146,7 +146,7 @@ def test_exception_in_scoring_is_contained(llm, monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("scoring exploded")
 
-    monkeypatch.setattr(registry.KeyDiffPolicy, "_base", broken)
+    monkeypatch.setattr(KeyDiff, "_base", broken)
     got, freed = _run(
         llm, [("exc-a", a, _params(16, budget=BUDGET, policy="keydiff")), ("exc-b", b, _params(16))]
     )

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import vllm_caote.scoring.registry as registry
+import vllm_caote.scoring.policy as registry
 from vllm_caote.scoring import (
     batchable,
     buckets,

@@ -16,6 +16,7 @@ from .base import (
     streaming_scores,
     tova_scores,
 )
+from .bases import H2O, TOVA, ExpectedAttention, KeyDiff, SnapKV, StreamingLLM
 from .batched import batchable, buckets, pad_rows, score_rows
 from .caote import caote_attention_scores, caote_scores, fast_caote_scores
 from .expected import (
@@ -25,34 +26,25 @@ from .expected import (
     query_moments,
     rope_rotate,
 )
-from .registry import (
-    DEFAULT_POLICY,
-    KNOBS,
-    POLICIES,
-    ExpectedAttentionPolicy,
-    H2OPolicy,
-    KeyDiffPolicy,
-    Policy,
-    SnapKVPolicy,
-    StreamingPolicy,
-    TOVAPolicy,
-    get_policy,
-    policy_names,
-)
+from .policy import CAOTE, KNOBS, BaseScore, FastCAOTE, Policy
+from .registry import DEFAULT_POLICY, POLICIES, get_policy, policy_names
 from .select import select_keep
 
 __all__ = [
+    "CAOTE",
     "DEFAULT_POLICY",
+    "H2O",
     "KNOBS",
     "POLICIES",
-    "ExpectedAttentionPolicy",
-    "H2OPolicy",
-    "KeyDiffPolicy",
+    "TOVA",
+    "BaseScore",
+    "ExpectedAttention",
+    "FastCAOTE",
+    "KeyDiff",
     "Policy",
     "QueryMoments",
-    "SnapKVPolicy",
-    "StreamingPolicy",
-    "TOVAPolicy",
+    "SnapKV",
+    "StreamingLLM",
     "attention_sums",
     "attention_weights",
     "batchable",
