@@ -31,7 +31,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from benchmarks import shared_prefix
+from benchmarks import provenance, shared_prefix
 from benchmarks.eval.common import (
     Driver,
     block_size_of,
@@ -93,7 +93,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--decode-tokens", type=int, default=None)
     p.add_argument("--decode-prompt", type=int, default=None, help="decode prompt tokens")
     p.add_argument("--repeats", type=int, default=None)
-    p.add_argument("--out", default="benchmarks/results")
+    p.add_argument("--out", help="output folder (default benchmarks/results/<tag>/)")
     p.add_argument("--tag", default="bench")
     p.add_argument("--quick", action="store_true")
     args = p.parse_args(argv)
@@ -225,8 +225,7 @@ def render_md(r: dict) -> str:
     lines = [
         f"# vllm-caote engine benchmark ({Path(cfg['model']).name})",
         "",
-        f"Command: `{cfg['command']}`",
-        "",
+        *provenance.markdown(r),
         f"In-process vLLM {r['environment']['vllm']} (CPU: {r['environment']['cpu_count']} "
         f"cores, shared with other jobs), KV pool {cfg['blocks']} blocks x {cfg['block_size']} "
         f"tokens, policy `{cfg['policy']}`. Wall time {r['wall_s']:.0f} s.",
@@ -342,7 +341,8 @@ def plot(r: dict, out_dir: Path, tag: str) -> list[str]:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    out_dir = Path(args.out)
+    out_dir = provenance.out_dir(args.out, args.tag)
+    prov = provenance.record("benchmarks", argv)
     out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     max_len = max(4096, args.cap_prompt + args.cap_max_tokens + 256)
@@ -365,7 +365,7 @@ def main(argv=None) -> int:
         block_size=bs,
         min_budget=min_b,
         pool_tokens=args.blocks * bs,
-        command="python -m benchmarks " + " ".join(argv or sys.argv[1:]),
+        command=prov["command"],
     )
     notes = [
         "Per-token times come from the wall time of engine.step() calls in which every "
@@ -379,6 +379,7 @@ def main(argv=None) -> int:
     ]
     result = dict(
         config=cfg,
+        provenance=prov,
         environment=environment(),
         capacity=cap,
         decode=dec,

@@ -21,9 +21,10 @@ import argparse
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
+
+from benchmarks import provenance
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -41,7 +42,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--sinks", type=int, default=4)
     p.add_argument("--repeats", type=int, default=30)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    p.add_argument("--out", default="benchmarks/results")
+    p.add_argument("--out", help="output folder (default benchmarks/results/<tag>/)")
     p.add_argument("--tag", default="eviction_profile")
     return p.parse_args(argv)
 
@@ -97,8 +98,7 @@ def render_md(result: dict) -> str:
     lines = [
         "# One eviction, phase by phase (CPU, vLLM-CPU's paged layout)",
         "",
-        f"Command: `{result['command']}`",
-        "",
+        *provenance.markdown(result),
         f"{a['layers']} layers x {a['kv_heads']} KV heads / {a['q_heads']} query heads x head "
         f"{a['head_size']}, {a['dtype']}, {a['block_size']}-token blocks, window {a['window']}; "
         f"cache = budget + one block (a decode-time eviction). torch threads: {result['threads']}. "
@@ -121,6 +121,7 @@ def main(argv=None) -> int:
     from vllm_caote.engine import compaction
 
     args = parse_args(argv)
+    prov = provenance.record("benchmarks.eviction_profile", argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
@@ -134,14 +135,15 @@ def main(argv=None) -> int:
             rows.append(profile(p, b, args, layout))
             print(f"{p} budget {b}: {rows[-1]['ms_per_layer']} ms/layer", file=sys.stderr)
     result = {
-        "command": "python -m benchmarks.eviction_profile " + " ".join(argv or sys.argv[1:]),
+        "command": prov["command"],
+        "provenance": prov,
         "args": vars(args),
         "threads": torch.get_num_threads(),
         "isa": isa,
         "environment": environment(),
         "rows": rows,
     }
-    print(write_results(Path(args.out), args.tag, result, render_md))
+    print(write_results(provenance.out_dir(args.out, args.tag), args.tag, result, render_md))
     return 0
 
 

@@ -57,6 +57,7 @@ from types import SimpleNamespace
 
 import torch
 
+from benchmarks import provenance
 from benchmarks.gpu_batched import measure_batched
 from benchmarks.gpu_reference import Reference, check_eviction, h2o_states, moment_states
 from benchmarks.gpu_report import environment, render_md, target_result
@@ -368,7 +369,9 @@ def parse_args(argv: list[str] | None = None):
         help="stop repeating a configuration after this many seconds of timed runs",
     )
     ap.add_argument(
-        "--out", type=Path, help="JSON path (default benchmarks/results/gpu_kernels.json)"
+        "--out",
+        type=Path,
+        help="JSON path (default benchmarks/results/gpu_kernels[_tiny]/gpu_kernels[_tiny].json)",
     )
     args = ap.parse_args(argv)
     if args.device is None:
@@ -386,8 +389,8 @@ def parse_args(argv: list[str] | None = None):
     if args.dtype is None:
         args.dtype = "float32" if args.tiny else "bfloat16"
     if args.out is None:
-        name = "gpu_kernels_tiny.json" if args.tiny else "gpu_kernels.json"
-        args.out = Path("bench") / "results" / name
+        name = "gpu_kernels_tiny" if args.tiny else "gpu_kernels"
+        args.out = provenance.RESULTS / name / f"{name}.json"
     if args.policies.strip().lower() == "all":
         args.policies = policy_names()
     else:
@@ -410,13 +413,15 @@ def parse_args(argv: list[str] | None = None):
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    prov = provenance.record("benchmarks.gpu_kernels", argv)
     report = run(args)
+    report["provenance"] = prov
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     args_json = {k: (str(v) if isinstance(v, Path) else v) for k, v in report["args"].items()}
     report["args"] = args_json
-    out.write_text(json.dumps(report, indent=1) + "\n")
-    out.with_suffix(".md").write_text(render_md(report))
+    out.write_text(provenance.scrub(json.dumps(report, indent=1)) + "\n")
+    out.with_suffix(".md").write_text(provenance.scrub(render_md(report)))
     cor = report["correctness"]
     log(
         f"wrote {out} and {out.with_suffix('.md')} in {report['wall_s']} s; correctness "

@@ -4,12 +4,12 @@ Markdown table written beside the JSON."""
 from __future__ import annotations
 
 import platform
-import subprocess
 import sys
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+
+from benchmarks import provenance
 
 if TYPE_CHECKING:
     from benchmarks.gpu_kernels import Shape
@@ -37,16 +37,6 @@ def environment(device: torch.device) -> dict:
         )
     else:
         env["device_name"] = platform.processor() or platform.machine()
-    try:
-        env["git_commit"] = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            capture_output=True,
-            text=True,
-            timeout=5,
-            cwd=Path(__file__).resolve().parent,
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        env["git_commit"] = None
     return env
 
 
@@ -72,6 +62,7 @@ def render_md(report: dict) -> str:
     lines = [
         "# Eviction kernels vs decode attention (`python -m benchmarks.gpu_kernels`)",
         "",
+        *provenance.markdown(report),
         f"Device: {env['device']} ({env.get('device_name')}), torch {env['torch']}, "
         f"CUDA {env['cuda']}. Shape: {shape['layers']} layers, {shape['kv_heads']} KV heads, "
         f"{shape['q_heads']} query heads, head {shape['head_size']}, {shape['dtype']}, "

@@ -29,6 +29,8 @@ from pathlib import Path
 
 import torch
 
+from benchmarks import provenance
+
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks.needle_trace", description=__doc__,
@@ -41,7 +43,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--context-tokens", type=int, default=1500)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-tokens", type=int, default=12)
-    p.add_argument("--out", default="benchmarks/results")
+    p.add_argument("--out", help="output folder (default benchmarks/results/<tag>/)")
     p.add_argument("--tag", default="needle_trace")
     return p.parse_args(argv)
 
@@ -152,8 +154,7 @@ def render_md(result: dict) -> str:
     lines = [
         f"# Where the needle survives: `{result['policy']}` at {result['fraction']:.0%}",
         "",
-        f"Command: `{result['command']}`",
-        "",
+        *provenance.markdown(result),
         "Share of KV heads (all layers) that hold every token of the key after the prompt; "
         "`kept by chunk`: how the kept tokens split over the block-wise chunks (the last one "
         "holds the question). A diagnostic of one run: 12 prompts cannot rank policies.",
@@ -226,15 +227,11 @@ def plot(result: dict, out_dir: Path, tag: str) -> list[str]:
 def main(argv=None) -> int:
     from transformers import AutoTokenizer
 
-    from benchmarks.eval.common import (
-        command_line,
-        environment,
-        resolve_model,
-        write_results,
-    )
+    from benchmarks.eval.common import environment, resolve_model, write_results
     from benchmarks.tasks import retrieval_suite
 
     args = parse_args(argv)
+    prov = provenance.record("benchmarks.needle_trace", argv)
     tok = AutoTokenizer.from_pretrained(resolve_model(None))
     cases = retrieval_suite(tok, args.context_tokens, args.requests, seed=args.seed)
     modes = []
@@ -246,9 +243,10 @@ def main(argv=None) -> int:
     result = dict(
         policy=args.policy, fraction=args.fraction, context_tokens=args.context_tokens,
         seed=args.seed, modes=modes, environment=environment(),
-        command=command_line("benchmarks.needle_trace", argv),
+        command=prov["command"],
+        provenance=prov,
     )  # fmt: skip
-    print(write_results(Path(args.out), args.tag, result, render_md, plot))
+    print(write_results(provenance.out_dir(args.out, args.tag), args.tag, result, render_md, plot))
     return 0
 
 

@@ -33,11 +33,12 @@ import gc
 import json
 import os
 import re
-import subprocess
 import sys
 import time
 from collections import Counter
 from pathlib import Path
+
+from benchmarks import provenance
 
 #: (file suffix, function): frames whose calls are eviction work, in old and new layouts
 EVICTION_ENTRIES = frozenset(
@@ -167,18 +168,6 @@ def per_token(run: dict) -> dict:
     return out
 
 
-def git_state(path: Path) -> dict:
-    def git(*a):
-        try:
-            return subprocess.run(["git", "-C", str(path), *a], capture_output=True, text=True,
-                                  timeout=20).stdout.strip()  # fmt: skip
-        except (OSError, subprocess.SubprocessError):
-            return ""
-
-    return {"path": str(path), "commit": git("rev-parse", "HEAD"),
-            "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}  # fmt: skip
-
-
 def measure(args) -> dict:
     """One label: the budgeted run and the unbudgeted baseline on one engine."""
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
@@ -186,6 +175,8 @@ def measure(args) -> dict:
     from benchmarks.eval.common import close_llm, environment, make_llm, sampling
     from benchmarks.tasks import filler_prompt_ids
 
+    pkg = Path(vllm_caote.__file__).resolve().parent
+    prov = provenance.record("benchmarks.op_count", repo=pkg.parent)  # the checkout measured
     seq = args.prompt_tokens + args.output_tokens
     blocks = args.requests * -(-seq // args.block_size) + 8
     llm = make_llm(None, max_model_len=seq + args.block_size,
@@ -215,15 +206,14 @@ def measure(args) -> dict:
         print(f"{args.label} {name}: {runs[name]['per_token']} ops/token, "
               f"{runs[name]['evictions']} evictions", file=sys.stderr)  # fmt: skip
     close_llm(llm)
-    pkg = Path(vllm_caote.__file__).resolve().parent
     b, u = runs["budgeted"], runs.get("unbudgeted")
     return dict(
         label=args.label,
         config={k: v for k, v in vars(args).items() if k not in ("merge",)},
-        command=" ".join(["python -m benchmarks.op_count", *sys.argv[1:]]),
+        command=prov["command"],
+        provenance=prov,
         pythonpath=os.environ.get("PYTHONPATH", ""),
         plugin=str(pkg),
-        git=git_state(pkg.parent),
         environment=environment(),
         runs=runs,
         overhead_per_token=b["per_token"]["total"] - u["per_token"]["total"] if u else None,
@@ -274,6 +264,7 @@ def render_md(m: dict) -> str:
     lines = [
         "# Torch ops per generated token (issue #29)",
         "",
+        *(provenance.markdown(m) if "provenance" in m else []),  # the merge's; runs: below
         f"{c['requests']} request(s) x {c['prompt_tokens']}-token essay prompt, "
         f"{c['output_tokens']} output tokens (ignore_eos, greedy), block size {c['block_size']}, "
         f"policy `{c['policy']}`, kv_budget {c['budget']} (budgeted) vs none (unbudgeted), "
@@ -316,7 +307,7 @@ def render_md(m: dict) -> str:
         ]
     lines += ["", "## Runs", ""]
     for r in rs:
-        g = r["git"]
+        g = r.get("provenance") or r["git"]  # "git": results recorded before provenance
         lines += [
             f"- **{r['label']}**: plugin `{r['plugin']}`, commit `{g['commit']}`"
             f"{' (working tree dirty)' if g['dirty'] else ''}; `"
@@ -398,7 +389,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--requests", type=int, default=1)
     p.add_argument("--no-baseline", action="store_true", help="skip the unbudgeted run")
     p.add_argument("--chunk-steps", type=int, default=32, help="engine steps per profiler session")
-    p.add_argument("--out", default="benchmarks/results")
+    p.add_argument("--out", help="output folder (default benchmarks/results/<tag>/)")
     p.add_argument("--tag", default="op_count_bs32")
     p.add_argument("--label", default="after")
     p.add_argument("--merge", nargs="+", metavar="JSON",
@@ -408,16 +399,16 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = provenance.out_dir(args.out, args.tag)
     if args.merge:
         from benchmarks.eval.common import write_results
 
-        print(write_results(out, args.tag, merge(args.merge), render_md, plot))
+        merged = {**merge(args.merge), "provenance": provenance.record("benchmarks.op_count", argv)}
+        print(write_results(out, args.tag, merged, render_md, plot))
         return 0
     result = measure(args)
     path = out / f"{args.tag}_{args.label}.json"
-    path.write_text(json.dumps(result, indent=1, default=str))
+    path.write_text(provenance.scrub(json.dumps(result, indent=1, default=str)))
     print(render_md({"results": [result]}))
     print(f"wrote {path}", file=sys.stderr)
     return 0

@@ -37,12 +37,11 @@ import json
 import os
 import re
 import statistics
-import sys
 import time
 import urllib.parse
 import urllib.request
-from pathlib import Path
 
+from benchmarks import provenance
 from loadtest.report import render_md
 from loadtest.server import check_loopback as check_loopback  # re-exported
 from loadtest.server import serving
@@ -114,7 +113,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--duration", type=float, default=None, help="time limit of the mixed part")
     p.add_argument("--room-requests", type=int, default=None, help="pairs in the room part")
     p.add_argument("--parts", default="mixed,capacity,throughput,room")
-    p.add_argument("--out", default="benchmarks/results")
+    p.add_argument("--out", help="output folder (default benchmarks/results/<tag>/)")
     p.add_argument("--tag", default="loadtest")
     p.add_argument("--quick", action="store_true")
     args = p.parse_args(argv)
@@ -398,13 +397,14 @@ async def _run(args, url) -> dict:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = provenance.out_dir(args.out, args.tag)
+    prov = provenance.record("loadtest", argv)
     with serving(args, out / f"{args.tag}_server.log") as (url, server_cmd):
         t0 = time.perf_counter()
         res = asyncio.run(_run(args, url))
     res.update(
-        command="python -m loadtest " + " ".join(argv or sys.argv[1:]),
+        command=prov["command"],
+        provenance=prov,
         server_cmd=server_cmd,
         budgets=args.budgets,
         policy=args.policy,

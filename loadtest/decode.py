@@ -52,6 +52,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+from benchmarks import provenance
 from loadtest.decode_summary import (
     add_ratios,
     budget_for,
@@ -109,7 +110,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="block-wise prefill chunk of the ppl run (default one block)")  # fmt: skip
     p.add_argument("--config-seconds", type=float, default=1800.0,
                    help="time limit per configuration")  # fmt: skip
-    p.add_argument("--out", default="benchmarks/results")
+    p.add_argument("--out", help="output folder (default benchmarks/results/<tag>/)")
     p.add_argument("--tag", default="decode_heavy")
     p.add_argument("--quick", action="store_true",
                    help="8 requests of 128 output tokens, one ppl passage")  # fmt: skip
@@ -304,36 +305,25 @@ def run_ppl(args, res: dict, out: Path) -> dict:
     )
 
 
-def _worktree_changes() -> list[str]:
-    """Uncommitted changes to the package the server ran (``git status --porcelain``)."""
-    try:
-        r = subprocess.run(["git", "status", "--porcelain", "--", ":/vllm_caote"],
-                           capture_output=True, text=True, timeout=10, cwd=Path(__file__).parent)  # fmt: skip
-    except (OSError, subprocess.SubprocessError):
-        return []
-    return r.stdout.splitlines()
-
-
 def main(argv=None) -> int:
     from benchmarks.eval.common import environment, write_results
     from loadtest.decode_report import plot, render_md
 
     args = parse_args(argv)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = provenance.out_dir(args.out, args.tag)
     t0 = time.perf_counter()
-    changes = _worktree_changes()  # what the started server loads, as it starts
+    prov = provenance.record("loadtest.decode", argv)  # what the started server loads
     with serving(args, out / f"{args.tag}_server.log") as (url, server_cmd):
         res = asyncio.run(run(args, url))
     res["ppl"] = run_ppl(args, res, out) if args.ppl else None
     res["targets"] = check_targets(res["configs"])
     res.update(
-        command="python -m loadtest.decode " + " ".join(argv or sys.argv[1:]),
+        command=prov["command"],
+        provenance=prov,
         server_cmd=server_cmd,
         quick=args.quick,
         wall_s=time.perf_counter() - t0,
         environment=environment(),
-        worktree_changes=changes,
     )
     print(write_results(out, args.tag, res, render_md, plot))
     return 0

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from benchmarks import provenance
+
 
 def _f(x, fmt: str, suffix: str = "") -> str:
     return "-" if x is None else format(x, fmt) + suffix
@@ -42,15 +44,10 @@ def render_md(r: dict) -> str:
     lines = [
         "# Decode-heavy load test (real OpenAI server, long generations sent at once)",
         "",
-        f"Command: `{r['command']}`" + (" (quick preset)" if r.get("quick") else ""),
-        "",
+        *provenance.markdown(r, " (quick preset)" if r.get("quick") else ""),
     ]
     if r.get("server_cmd"):
         lines += [f"Server: `{' '.join(r['server_cmd'])}`", ""]
-    env = r.get("environment") or {}
-    if r.get("worktree_changes"):
-        files = ", ".join(f"`{x.split()[-1]}`" for x in r["worktree_changes"])
-        lines += [f"At git {env.get('git_rev', '?')} with uncommitted changes: {files}.", ""]
     budgeted = [c for c in configs if c["budget"]]
     lines += [
         f"{r['requests']} streaming completions per configuration, each a KJV passage of its own "

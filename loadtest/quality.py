@@ -26,8 +26,8 @@ import statistics
 import sys
 import time
 import urllib.request
-from pathlib import Path
 
+from benchmarks import provenance
 from loadtest.server import serving
 
 POLICIES = "caote-snapkv,snapkv,caote-tova,tova,caote-h2o,h2o,keydiff"
@@ -56,7 +56,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--fractions", default="0.25,0.125", help="budgets as prompt fractions")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cell-seconds", type=float, default=900.0, help="time limit per cell")
-    p.add_argument("--out", default="benchmarks/results")
+    p.add_argument("--out", help="output folder (default benchmarks/results/<tag>/)")
     p.add_argument("--tag", default="capacity_quality")
     p.add_argument("--shorts", type=int, default=12,
                    help="short unbudgeted requests sent beside the long prompts, stock and "
@@ -211,18 +211,19 @@ async def run(args, url) -> dict:
 
 
 def main(argv=None) -> int:
-    from benchmarks.eval.common import command_line, environment, write_results
+    from benchmarks.eval.common import environment, write_results
     from loadtest.quality_report import plot, render_md
 
     args = parse_args(argv)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = provenance.out_dir(args.out, args.tag)
+    prov = provenance.record("loadtest.quality", argv)  # what the started server loads
     with serving(args, out / f"{args.tag}_server.log") as (url, server_cmd):
         t0 = time.perf_counter()
         res = asyncio.run(run(args, url))
     env = environment()
     res.update(
-        command=command_line("loadtest.quality", argv),
+        command=prov["command"],
+        provenance=prov,
         server_cmd=server_cmd,
         wall_s=time.perf_counter() - t0,
         environment=env,

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from benchmarks import provenance
+
 
 def _pct(k: int, n: int) -> str:
     return f"{k}/{n}"
@@ -17,8 +19,7 @@ def render_md(r: dict) -> str:
     lines = [
         "# Quality at capacity (real OpenAI server, prompts sent at once)",
         "",
-        f"Command: `{r['command']}`",
-        "",
+        *provenance.markdown(r),
     ]
     if r.get("server_cmd"):
         lines += [f"Server: `{' '.join(r['server_cmd'])}`", ""]

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 
+from benchmarks import provenance
+
 
 def render_md(r: dict) -> str:
     lines = [
         "# vllm-caote load test (real OpenAI server, streaming completions)",
         "",
-        f"Command: `{r['command']}`",
-        "",
+        *provenance.markdown(r),
     ]
     if r.get("server_cmd"):
         lines += [f"Server: `{' '.join(r['server_cmd'])}` (env {json.dumps(r['server_env'])})", ""]

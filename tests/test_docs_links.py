@@ -20,6 +20,7 @@ DOCS = sorted(
         ROOT / "CHANGELOG.md",
         ROOT / "deploy" / "README.md",
         ROOT / "benchmarks" / "README.md",
+        ROOT / "benchmarks" / "results" / "README.md",
         *(ROOT / "docs").glob("*.md"),
     ]
 )

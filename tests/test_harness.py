@@ -389,7 +389,7 @@ def test_decode_heavy_summary_ratios_and_targets():
 
 
 def test_command_line_leads_with_the_caote_settings_in_force(monkeypatch):
-    from benchmarks.eval.common import command_line
+    from benchmarks.provenance import command_line
 
     monkeypatch.setenv("CAOTE_PREFILL_BASE", "keydiff")
     monkeypatch.setenv("CAOTE_PREFILL", "blockwise")

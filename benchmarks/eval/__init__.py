@@ -38,13 +38,12 @@ import argparse
 import os
 import sys
 import time
-from pathlib import Path
 
 from tqdm import tqdm
 
+from benchmarks import provenance
 from benchmarks.eval.common import (
     block_size_of,
-    command_line,
     environment,
     make_llm,
     min_budget_of,
@@ -168,7 +167,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         "'classic' (the 0.2 release's one template, which states the key twice)",
     )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="benchmarks/results")
+    p.add_argument("--out", help="output folder (default benchmarks/results/<tag>/)")
     p.add_argument("--tag", default="eval", help="output file stem (default eval)")
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument(
@@ -223,8 +222,8 @@ def main(argv=None) -> int:
         return 2
     contexts = _ints(args.contexts)
     max_len = args.max_model_len or max(4096, max(contexts) + 512)
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = provenance.out_dir(args.out, args.tag)
+    prov = provenance.record("benchmarks.eval", argv)
 
     t_start = time.perf_counter()
     if args.prefill_chunk is not None:
@@ -308,8 +307,9 @@ def main(argv=None) -> int:
             seed=args.seed,
             suite=args.suite,
             quick=args.quick,
-            command=command_line("benchmarks.eval", argv),
+            command=prov["command"],
         ),
+        provenance=prov,
         environment=environment(),
         summary=summary,
         notes=notes,

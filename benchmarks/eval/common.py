@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 import os
 import platform
-import subprocess
 import time
 from pathlib import Path
 
@@ -81,44 +80,20 @@ def min_budget_of(llm) -> int:
 
 
 def environment() -> dict:
-    """What the numbers were measured on."""
+    """What the numbers were measured on (where they came from: :mod:`benchmarks.provenance`)."""
     import torch
     import vllm
 
-    try:
-        rev = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            cwd=Path(__file__).parent,
-            timeout=10,
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        rev = ""
     return {
         "vllm": vllm.__version__,
         "torch": torch.__version__,
         "cuda": torch.cuda.is_available(),
         "cpu_count": os.cpu_count(),
         "platform": platform.platform(),
-        "git_rev": rev,
         "env": {
             k: v for k, v in os.environ.items() if k.startswith(("CAOTE_", "VLLM_CPU_KVCACHE"))
         },
     }
-
-
-def command_line(module: str, argv=None) -> str:
-    """The command line as run, led by the plugin's settings in force from the environment
-    (``CAOTE_<SETTING>``, which a started engine or server reads too)."""
-    import sys
-    from dataclasses import fields
-
-    from vllm_caote.config import ENV_PREFIX, EvictionSettings
-
-    names = sorted(ENV_PREFIX + f.name.upper() for f in fields(EvictionSettings))
-    settings = [f"{k}={os.environ[k]}" for k in names if os.environ.get(k, "").strip()]
-    return " ".join([*settings, f"python -m {module}", *(argv or sys.argv[1:])])
 
 
 def sampling(max_tokens: int, budget: int | None = None, policy: str | None = None, **kw):
@@ -138,15 +113,18 @@ def stats_of(output) -> dict | None:
 
 def write_results(out_dir: Path, tag: str, result: dict, render_md, plot=None) -> str:
     """Write ``<tag>.json`` first (nothing after it can lose the numbers), then the plots
-    (skipped with a note if matplotlib, the ``bench`` extra, is missing), then ``<tag>.md``.
+    (skipped with a note if matplotlib, the ``bench`` extra, is missing), then ``<tag>.md``;
+    both without this machine's paths (:func:`benchmarks.provenance.scrub`).
     ``plot(result, out_dir, tag)`` returns the files it wrote. Returns the Markdown."""
     import json
     import sys
 
+    from benchmarks.provenance import scrub
+
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path = out_dir / f"{tag}.json"
-    json_path.write_text(json.dumps(result, indent=1, default=str))
+    json_path.write_text(scrub(json.dumps(result, indent=1, default=str)))
     if plot is not None:
         try:
             result["plots"] = plot(result, out_dir, tag)
@@ -156,8 +134,8 @@ def write_results(out_dir: Path, tag: str, result: dict, render_md, plot=None) -
                 f"no plots: {e} (pip install 'vllm-caote[bench]')"
             )
             print(f"note: plots skipped ({e}); results are in {json_path}", file=sys.stderr)
-        json_path.write_text(json.dumps(result, indent=1, default=str))
-    md = render_md(result)
+        json_path.write_text(scrub(json.dumps(result, indent=1, default=str)))
+    md = scrub(render_md(result))
     (out_dir / f"{tag}.md").write_text(md)
     return md
 

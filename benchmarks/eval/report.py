@@ -8,6 +8,7 @@ import math
 import statistics
 from pathlib import Path
 
+from benchmarks import provenance
 from benchmarks.eval.common import wilson
 from benchmarks.eval.tasks import CAOTE_PAIRS, FULL
 
@@ -145,8 +146,7 @@ def render_md(result: dict) -> str:
     lines = [
         f"# KV-eviction quality ({Path(cfg['model']).name})",
         "",
-        f"Command: `{cfg['command']}`",
-        "",
+        *provenance.markdown(result),
         f"Contexts {cfg['contexts']} tokens; depths {cfg['depths']}; "
         f"{cfg['samples']} sample(s) per (context, depth); {cfg['ppl_passages']} KJV "
         f"passage(s) per context. Budget columns are fractions of the context; token "
