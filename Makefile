@@ -95,7 +95,7 @@ loadtest: setup
 
 # Deployment images, built and run with podman from local Debian bases (no registry needed):
 # vllm-caote:cpu served and checked, the compose stack with Prometheus, the CUDA Dockerfile on
-# a stand-in base. Also run by `make test` (tests/test_deploy.py). ARGS=phases, e.g. ARGS=serve.
+# a stand-in base. Also run by `make test` (tests/deploy/test_deploy.py). ARGS=phases, e.g. ARGS=serve.
 .PHONY: image-test
 image-test:
 	scripts/system-deps.sh

@@ -2,7 +2,7 @@
 
 A top-level package of the repository, run from its root (``python -m benchmarks...``); the
 load tests against a real server are its sibling :mod:`loadtest`. The plugin never imports
-either (``tests/test_harness.py`` checks). Their extra dependencies: ``pip install -e
+either (``tests/harness/test_harness.py`` checks). Their extra dependencies: ``pip install -e
 '.[bench]'`` (``make setup`` installs them). One prompt and task library
 (:mod:`benchmarks.tasks`) feeds all of:
 

@@ -1,7 +1,7 @@
 """The decode-heavy benchmark's bookkeeping (:mod:`loadtest.decode`): budgets
 from compression ratios, the pure-decode intervals of the ``/metrics`` samples, per-configuration
 summaries, ratios against stock and the issue's targets. Pure functions of the samples
-(``tests/test_harness.py``)."""
+(``tests/harness/test_harness.py``)."""
 
 from __future__ import annotations
 

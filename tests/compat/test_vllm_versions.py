@@ -14,7 +14,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from conftest import missing
+from helpers import missing
 from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 
@@ -30,7 +30,7 @@ from vllm_caote.compat_sources import (
     import_requirements,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _installed_root() -> Path:

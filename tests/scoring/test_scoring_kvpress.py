@@ -4,7 +4,7 @@ kvpress is not a dependency (its pins conflict with this project's transformers)
 is found as an installed ``kvpress``, or through ``CAOTE_KVPRESS_SRC`` pointing at a directory
 that contains the ``kvpress`` package (``make setup`` unpacks the kvpress 0.5.5 wheel into
 ``.venv/kvpress-src`` and ``make test`` sets the variable). Without it these tests fail in CI and
-skip elsewhere (``conftest.missing``). Only the press modules are loaded; kvpress's top-level
+skip elsewhere (``helpers.missing``). Only the press modules are loaded; kvpress's top-level
 ``__init__`` (which pulls in ``datasets`` and the pipeline) is bypassed with a namespace stub.
 """
 
@@ -14,8 +14,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import in_ci, missing
-from kvpress_peer import INSTALL_HINT, kvpress_root, press_module
+from helpers import in_ci, missing
+from helpers.kvpress_peer import INSTALL_HINT, kvpress_root, press_module
 
 from vllm_caote.scoring import (
     QueryMoments,

@@ -408,7 +408,7 @@ def test_async_engine_matches_sync_and_never_frees_in_flight(llm, tmp_path):
     """After every step: the worker's block records equal the KV manager's, and no block a step
     in flight may write is in the free queue; greedy answers equal the synchronous plugin's
     (budgeted) and stock vLLM's (probes); every block is back once all finished."""
-    from conftest import stock_greedy
+    from helpers.servers import stock_greedy
 
     from vllm_caote.engine.async_scheduler import CaoteAsyncScheduler
     from vllm_caote.engine.scheduler import CaoteScheduler

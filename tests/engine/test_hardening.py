@@ -362,7 +362,7 @@ def test_h2o_counts_every_query_exactly_once():
 
 @pytest.fixture(scope="module")
 def fp8_server(tmp_path_factory):
-    from conftest import own_server
+    from helpers.servers import own_server
 
     if not (torch.cpu._is_avx512_supported() or torch.cpu._is_amx_tile_supported()):
         # hardware, not a package setup could install: vLLM-CPU itself refuses fp8 KV here

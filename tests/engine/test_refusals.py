@@ -23,7 +23,7 @@ pytestmark = pytest.mark.engine
 
 def _tiny_model(tmp_path, config, name: str | None = None) -> str:
     import torch
-    from conftest import missing
+    from helpers import missing
     from transformers import AutoModelForCausalLM
 
     from vllm_caote.models import model_dir
@@ -254,7 +254,7 @@ def test_non_causal_prefix_lm_layers_are_refused(tmp_path, monkeypatch):
 def _config_folder(tmp_path, config, name: str, *processors) -> str:
     """A Hugging Face model folder without weights (``EngineArgs.create_engine_config`` reads
     none): ``config``, the embedded model's tokenizer and any ``processors``."""
-    from conftest import missing
+    from helpers import missing
 
     from vllm_caote.models import model_dir
 

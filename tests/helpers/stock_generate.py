@@ -1,6 +1,6 @@
 """Greedy generations from stock vLLM (plugin disabled), for the no-op invariant.
 
-Run as a script in its own process: ``CAOTE_DISABLE=1 python tests/stock_generate.py IN OUT``
+Run as a script in its own process: ``CAOTE_DISABLE=1 python tests/helpers/stock_generate.py IN OUT``
 where IN is a JSON list of {"prompt_token_ids": [...], "max_tokens": n}.
 """
 

@@ -71,7 +71,7 @@ def test_compacted_request_left_out_of_a_step_keeps_its_own_blocks(llm, tmp_path
     out of one step; unbudgeted requests that arrive afterwards take those freed blocks. When
     it comes back, the runner's row must hold the KV manager's blocks, not the freed ones, and
     the unbudgeted answers must equal stock vLLM's."""
-    from conftest import stock_greedy
+    from helpers.servers import stock_greedy
 
     from benchmarks.tasks import filler_prompt_ids
 

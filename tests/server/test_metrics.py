@@ -34,7 +34,7 @@ from urllib.parse import urlparse
 import pytest
 import requests
 import yaml
-from conftest import missing
+from helpers import missing
 from prometheus_client.parser import text_string_to_metric_families
 
 from vllm_caote import metrics as m
@@ -46,7 +46,7 @@ from vllm_caote.metrics.engine import (
     take_payload,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 GRAFANA = ROOT / "deploy" / "grafana"
 DASHBOARD = GRAFANA / "dashboards" / "vllm-caote.json"
 BUILD_SCRIPT = GRAFANA / "build_dashboard.py"

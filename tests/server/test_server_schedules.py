@@ -9,7 +9,7 @@ is skipped only when the requests ahead of it spend the whole 512-token budget, 
 four prefill chunks of 128 ahead (``threshold = max(128, 512 // eligible)``; with fewer than
 five eligible requests, the ones ahead take less than 512 in all), and no request admitted
 before a compacted one can still be prefilling four-deep once the compacted one was admitted
-with budget to spare. ``tests/test_engine_schedules.py`` therefore drives vLLM's own skip path
+with budget to spare. ``tests/engine/test_engine_schedules.py`` therefore drives vLLM's own skip path
 through a seam; this test keeps the end-to-end check and prints the count it saw.
 """
 
@@ -30,7 +30,7 @@ FLAGS = [
 
 @pytest.fixture(scope="module")
 def tight_server(tmp_path_factory):
-    from conftest import own_server
+    from helpers.servers import own_server
 
     with own_server(tmp_path_factory.mktemp("tight"), "--gpu-memory-utilization", "0.3",
                     *FLAGS) as server:  # fmt: skip
@@ -39,7 +39,7 @@ def tight_server(tmp_path_factory):
 
 def test_probes_unchanged_beside_chunked_evictions_on_a_tight_schedule(tight_server, tmp_path):
     import requests
-    from conftest import stock_greedy
+    from helpers.servers import stock_greedy
     from transformers import AutoTokenizer
 
     from benchmarks.tasks import filler_prompt_ids

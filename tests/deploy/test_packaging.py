@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PACKAGE = ROOT / "vllm_caote"
 #: Distributions of the extras that the plugin must not need at import or registration.
 EXTRAS_ONLY = ("gguf", "accelerate", "matplotlib")
