@@ -391,7 +391,7 @@ class CAOTE(Policy):
 
 @dataclass(frozen=True)
 class FastCAOTE(CAOTE):
-    """FastCAOTE over ``base``: CAOTE's first-order form (no per-token output recomputation)."""
+    """FastCAOTE over ``base``: CAOTE with the attention output replaced by the mean value."""
 
     meta: ClassVar[str | None] = "fast-caote"
 
