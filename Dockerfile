@@ -17,14 +17,15 @@ USER 0
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 
 # The one install recipe (shared with `make setup` and deploy/Dockerfile.cpu). vLLM is already
-# in the image, so --flavor none installs only this package and its few extra dependencies.
+# in the image, so --flavor none installs only this package and its few extra dependencies;
+# --demo adds what converts the embedded model that the entrypoint fetches when MODEL is unset.
 # The build context is the repository, filtered by .dockerignore.
 WORKDIR /opt/vllm-caote
 COPY . .
 # PIP_BREAK_SYSTEM_PACKAGES: the base installs vLLM into the system Python; newer Ubuntu bases
 # mark that interpreter externally managed, which would stop pip from adding the plugin beside it.
 RUN --mount=type=cache,target=/root/.cache/pip \
-    PIP_BREAK_SYSTEM_PACKAGES=1 bash scripts/install.sh --python python3 --flavor none \
+    PIP_BREAK_SYSTEM_PACKAGES=1 bash scripts/install.sh --python python3 --flavor none --demo \
     && groupadd --gid "${APP_UID}" caote \
     && useradd --no-log-init --create-home --uid "${APP_UID}" --gid "${APP_UID}" caote \
     && mkdir -p /data \

@@ -74,18 +74,18 @@ fmt: setup
 # Engine benchmark (in-process). The serving benchmarks on a real OpenAI server: `make
 # bench-quality` (quality at capacity) and `make bench-decode` (decode-heavy throughput).
 bench: setup
-	$(PY) -m vllm_caote.bench $(ARGS)
+	$(PY) -m benchmarks $(ARGS)
 
 # Quality at capacity: retrieval prompts sent at once into a 40-block pool, stock vs policies.
 bench-quality: setup
-	$(PY) -m vllm_caote.bench.loadtest.quality --start-server $(ARGS)
+	$(PY) -m loadtest.quality --start-server $(ARGS)
 
 # Decode-heavy throughput: 24 x (1024 prompt + 512 output) tokens at once into a 40-block pool,
 # stock vs budgets at 4x and 8x compression, then perplexity at the same budgets (~20 min on 2
 # cores). ARGS=--quick for a short check.
 .PHONY: bench-decode
 bench-decode: setup
-	$(PY) -m vllm_caote.bench.loadtest.decode --start-server $(ARGS)
+	$(PY) -m loadtest.decode --start-server $(ARGS)
 
 # Conversations under a budget: 3 conversations x 7 turns over a 1.5k-token document through
 # the OpenAI server, stock vs kv_budget 512 resuming each turn from the kept compacted cache.
@@ -94,7 +94,7 @@ bench-sessions: setup
 	$(PY) -m vllm_caote.bench.loadtest.sessions --start-server $(ARGS)
 
 eval: setup
-	$(PY) -m vllm_caote.bench.eval $(ARGS)
+	$(PY) -m benchmarks.eval $(ARGS)
 
 # Paired CAOTE-X vs X on hundreds of held-out prompts, torch-only offline harness (no engine):
 # answer log-probability differences with 95% intervals. ARGS=--device cuda for the full size.
@@ -103,11 +103,11 @@ eval-paired: setup
 	$(PY) -m vllm_caote.bench.paired $(ARGS)
 
 loadtest: setup
-	$(PY) -m vllm_caote.bench.loadtest $(ARGS)
+	$(PY) -m loadtest $(ARGS)
 
 # Deployment images, built and run with podman from local Debian bases (no registry needed):
 # vllm-caote:cpu served and checked, the compose stack with Prometheus, the CUDA Dockerfile on
-# a stand-in base. Also run by `make test` (tests/test_deploy.py). ARGS=phases, e.g. ARGS=serve.
+# a stand-in base. Also run by `make test` (tests/deploy/test_deploy.py). ARGS=phases, e.g. ARGS=serve.
 .PHONY: image-test
 image-test:
 	scripts/system-deps.sh

@@ -14,7 +14,7 @@ pids=()
 cleanup() { for p in "${pids[@]}"; do kill -- "-$p" 2>/dev/null || true; done; rm -rf "$work"; }
 trap cleanup EXIT
 
-model=$("$py" -c "from vllm_caote.bench.eval.common import resolve_model; print(resolve_model(None))")
+model=$("$py" -c "from benchmarks.eval.common import resolve_model; print(resolve_model(None))")
 echo ">>> server on :$port (40-block pool), log $work/server.log"
 VLLM_CPU_KVCACHE_SPACE=4 setsid "$py" -m vllm.entrypoints.openai.api_server --model "$model" \
   --served-model-name smollm2 --host 127.0.0.1 --port "$port" --enforce-eager \
@@ -36,8 +36,8 @@ for _ in $(seq 300); do
 done
 curl -sf "http://127.0.0.1:$port/health" >/dev/null || { tail -30 "$work/server.log"; exit 1; }
 start=$(date +%s)
-echo ">>> traffic: python -m vllm_caote.bench.loadtest --quick --parts mixed,capacity"
-"$py" -m vllm_caote.bench.loadtest --url "http://127.0.0.1:$port" --quick --parts mixed,capacity \
+echo ">>> traffic: python -m loadtest --quick --parts mixed,capacity"
+"$py" -m loadtest --url "http://127.0.0.1:$port" --quick --parts mixed,capacity \
   --out "$work/loadtest" >/dev/null
 sleep 10  # a few more scrapes after the last request
 "$py" deploy/grafana/render_png.py --prometheus "http://127.0.0.1:$prom_port" \

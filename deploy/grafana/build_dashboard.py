@@ -11,7 +11,7 @@ Every query reads the Prometheus datasource chosen in the ``$datasource`` variab
 provisioned one, ``deploy/grafana/provisioning/datasources/prometheus.yml``, by default). ``$model_name`` is a dashboard
 variable (vLLM's ``model_name`` label); ``$__rate_interval`` is Grafana's. The plugin's
 metrics are described in :mod:`vllm_caote.metrics` and the README's "Metrics and dashboard" section;
-``tests/test_metrics.py`` evaluates every query here against a real Prometheus.
+``tests/server/test_metrics.py`` evaluates every query here against a real Prometheus.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 Every selection the worker makes (one per planned eviction, layer and tensor-parallel rank) is
 shown to the registered observers after it is made and before the kept tokens are moved: the
 request, the attention layer, the request's true token count after the step, its cache length
-and the kept cache slots per KV head. ``python -m vllm_caote.bench.needle_trace`` follows the
+and the kept cache slots per KV head. ``python -m benchmarks.needle_trace`` follows the
 needle through them. With no observer registered this costs one list check per selection; an
 observer that raises is logged and the eviction goes on, as if it were not there.
 """

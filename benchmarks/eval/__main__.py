@@ -1,0 +1,5 @@
+import sys
+
+from benchmarks.eval import main
+
+sys.exit(main())

@@ -1,0 +1,5 @@
+import sys
+
+from loadtest import main
+
+sys.exit(main())

@@ -1,0 +1,32 @@
+"""Shared test helpers (not tests; importable as ``helpers`` because pytest puts ``tests/`` on
+``sys.path``: ``pythonpath`` in pyproject.toml).
+
+* :mod:`helpers.servers`: real OpenAI servers (the session's shared one, a test's own) and
+  stock vLLM's greedy output;
+* :mod:`helpers.kvpress_peer`: NVIDIA kvpress's presses, loaded without installing kvpress;
+* ``stock_generate.py``: the script :func:`helpers.servers.stock_greedy` runs;
+* :func:`missing`: how a test says that something it needs is not installed: in CI
+  (``CI=true``, where ``make setup`` installs everything) a failure, elsewhere a skip that
+  names what to install.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import NoReturn
+
+import pytest
+
+
+def in_ci() -> bool:
+    """True under CI (``CI=true``, as .ci/run's runner sets it)."""
+    return os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
+
+
+def missing(what: str, install: str) -> NoReturn:
+    """``what`` (a tool, package or file a test needs) is not there; ``install`` says how to
+    get it. A failure in CI, which must run every test; a skip elsewhere."""
+    message = f"{what} not installed ({install})"
+    if in_ci():
+        pytest.fail(f"{message}: CI runs every test; make setup must install it", pytrace=False)
+    pytest.skip(message)

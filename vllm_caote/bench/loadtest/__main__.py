@@ -1,5 +1,0 @@
-import sys
-
-from vllm_caote.bench.loadtest import main
-
-sys.exit(main())
