@@ -91,7 +91,7 @@ bench-decode: setup
 # the OpenAI server, stock vs kv_budget 512 resuming each turn from the kept compacted cache.
 .PHONY: bench-sessions
 bench-sessions: setup
-	$(PY) -m vllm_caote.bench.loadtest.sessions --start-server $(ARGS)
+	$(PY) -m loadtest.sessions --start-server $(ARGS)
 
 eval: setup
 	$(PY) -m benchmarks.eval $(ARGS)
@@ -100,7 +100,7 @@ eval: setup
 # answer log-probability differences with 95% intervals. ARGS=--device cuda for the full size.
 .PHONY: eval-paired
 eval-paired: setup
-	$(PY) -m vllm_caote.bench.paired $(ARGS)
+	$(PY) -m benchmarks.paired $(ARGS)
 
 loadtest: setup
 	$(PY) -m loadtest $(ARGS)

@@ -1,23 +1,23 @@
 """Paired, powered comparison of eviction policies: CAOTE-X vs X on the same prompts (issue #32).
 
-    python -m vllm_caote.bench.paired --prompts 240 --lm-prompts 96 --tag paired
-    python -m vllm_caote.bench.paired --dump-cases cases.json ...   # prompts only (no model run)
-    python -m vllm_caote.bench.paired --cases cases.json --device cuda ...
+    python -m benchmarks.paired --prompts 240 --lm-prompts 96 --tag paired
+    python -m benchmarks.paired --dump-cases cases.json ...   # prompts only (no model run)
+    python -m benchmarks.paired --cases cases.json --device cuda ...
 
-A torch-only offline harness (:mod:`vllm_caote.bench.paired_model`) on the embedded SmolLM2
+A torch-only offline harness (:mod:`benchmarks.paired_model`) on the embedded SmolLM2
 (float32): each prompt is read once with the full cache, then every policy's kept tokens are
 selected with the plugin's own scoring and ``select_keep`` exactly as the engine does with the
 whole prompt in view (``prefill: adaptive`` with room, or ``oneshot``), and the right answer is
 teacher-forced after the prompt on each evicted cache. Optionally (``--blockwise N``) the first
 ``N`` prompts of each kind are also read block-wise (evicted after every chunk).
 
-Per prompt: retrieval (passkey / multi-key among essays or KJV, :mod:`vllm_caote.bench.tasks`,
+Per prompt: retrieval (passkey / multi-key among essays or KJV, :mod:`benchmarks.tasks`,
 seeds apart from the committed evals') scores the summed log-probability of the answer's
 tokens and whether each after the first is the greedy choice (the engine reads the first from
 the full-cache prefill, so it is the same under every policy); language modelling (KJV
 continuations) scores the mean log-probability of the next ``--lm-tokens`` tokens. Every CAOTE-X is compared with X on the
 same prompts: mean paired difference with a bootstrap 95% interval, and McNemar counts for
-retrieval accuracy (:mod:`vllm_caote.bench.paired_stats`). Results: ``<out>/<tag>.{json,md,png}``.
+retrieval accuracy (:mod:`benchmarks.paired_stats`). Results: ``<out>/<tag>.{json,md,png}``.
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import subprocess
 import sys
 import time
 import traceback
@@ -34,14 +33,15 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from vllm_caote.bench.paired_model import (
+from benchmarks import provenance
+from benchmarks.paired_model import (
     Harness,
     keep_indices,
     keep_tokens,
     load_model,
     policy_scores,
 )
-from vllm_caote.bench.paired_stats import plot, render_md, summarize
+from benchmarks.paired_stats import plot, render_md, summarize
 from vllm_caote.scoring import get_policy
 
 BASES = ["snapkv", "tova", "h2o", "keydiff", "expected-attention"]
@@ -58,7 +58,7 @@ def default_policies(bases: list[str]) -> list[str]:
 
 def make_cases(tok, n_retrieval: int, n_lm: int, context: int, lm_tokens: int, seed: int):
     """Retrieval and KJV cases, interleaved (so any prefix holds both kinds in proportion)."""
-    from vllm_caote.bench.tasks import kjv_passages, retrieval_suite
+    from benchmarks.tasks import kjv_passages, retrieval_suite
 
     depths = (0.1, 0.3, 0.5, 0.7, 0.9)
     ret = []
@@ -151,19 +151,9 @@ def _blockwise(h: Harness, case, names, policies, fracs, block_size, chunk) -> l
     return rows
 
 
-def _commit() -> str:
-    try:
-        git = ["git", "-C", str(Path(__file__).parent)]
-        rev = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10).stdout.strip()  # fmt: skip
-        dirty = subprocess.run([*git, "status", "--porcelain"], capture_output=True, text=True, timeout=10).stdout.strip()  # fmt: skip
-        return (rev + ("+uncommitted" if dirty else "")) if rev else "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        prog="python -m vllm_caote.bench.paired",
+        prog="python -m benchmarks.paired",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -191,7 +181,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--cases", default=None, help="read the prompts from this JSON")
     p.add_argument("--dump-cases", default=None, help="write the prompts to this JSON and stop")
     p.add_argument("--commit", default=None, help="commit to record (default: git's)")
-    p.add_argument("--out", default="bench/results")
+    p.add_argument("--out", help="output folder (default benchmarks/results/<tag>/)")
     p.add_argument("--tag", default="paired")
     return p.parse_args(argv)
 
@@ -234,13 +224,15 @@ def main(argv=None) -> int:
             continue
         rows += run_case(h, case, names, fracs, args.block_size, bw, args.chunk, not args.no_oneshot)  # fmt: skip
         done += 1
-    from vllm_caote.bench.eval.common import command_line, write_results
+    from benchmarks.eval.common import write_results
 
+    prov = provenance.record("benchmarks.paired", argv)
+    if args.commit:  # a run on a copy that is not a git checkout (the GPU machine)
+        prov.update(commit=args.commit, dirty=False, changes=[])
     s = h.settings
     result = dict(
         tag=args.tag,
-        command=command_line("vllm_caote.bench.paired", argv),
-        commit=args.commit or _commit(),
+        provenance=prov,
         device=torch.cuda.get_device_name()
         if args.device.startswith("cuda")
         else platform.processor() or "cpu",  # fmt: skip
@@ -262,11 +254,10 @@ def main(argv=None) -> int:
         ),
         rows=rows,
     )
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = provenance.out_dir(args.out, args.tag)
     (out / f"{args.tag}.json").write_text(json.dumps(result))  # the rows, before any summary
     result["summary"] = summarize(rows, bases)
-    print(write_results(Path(args.out), args.tag, result, render_md, plot))
+    print(write_results(out, args.tag, result, render_md, plot))
     return 0
 
 
@@ -284,19 +275,18 @@ def _counts(rows) -> dict:
 def _merge(args, bases) -> int:
     """One report from the rows of earlier runs (``--merge a.json,b.json``): the first run's
     header, every run's rows, the commands and wall times of all."""
-    from vllm_caote.bench.eval.common import write_results
+    from benchmarks.eval.common import write_results
 
     runs = [json.loads(Path(f).read_text()) for f in args.merge.split(",") if f]
     result = dict(runs[0], tag=args.tag, rows=[r for run in runs for r in run["rows"]])
-    result["command"] = " ; ".join(run["command"] for run in runs)
+    commands = [(run.get("provenance") or run)["command"] for run in runs]
+    result["provenance"] = dict(result.get("provenance") or {}, command=" ; ".join(commands))
     result["wall_s"] = sum(run["wall_s"] for run in runs)
-    from vllm_caote.bench.eval.common import command_line
-
-    merged = command_line("vllm_caote.bench.paired", None)
+    merged = provenance.command_line("benchmarks.paired", None)
     result["notes"] = [*result.get("notes", []), f"report merged by `{merged}`"]
     result["config"] = dict(result["config"], **_counts(result["rows"]))
     result["summary"] = summarize(result["rows"], result["config"]["bases"])
-    print(write_results(Path(args.out), args.tag, result, render_md, plot))
+    print(write_results(provenance.out_dir(args.out, args.tag), args.tag, result, render_md, plot))
     return 0
 
 

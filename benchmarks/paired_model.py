@@ -1,4 +1,4 @@
-"""Torch-only offline harness for :mod:`vllm_caote.bench.paired`: the embedded Llama-family model
+"""Torch-only offline harness for :mod:`benchmarks.paired`: the embedded Llama-family model
 run by hand over its Hugging Face weights, with the plugin's own scoring and selection.
 
 Invariants:

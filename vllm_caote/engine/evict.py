@@ -15,7 +15,7 @@ Invariants:
   :data:`MAX_BATCH_TOKENS` tokens, so a layer's launches do not grow with the number of
   requests that evict (only with their padded tokens, walked in bounded chunks:
   :mod:`vllm_caote.scoring.chunking`); each row's scores, and so its kept tokens, are those of
-  the per-row path on the same tensors (``tests/test_scoring_batched.py``,
+  the per-row path on the same tensors (``tests/scoring/test_scoring_batched.py``,
   ``tests/test_evict_paths.py``);
 * selection (per request and KV head) and the write into the request's own blocks stay per
   request: the protected head (shared prefix-cache blocks) is never written;

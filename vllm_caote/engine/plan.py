@@ -59,7 +59,7 @@ def blockwise_edges(n_prompt: int, keep: int, chunk: int) -> list[int]:
     """Token offsets where block-wise prefill cuts a prompt of ``n_prompt`` tokens read alone
     (no prefix hits, vLLM granting every chunk whole): chunks of ``chunk`` aligned to the end,
     the first taking the rest (at most ``keep + chunk``). ``SchedulerEviction.cap_chunk`` cuts
-    the same edges step by step (``tests/test_prefill.py`` checks they agree)."""
+    the same edges step by step (``tests/engine/test_prefill.py`` checks they agree)."""
     edges = [n_prompt]
     while edges[-1] > keep + chunk:
         edges.append(edges[-1] - chunk)

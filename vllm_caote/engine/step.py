@@ -17,7 +17,7 @@
                  ``ModelRunnerOutput``; the scheduler frees blocks only for what it lists.
 
 Invariant: after every step, the worker's block list of a budgeted request equals the KV
-cache manager's (``tests/test_engine_schedules.py`` checks it across skipped steps).
+cache manager's (``tests/engine/test_engine_schedules.py`` checks it across skipped steps).
 
 Nothing on the step path reads a device value back to the host (no ``.item()``, ``.tolist()``
 or ``.any()`` of a device tensor, no blocking copy): timings are CUDA events read after the

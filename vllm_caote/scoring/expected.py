@@ -138,7 +138,7 @@ def expected_attention_scores(
     Returns:
         ``[Hkv, n]``, non-negative: ``mean_g softmax_j(s mu'.k_j + s^2 k_j^T Sigma' k_j / 2)``
         (times the value norm). Equals kvpress 0.5.5 ``ExpectedAttentionPress.score`` on the
-        same queries (``tests/test_scoring_kvpress.py``).
+        same queries (``tests/scoring/test_scoring_kvpress.py``).
     """
     check_rank("keys", keys, 3, "[Hkv, n, d]")
     check_rank("mean", mean, 2, "[Hq, d]")

@@ -21,7 +21,7 @@ OUT = 16  # turn 1's output tokens
 
 @pytest.fixture(scope="module")
 def llm():
-    from vllm_caote.bench.eval.common import close_llm, make_llm
+    from benchmarks.eval.common import close_llm, make_llm
 
     engine = make_llm(None, max_model_len=4096, num_gpu_blocks_override=POOL_BLOCKS)
     yield engine
@@ -33,7 +33,7 @@ def _sched(llm):
 
 
 def _ids(llm, n, offset):
-    from vllm_caote.bench.tasks import filler_prompt_ids
+    from benchmarks.tasks import filler_prompt_ids
 
     return filler_prompt_ids(llm.get_tokenizer(), n, offset)
 
@@ -41,7 +41,7 @@ def _ids(llm, n, offset):
 def _generate(llm, requests) -> tuple[dict, int]:
     """``(id, prompt ids, budget, max_tokens[, policy])`` added at once, stepped to completion:
     ``({id: RequestOutput}, most preemptions of any request)``."""
-    from vllm_caote.bench.eval.common import sampling
+    from benchmarks.eval.common import sampling
 
     engine, sched = llm.llm_engine, _sched(llm)
     for rid, ids, budget, max_tokens, *policy in requests:

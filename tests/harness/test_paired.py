@@ -1,4 +1,4 @@
-"""The paired comparison's harness (vllm_caote.bench.paired): its forward is the model's, a
+"""The paired comparison's harness (benchmarks.paired): its forward is the model's, a
 budget that keeps every token gives the full cache's answer log-probabilities, it keeps the
 tokens the engine's own scoring and selection keep, and its statistics on known cases."""
 
@@ -11,14 +11,14 @@ import numpy as np
 import pytest
 import torch
 
-from vllm_caote.bench.paired_model import (
+from benchmarks.paired_model import (
     Harness,
     keep_indices,
     keep_tokens,
     load_model,
     policy_scores,
 )
-from vllm_caote.bench.paired_stats import mcnemar, paired_diff, summarize
+from benchmarks.paired_stats import mcnemar, paired_diff, summarize
 from vllm_caote.engine import evict
 from vllm_caote.engine.queries import QueryRings
 from vllm_caote.engine.state import RequestState, advance_h2o, advance_moments
