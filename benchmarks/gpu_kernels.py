@@ -195,6 +195,8 @@ def run(args) -> dict:
     t_start = time.perf_counter()
     device = torch.device(args.device)
     if device.type == "cuda":
+        if device.index is None:  # "cuda": the current device (set_device needs an index)
+            device = torch.device("cuda", torch.cuda.current_device())
         torch.cuda.set_device(device)  # the events record on the current device's stream
     shape = Shape(
         args.layers,
