@@ -31,17 +31,23 @@ class StreamingLLM(BaseScore):
 
 
 @dataclass(frozen=True)
-class KeyDiff(BaseScore):
+class NeighbourPooled(BaseScore):
+    """A per-token score pooled over neighbouring tokens with SnapKV's kernel (a kept token
+    keeps its neighbours); ``pool_neighbours=False`` gives the paper's (and kvpress's) score."""
+
+    pool_neighbours: bool = True
+    kernel_size: int = 7
+    pooling: str = "avg"
+
+
+@dataclass(frozen=True)
+class KeyDiff(NeighbourPooled):
     """KeyDiff: ``-cos(k_j, mean unit key)``, neighbour-pooled; no queries, no attention.
 
     As a CAOTE base it is shifted to ``1 - cos`` (>= 0, the same ranking): CAOTE-KeyDiff weighs
     each token's distance from the mean key by how far its value is from the output."""
 
     normalize_anchor: bool = True  # anchor = mean of unit keys (paper, kvpress)
-    pool_neighbours: bool = True
-    kernel_size: int = 7
-    pooling: str = "avg"
-
     name: ClassVar[str] = "keydiff"
     nonnegative: ClassVar[bool] = True  # for the CAOTE forms, after the shift
 
@@ -63,12 +69,8 @@ class KeyDiff(BaseScore):
 
 
 @dataclass(frozen=True)
-class H2O(BaseScore):
+class H2O(NeighbourPooled):
     """H2O: accumulated attention (running sum kept by the caller), neighbour-pooled."""
-
-    pool_neighbours: bool = True
-    kernel_size: int = 7
-    pooling: str = "avg"
 
     name: ClassVar[str] = "h2o"
     needs_attention: ClassVar[bool] = True
@@ -82,14 +84,10 @@ class H2O(BaseScore):
 
 
 @dataclass(frozen=True)
-class TOVA(BaseScore):
+class TOVA(NeighbourPooled):
     """TOVA: last query's attention, averaged over the heads, neighbour-pooled."""
 
     head_average: bool = True  # averaged over all heads (kvpress)
-    pool_neighbours: bool = True
-    kernel_size: int = 7
-    pooling: str = "avg"
-
     name: ClassVar[str] = "tova"
     cross_head: ClassVar[bool] = True
     needs_attention: ClassVar[bool] = True
@@ -135,7 +133,7 @@ class SnapKV(BaseScore):
 
 
 @dataclass(frozen=True)
-class ExpectedAttention(BaseScore):
+class ExpectedAttention(NeighbourPooled):
     """Expected Attention (kvpress ``ExpectedAttentionPress``): the softmax of the future
     queries' expected logits, from the moments of every query so far moved to the next
     positions by the average RoPE rotation, times ``||v||``; neighbour-pooled. Query-agnostic:
@@ -143,10 +141,6 @@ class ExpectedAttention(BaseScore):
 
     use_covariance: bool = True
     use_vnorm: bool = True
-    pool_neighbours: bool = True
-    kernel_size: int = 7
-    pooling: str = "avg"
-
     name: ClassVar[str] = "expected-attention"
     needs_queries: ClassVar[bool] = True
     nonnegative: ClassVar[bool] = True
