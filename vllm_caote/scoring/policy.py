@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
+from functools import cached_property
 from types import MappingProxyType
 from typing import Any, ClassVar
 
@@ -277,7 +278,12 @@ class Policy:
         unknown = sorted(set(knobs) - set(KNOBS))
         if unknown:
             raise TypeError(f"unknown scoring knob(s) {unknown}; valid knobs: {sorted(KNOBS)}")
-        return {**KNOBS, **self.settings(), **knobs}
+        return {**self._defaults, **knobs}
+
+    @cached_property
+    def _defaults(self) -> dict[str, Any]:
+        """:data:`KNOBS` with this policy's settings: made once (the policy is frozen)."""
+        return {**KNOBS, **self.settings()}
 
     def _attention(self, keys, queries, attn, k) -> torch.Tensor:
         if attn is None:
