@@ -3,14 +3,15 @@
     python -m loadtest.sessions --start-server      # make bench-sessions
 
 ``--conversations`` conversations of ``--turns`` turns, one after the other, each over its own
-document (``--doc-tokens`` tokens of essay text, a code word in its first sentence). Every turn
-is a streamed completion whose prompt is the previous turn's prompt, the previous answer's
-token ids and the next user message, in a plain ``User:`` / ``Assistant:`` template (token ids,
+document (``--doc-tokens`` tokens of essay text after a first sentence that states a secret
+passkey). Every turn is a streamed completion whose prompt is the previous turn's prompt, the
+previous answer's token ids and the next user message in the model's ChatML turns (token ids,
 as a chat front-end's re-rendered history would be after tokenization, so the history the
 server sees is exactly what it computed). Each conversation runs twice: stock (``kv_budget:
 0``: vLLM's prefix cache serves the history) and with ``--budget`` (the kept compacted cache
 of the previous turn serves it, ``kv_eviction.resumed_tokens``). The last turn asks for the
-code word; in the budgeted run it is sent a second time, which re-reads the whole history at
+passkey, its answer started with "The secret passkey is" (as RULER does, so the small model
+answers with the number rather than a description); in the budgeted run it is sent a second time, which re-reads the whole history at
 the same budget (the kept cache went to the first). Per turn: time to first token, prompt
 tokens computed (prompt minus cached, from ``usage.prompt_tokens_details``), the
 ``kv_eviction`` stats. JSON + Markdown + PNG under ``--out`` (``sessions.*``).
@@ -20,6 +21,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
+import statistics
 import time
 import urllib.request
 from pathlib import Path
@@ -34,8 +37,17 @@ QUESTIONS = [
     "How does the text end?",
     "Give the document a title.",
 ]
-FINAL = "What is the code word given in the first sentence of the document? Answer with the word."
-CODES = ["ALBATROSS", "MARIGOLD", "QUICKSILVER", "TANGERINE", "HELIOTROPE"]
+FINAL = "What is the secret passkey? Answer with the number only."
+ANSWER_PREFIX = "The secret passkey is"
+SYSTEM = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+FIRST_USER = "<|im_start|>user\nThe secret passkey is {key}. Remember it. Read the document.\n\n"
+#: closes the assistant's (ignore_eos, fixed-length) answer and opens the next user turn
+NEXT_USER = "<|im_end|>\n<|im_start|>user\n"
+ASSISTANT = "<|im_end|>\n<|im_start|>assistant\n"
+
+
+def passkey(conversation: int) -> str:
+    return str(random.Random(f"sessions-{conversation}").randint(10000, 99999))
 
 
 def _post_stream(url: str, body: dict, timeout: float = 600) -> dict:
@@ -93,24 +105,25 @@ def _turn(url, model, prompt_ids, args, budget) -> dict:
     }
 
 
-def conversation(url, model, tok, doc_ids, code, args, budget) -> list[dict]:
-    head = tok.encode(
-        f"The code word is {code}. Read the document, then answer the user.\n\n",
-        add_special_tokens=False,
-    )
-    prompt = head + doc_ids
+def conversation(url, model, tok, doc_ids, key, args, budget) -> list[dict]:
+    def enc(text: str) -> list[int]:
+        return tok.encode(text, add_special_tokens=False)
+
+    prompt = enc(SYSTEM + FIRST_USER.format(key=key)) + doc_ids
     turns = []
     for i in range(args.turns):
-        q = FINAL if i == args.turns - 1 else QUESTIONS[i % len(QUESTIONS)]
-        prompt = prompt + tok.encode(f"\n\nUser: {q}\nAssistant:", add_special_tokens=False)
+        last = i == args.turns - 1
+        q = FINAL if last else QUESTIONS[i % len(QUESTIONS)]
+        user = ("\n\n" if i == 0 else NEXT_USER) + q + ASSISTANT + (ANSWER_PREFIX if last else "")
+        prompt = prompt + enc(user)
         t = _turn(url, model, prompt, args, budget)
-        if i == args.turns - 1:
-            t["correct"] = code.lower() in t["text"].lower()
+        if last:
+            t["correct"] = key in t["text"]
             if budget:  # the same prompt again: the kept cache is gone, so it re-reads it all
                 again = _turn(url, model, prompt, args, budget)
                 t["reread"] = {k: again[k] for k in ("ttft_s", "computed_tokens", "text")}
                 t["reread"]["resumed_tokens"] = again["resumed_tokens"]
-                t["reread"]["correct"] = code.lower() in again["text"].lower()
+                t["reread"]["correct"] = key in again["text"]
         prompt = prompt + t.pop("_ids")
         turns.append(t)
     return turns
@@ -127,9 +140,9 @@ def summarise(runs: dict) -> dict:
     for i in range(n):
         s = [c[i]["ttft_s"] for c in stock]
         b = [c[i]["ttft_s"] for c in bud]
-        per_turn.append({
+        per_turn.append({  # TTFT: the median over conversations, token counts: the mean
             "turn": i + 1,
-            "stock_ttft_s": sum(s) / len(s), "budget_ttft_s": sum(b) / len(b),
+            "stock_ttft_s": statistics.median(s), "budget_ttft_s": statistics.median(b),
             "stock_computed": sum(c[i]["computed_tokens"] for c in stock) / len(stock),
             "budget_computed": sum(c[i]["computed_tokens"] for c in bud) / len(bud),
             "budget_resumed": sum(c[i]["resumed_tokens"] or 0 for c in bud) / len(bud),
@@ -143,7 +156,7 @@ def summarise(runs: dict) -> dict:
         "per_turn": per_turn,
         "ttft_last_ratio": _ratio(last["budget_ttft_s"], last["stock_ttft_s"]),
         "ttft_sum_ratio": _ratio(tot_b, tot_s),
-        "reread_last_ttft_s": sum(reread) / len(reread),
+        "reread_last_ttft_s": statistics.median(reread),
         "correct_last": {
             "stock": sum(c[-1]["correct"] for c in stock),
             "budget_resumed": sum(c[-1]["correct"] for c in bud),
@@ -168,7 +181,7 @@ def render_md(result: dict) -> str:
         f"- TTFT summed over the turns, budget / stock: **{s['ttft_sum_ratio']:.2f}x**",
         f"- last turn re-reading the whole history at the same budget: "
         f"{s['reread_last_ttft_s'] * 1000:.0f} ms TTFT",
-        f"- code word from the document's first sentence at the last turn: stock "
+        f"- passkey from the document's first sentence at the last turn: stock "
         f"{s['correct_last']['stock']}/{s['correct_last']['of']}, budget resumed "
         f"{s['correct_last']['budget_resumed']}/{s['correct_last']['of']}, budget re-read "
         f"{s['correct_last']['budget_reread']}/{s['correct_last']['of']}",
@@ -228,7 +241,7 @@ def main(argv=None) -> int:
         "--server-args",
         default="--enable-prompt-tokens-details --enforce-eager --max-model-len 4096",
     )
-    p.add_argument("--conversations", type=int, default=3)
+    p.add_argument("--conversations", type=int, default=12)
     p.add_argument("--turns", type=int, default=7)
     p.add_argument("--doc-tokens", type=int, default=1500)
     p.add_argument("--output-tokens", type=int, default=32)
@@ -246,16 +259,17 @@ def main(argv=None) -> int:
         for c in range(args.conversations):
             for mode, budget in (("stock", None), ("budget", args.budget)):
                 # each conversation and mode its own document: no prefix shared across runs
-                offset = 20000 * c + (0 if mode == "stock" else 10000)
+                offset = 2 * args.doc_tokens * c + (0 if mode == "stock" else args.doc_tokens)
                 doc = filler_prompt_ids(tok, args.doc_tokens, offset)
-                code = CODES[c % len(CODES)]
-                runs[mode].append(conversation(url, args.served_model_name, tok, doc, code,
+                runs[mode].append(conversation(url, args.served_model_name, tok, doc, passkey(c),
                                                args, budget))  # fmt: skip
                 print(f"conversation {c + 1} {mode}: TTFT per turn (ms)",
                       [round(t["ttft_s"] * 1000) for t in runs[mode][-1]], flush=True)  # fmt: skip
     result = {
         "provenance": provenance.record("loadtest.sessions", argv),
         "notes": [
+            "TTFT per turn: the median over the conversations; prompt tokens computed and "
+            "resumed: the mean.",
             "Stock's prefix cache hits whole blocks only, so each stock turn recomputes the "
             "partial last block of the history too; a resumed turn computes only its new "
             "tokens. Budget peak blocks: the most any conversation held at that turn.",
