@@ -3,7 +3,8 @@
 One in-process engine with a 40-block pool (128-token blocks on vLLM-CPU). Turn 1 is a
 budgeted request; turn 2's prompt is turn 1's prompt, turn 1's output and new text. Turn 2
 takes the kept compacted cache: it starts with turn 1's tokens computed and prefills only its
-new ones. Edited histories, unbudgeted requests and other policies never see the kept blocks;
+new ones; a policy with worker state (H2O, Expected Attention) resumes that state too. Edited
+histories, unbudgeted requests and other policies never see the kept blocks;
 two continuations of one history: one resumes, the other recomputes; under memory pressure
 vLLM reclaims the kept blocks like any cached free block, without preempting anyone.
 """
@@ -11,6 +12,9 @@ vLLM reclaims the kept blocks like any cached free block, without preempting any
 from __future__ import annotations
 
 import pytest
+import torch
+
+from vllm_caote.engine.kept_state import MAX_STATE_BYTES
 
 pytestmark = pytest.mark.engine
 
@@ -131,14 +135,155 @@ def test_two_continuations_one_resumes_the_other_recomputes(llm):
     assert preempted == 0
 
 
-def test_stateful_policy_keeps_nothing(llm):
-    sched = _sched(llm)
+def _worker(llm):
+    return llm.llm_engine.engine_core.engine_core.model_executor.driver_worker.worker.model_runner
+
+
+def _session(llm, rid: str, inputs: list[tuple[list[int], int]], policy: str) -> list[list]:
+    """A budgeted streaming-input session (one request, its worker state carried between
+    inputs by construction), as ``AsyncLLM`` feeds it: ``(new prompt ids, max_tokens)`` per
+    input. Returns each input's output tokens."""
+    import copy
+
+    from vllm.v1.request import RequestStatus
+
+    from benchmarks.eval.common import sampling
+
+    engine, sched = llm.llm_engine, _sched(llm)
+    outs, rid_core = [], None
+    for i, (ids, max_tokens) in enumerate([*inputs, ([0], 1)]):
+        last = i == len(inputs)
+        params = sampling(max_tokens, budget=BUDGET, policy=policy, ignore_eos=True)
+        req = engine.input_processor.process_inputs(
+            rid_core or rid, {"prompt_token_ids": list(ids)}, params,
+            supported_tasks=engine.get_supported_tasks(), resumable=not last,
+        )  # fmt: skip
+        if rid_core is None:
+            engine.input_processor.assign_request_id(req)
+            rid_core = req.request_id
+        else:
+            req.external_req_id = rid
+        engine.output_processor.add_request(req, None, None, 0)
+        core_req = copy.copy(req)
+        core_req.prompt_token_ids = list(req.prompt_token_ids)
+        engine.engine_core.add_request(core_req)
+        if last:
+            break
+        for _ in range(400):
+            r = sched.requests[rid_core]
+            if r.status == RequestStatus.WAITING_FOR_STREAMING_REQ:
+                break
+            engine.step()
+        outs.append(list(sched.requests[rid_core].output_token_ids))
+    while engine.has_unfinished_requests():
+        engine.step()
+    return outs
+
+
+def _selections(rid_prefix: str, after: int, upto: int, into: list):
+    """An observer of the eviction selections of requests ``rid_prefix*`` with ``after`` to
+    ``upto`` true tokens: ``(layer, total, cache_len, keep_idx)`` appended to ``into``."""
+
+    def observe(sel) -> None:
+        if sel.req_id.startswith(rid_prefix) and after < sel.total <= upto:
+            into.append((sel.layer, sel.total, sel.cache_len, sel.keep_idx.cpu()))
+
+    return observe
+
+
+def _same(a: list, b: list) -> bool:
+    return len(a) == len(b) and all(
+        x[:3] == y[:3] and torch.equal(x[3], y[3]) for x, y in zip(a, b, strict=True)
+    )
+
+
+@pytest.mark.parametrize("policy", ["h2o", "expected-attention"])
+def test_stateful_turn_resumes_with_its_worker_state(llm, policy):
+    """H2O's sums / Expected Attention's query moments are kept with the compacted cache, and
+    the next turn's worker state starts from them: the resumed turn evicts and answers exactly
+    as the same conversation fed to one request as a streaming-input session (whose worker
+    state is carried by construction). A worker that lost the state (its byte cap) resumes on
+    the policy's fresh state, says so, and evicts otherwise."""
+    from vllm_caote.engine import observe
+
+    sched, ev = _sched(llm), _worker(llm).caote
+    prompt, new = _ids(llm, 900, 40000), _ids(llm, 150, 41000)
+    T = len(prompt) + OUT - 1  # tokens whose KV turn 1 cached (all but its last output)
+    end = T + len(new) + OUT - 1  # the same for turn 2
+
     assert llm.reset_prefix_cache()
-    before = sched.caote.sessions.kept_total
-    history, _ = _turn1(llm, "h1", 6000, policy="h2o")
-    assert sched.caote.sessions.kept_total == before
-    out, _ = _generate(llm, [("h2", history + _ids(llm, 100, 34000), BUDGET, OUT, "h2o")])
-    assert _stats(out["h2"])["resumed_tokens"] == 0
+    ref_sel: list = []
+    with observe.selections(_selections("sess", T, end, ref_sel)):
+        ref1, ref2 = _session(llm, "sess", [(prompt, OUT), (new, OUT)], policy)
+    assert len(ref1) == len(ref2) == OUT and ref_sel, "turn 2 of the session never evicted"
+
+    # turn 1 alone: its cache and its worker state are kept
+    assert llm.reset_prefix_cache()
+    out, _ = _generate(llm, [("k1", prompt, BUDGET, OUT, policy)])
+    out1 = list(out["k1"].outputs[0].token_ids)
+    assert out1 == ref1
+    (kept,) = [k for k in sched.caote.sessions.kept.values() if k.length == T]
+    assert kept.state is not None
+    _generate(llm, [("probe", _ids(llm, 20, 42000), None, 1)])  # ships the finish to the worker
+    st, _size = ev.kept.store[kept.state]
+    assert (st.tokens, st.cache) == (T, kept.cached)
+    assert len(st.layers) == ev.num_kv_layers
+    for ls in st.layers.values():  # the state lines up with the compacted cache's slots
+        if policy == "h2o":
+            assert ls.h2o.shape[-1] == kept.cached
+        else:
+            assert ls.moments.count > 0
+
+    # turn 2 resumes it: the session's evictions and answer
+    sel: list = []
+    turn2 = prompt + out1[:-1] + new  # what the session's second input makes its prompt
+    with observe.selections(_selections("k2", T, end, sel)):
+        out, preempted = _generate(llm, [("k2", turn2, BUDGET, OUT, policy)])
+    stats = _stats(out["k2"])
+    assert stats["resumed_tokens"] == T and stats["resumed_state"] == "kept", stats
+    assert kept.state not in ev.kept.store  # taken by the resuming request
+    assert list(out["k2"].outputs[0].token_ids) == ref2
+    assert _same(sel, ref_sel), "the resumed turn evicted otherwise than the session"
+    assert preempted == 0
+
+    # the worker cannot hold the state: the resume starts from the fresh state, and says so
+    assert llm.reset_prefix_cache()
+    ev.kept.max_bytes = 0
+    try:
+        _generate(llm, [("n1", prompt, BUDGET, OUT, policy)])
+        sel = []
+        with observe.selections(_selections("n2", T, end, sel)):
+            out, _ = _generate(llm, [("n2", turn2, BUDGET, OUT, policy)])
+    finally:
+        ev.kept.max_bytes = MAX_STATE_BYTES
+    stats = _stats(out["n2"])
+    assert stats["resumed_tokens"] == T and stats["resumed_state"] == "rebuilt", stats
+    assert len(out["n2"].outputs[0].token_ids) == OUT and "error" not in stats
+    assert sel and not _same(sel, ref_sel), "a fresh state evicted as the kept one did"
+
+
+def test_kept_states_are_bounded(llm, monkeypatch):
+    """Past ``MAX_KEPT_STATES`` the oldest kept cache with worker state is dropped with its
+    state: its next turn recomputes, the worker's store never outgrows the bound."""
+    from vllm_caote.engine import sessions
+
+    monkeypatch.setattr(sessions, "MAX_KEPT_STATES", 1)
+    sched, ev = _sched(llm), _worker(llm).caote
+    assert llm.reset_prefix_cache()
+    h_a, _ = _turn1(llm, "m1", 6000, n=600, policy="h2o")
+    h_b, T_b = _turn1(llm, "m2", 7000, n=600, policy="h2o")
+    assert len(sched.caote.sessions.states) == 1
+    out, _ = _generate(
+        llm,
+        [
+            ("m1-2", h_a + _ids(llm, 100, 34000), BUDGET, OUT, "h2o"),
+            ("m2-2", h_b + _ids(llm, 100, 34500), BUDGET, OUT, "h2o"),
+        ],
+    )
+    assert len(ev.kept.store) <= 1
+    assert _stats(out["m1-2"])["resumed_tokens"] == 0  # dropped with its state: recomputed
+    assert _stats(out["m2-2"])["resumed_tokens"] == T_b
+    assert _stats(out["m2-2"])["resumed_state"] == "kept"
 
 
 def test_kept_blocks_are_reclaimed_under_pressure_without_preemption(llm):

@@ -12,7 +12,10 @@ bounds apart from what it does not:
 * ``peak_tokens`` / ``peak_blocks``: everything it held at its peak, the two together;
   ``prefix_cached_tokens`` is ``shared_prefix_tokens`` under its first name;
 * ``resumed_tokens``: leading tokens it did not compute because it resumed the kept compacted
-  cache of an earlier request whose tokens its prompt continues (:mod:`.sessions`); 0 if none.
+  cache of an earlier request whose tokens its prompt continues (:mod:`.sessions`); 0 if none;
+* ``resumed_state`` (a resumed request of a policy with worker state only): ``"kept"`` if its
+  workers started from the finished request's state (H2O sums, query moments), ``"rebuilt"``
+  if they no longer held it and started from the policy's fresh state.
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ class RequestBudget:
     generation: int = 0  # bumped on preemption: plans and reports of older ones are stale
     resume: Resume | None = None  # a kept cache it starts from (until its first plan)
     resumed: int = 0  # tokens it took from a kept cache instead of computing them
+    resumed_state: str | None = None  # its worker state on resuming: "kept" or "rebuilt"
     evict_in_flight: bool = False  # its latest plan compacts (async: may still be running)
     started: float = field(default_factory=time.monotonic)
 
@@ -76,6 +80,8 @@ class RequestBudget:
             "steps_left_out": self.steps_left_out,
             "resumed_tokens": self.resumed,
         }
+        if self.resumed and self.resumed_state is not None:
+            out["resumed_state"] = self.resumed_state
         if self.error is not None:
             out["error"] = self.error
         return out

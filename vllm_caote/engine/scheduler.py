@@ -231,6 +231,7 @@ class SchedulerEviction:
             reset = st.fresh
             if reset:  # first step since arrival or preemption: any prefix so far is cache hits
                 r, st.resume = st.resume, None  # or a kept compacted cache it resumes
+                self.sessions.resuming(req_id, r)  # its workers start from the kept state
                 st.fresh, st.evicted = False, (r.evicted if r else 0)
                 shared = r.shared if r else computed_before
                 st.shared, st.shared_blocks = shared, shared // self.block_size
@@ -260,6 +261,7 @@ class SchedulerEviction:
             if st is not None and st.evicted and request.request_id not in plans:
                 st.steps_left_out += 1
         setattr(scheduler_output, PLAN_ATTR, plans)
+        self.sessions.ship(scheduler_output)
 
     def release(self, scheduler_output, model_runner_output) -> dict[str, str]:
         """After a step ran: give back the blocks of every *confirmed* compaction.
@@ -269,6 +271,7 @@ class SchedulerEviction:
         """
         plans = getattr(scheduler_output, PLAN_ATTR, None) or {}
         report = getattr(model_runner_output, REPORT_ATTR, None) or {}
+        self.sessions.state_outcome(report)
         compacted = report.get("compacted", {})
         failed_reasons = report.get("failed", {})
         failed: dict[str, str] = {}

@@ -24,9 +24,20 @@ Invariants:
 * a kept cache whose blocks vLLM reclaimed (any hash gone) is never resumed: dropped, the
   request recomputes;
 * kept are only caches in a known state: the request finished without an eviction failure and
-  without a compaction still in flight, its policy keeps no per-request worker state between
-  steps (H2O's running sums, Expected Attention's query moments are not kept: such requests
-  recompute), prefix caching is on and the engine has one full-attention block table.
+  without a compaction still in flight, prefix caching is on and the engine has one
+  full-attention block table;
+* a policy with per-request worker state (H2O's running sums, Expected Attention's query
+  moments: :func:`carries_state`) keeps that state with its cache, under a *state id* unique to
+  the kept entry (never reused): the scheduler tells the workers on the next ``SchedulerOutput``
+  (:data:`SESSIONS_ATTR`, the step that lists the request finished) to keep the finished
+  request's state under the id, to drop the ids of entries it dropped, and which id a resuming
+  request starts from (its first plan, the one that resets it). The workers keep a state only
+  if it describes exactly the kept cache (``T`` true tokens, ``C`` cache slots, every layer),
+  and keep at most :data:`MAX_KEPT_STATES` entries (the scheduler drops the oldest kept cache
+  with its state past that) and :data:`~vllm_caote.engine.kept_state.MAX_STATE_BYTES` per
+  worker. A resuming request whose id the worker does not hold starts from the policy's fresh
+  state (as if its history had no queries) and its stats say so (``resumed_state``:
+  ``"kept"`` or ``"rebuilt"``): a state is never given to another cache than its own.
 """
 
 from __future__ import annotations
@@ -44,6 +55,12 @@ NAMESPACE = b"vllm-caote-session\x00"
 #: most kept caches indexed at once; past it the oldest entries are dropped (their blocks stay
 #: cached free blocks until vLLM reclaims them)
 MAX_KEPT = 4096
+#: most kept caches with worker state (H2O sums, query moments) at once: past it the oldest
+#: such cache is dropped with its state, so the workers' store stays bounded
+MAX_KEPT_STATES = 16
+#: attribute of the ``SchedulerOutput`` (scheduler -> workers): ``{"keep": {req_id: (state id,
+#: T, C)}, "drop": [state id], "resume": {req_id: state id}}`` (engine/kept_state.py)
+SESSIONS_ATTR = "caote_sessions"
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +72,7 @@ class Resume:
     cached: int  # C: tokens in the cache (shared prefix included): slot = position - (T - C)
     shared: int  # S: leading prefix-cache tokens (whole blocks, true hashes), protected
     num_blocks: int  # blocks the request takes: ceil(C / bs)
+    state: int | None = None  # the id of its worker state (stateful policies)
 
     @property
     def evicted(self) -> int:
@@ -69,21 +87,29 @@ class Kept:
     shared: int
     hashes: list  # session hashes (with group id) of the own blocks, in order
     block_ids: list[int]
+    state: int | None = None  # the id its worker state is kept under (stateful policies)
 
 
 def session_hash(key: tuple, index: int) -> bytes:
     return hashlib.sha256(NAMESPACE + repr((key, index)).encode()).digest()
 
 
-def stateless(policy: str) -> bool:
-    """The policy keeps no per-request worker state between steps."""
+def known(policy: str) -> bool:
     from vllm_caote.scoring import get_policy
 
     try:
-        p = get_policy(policy)
+        get_policy(policy)
     except ValueError:
         return False
-    return not (p.stateful or p.tracks_queries)
+    return True
+
+
+def carries_state(policy: str) -> bool:
+    """The policy keeps per-request worker state between steps (kept with its cache)."""
+    from vllm_caote.scoring import get_policy
+
+    p = get_policy(policy)
+    return bool(p.stateful or p.tracks_queries)
 
 
 class KeptSessions:
@@ -102,6 +128,10 @@ class KeptSessions:
         self.resumed_tokens: dict[str, int] = {}  # per policy, not yet shipped (metrics)
         self.kept_total = 0
         self.blocks = 0  # blocks of the kept caches indexed
+        self.states: dict[int, tuple] = {}  # state id -> key of its kept cache, oldest first
+        self.next_state = 0
+        self.outbox = new_outbox()  # for the workers, on the next SchedulerOutput
+        self.taking: dict[str, int] = {}  # request -> state id it took this step (until planned)
 
     # -- the index -------------------------------------------------------------------------
 
@@ -123,8 +153,12 @@ class KeptSessions:
         self.blocks += len(kept.block_ids)
         while len(self.kept) > MAX_KEPT:
             self.drop(next(iter(self.kept)))
+        if kept.state is not None:
+            self.states[kept.state] = kept.key
+            while len(self.states) > MAX_KEPT_STATES:
+                self.drop(self.states[next(iter(self.states))])
 
-    def discard(self, key: tuple) -> Kept | None:
+    def discard(self, key: tuple, taken: bool = False) -> Kept | None:
         kept = self.kept.pop(key, None)
         if kept is not None:
             self.blocks -= len(kept.block_ids)
@@ -132,6 +166,7 @@ class KeptSessions:
             self.lengths[k] -= 1
             if not self.lengths[k]:
                 del self.lengths[k]
+            self._forget_state(kept, taken)
         return kept
 
     def candidates(self, request, policy: str, extra: tuple) -> list[tuple]:
@@ -149,7 +184,7 @@ class KeptSessions:
 
     def resume_of(self, kept: Kept) -> Resume:
         n = kept.shared // self.block_size + len(kept.block_ids)
-        return Resume(kept.key, kept.length, kept.cached, kept.shared, n)
+        return Resume(kept.key, kept.length, kept.cached, kept.shared, n, kept.state)
 
     def num_blocks(self) -> int:
         """Blocks registered by kept caches (cached free blocks in vLLM's pool)."""
@@ -160,7 +195,7 @@ class KeptSessions:
     def identity(self, request, st) -> tuple[str, tuple] | None:
         """``(policy, extra arguments)`` of a budgeted request (state ``st``) that may keep or
         resume a cache; None if it may not."""
-        if not self.enabled or st is None or not stateless(st.policy):
+        if not self.enabled or st is None or not known(st.policy):
             return None
         if getattr(request, "resumable", False):
             return None  # a streaming-input session: vLLM keeps its blocks itself
@@ -187,7 +222,8 @@ class KeptSessions:
         hashes = [session_hash(key, i) for i in range(own)]
         ids = self.ev.kv.keep_session(request.request_id, st.shared // bs, hashes)
         if ids is not None:
-            self.add(Kept(key, length, cached, st.shared, hashes, ids))
+            state = self._keep_state(request.request_id, st.policy, length, cached)
+            self.add(Kept(key, length, cached, st.shared, hashes, ids, state))
 
     def lookup(self, request, hit_blocks: list, hit_tokens: int) -> tuple[Resume, list] | None:
         """A waiting budgeted request's prefix lookup (its true-token hits: ``hit_blocks``,
@@ -219,16 +255,57 @@ class KeptSessions:
     def taken(self, request_id: str) -> None:
         """vLLM allocated the resuming request: the blocks are its own now (hashes removed)."""
         st = self.ev.requests.get(request_id)
-        kept = self.discard(st.resume.key) if st is not None and st.resume else None
+        kept = self.discard(st.resume.key, taken=True) if st is not None and st.resume else None
         if kept is None:
             return
         self.ev.kv.take_session(kept.hashes, kept.block_ids)
         self.resumed_tokens[st.policy] = self.resumed_tokens.get(st.policy, 0) + kept.length
+        if kept.state is not None:
+            self.taking[request_id] = kept.state
 
     def drop(self, key: tuple) -> None:
         kept = self.discard(key)
         if kept is not None:
             self.ev.kv.take_session(kept.hashes, kept.block_ids)
+
+    # -- worker state of stateful policies (shipped on SESSIONS_ATTR) ----------------------
+
+    def _keep_state(self, request_id: str, policy: str, length: int, cached: int) -> int | None:
+        """A new state id for the finishing request's worker state (None: its policy has none);
+        the workers are told to keep it under that id."""
+        if not carries_state(policy):
+            return None
+        sid, self.next_state = self.next_state, self.next_state + 1
+        self.outbox["keep"][request_id] = (sid, length, cached)
+        return sid
+
+    def _forget_state(self, kept: Kept, taken: bool) -> None:
+        """``kept`` leaves the index: its state goes to the request that took it, or is dropped."""
+        if kept.state is None or self.states.pop(kept.state, None) is None:
+            return
+        if not taken:
+            self.outbox["drop"].append(kept.state)
+
+    def resuming(self, request_id: str, resume: Resume | None) -> None:
+        """The request's first plan resumes ``resume``: its workers start from its state."""
+        self.taking.pop(request_id, None)
+        if resume is not None and resume.state is not None:
+            self.outbox["resume"][request_id] = resume.state
+
+    def ship(self, scheduler_output) -> None:
+        """The step's messages to the workers (set on every SchedulerOutput, empty or not). A
+        state taken by a request that was not planned (preempted in the same step) is dropped."""
+        self.outbox["drop"].extend(self.taking.values())
+        self.taking.clear()
+        outbox, self.outbox = self.outbox, new_outbox()
+        setattr(scheduler_output, SESSIONS_ATTR, outbox if any(outbox.values()) else None)
+
+    def state_outcome(self, report: dict) -> None:
+        """The workers' report of how resuming requests started (``resumed_state``)."""
+        for rid, outcome in (report.get(REPORT_STATE) or {}).items():
+            st = self.ev.requests.get(rid)
+            if st is not None and st.resumed:
+                st.resumed_state = outcome
 
     def computed_for_blocks(self, request_id: str, num_tokens: int) -> int:
         """A resuming request's computed tokens as vLLM's block arithmetic must see them: the
@@ -263,6 +340,14 @@ def sessions_enabled(scheduler, settings) -> bool:
         _logged_off.add(why)
         logger.info("vllm-caote: kept conversation caches off (%s): every turn recomputes", why)
     return why is None
+
+
+def new_outbox() -> dict:
+    return {"keep": {}, "drop": [], "resume": {}}
+
+
+#: key of the worker's report: ``{req_id: "kept" | "rebuilt"}`` for resuming stateful requests
+REPORT_STATE = "resumed_state"
 
 
 def session_extra(args: dict) -> tuple:

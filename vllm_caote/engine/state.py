@@ -2,7 +2,9 @@
 
 H2O's running attention sum and Expected Attention's query moments are advanced by every step's
 queries in every layer (each query counted once over the request's lifetime) and read when the
-request evicts. Both are dropped when the request finishes or restarts (preemption, reset).
+request evicts. Both are dropped when the request finishes or restarts (preemption, reset),
+except the state of a finished request whose compacted cache is kept for its conversation's
+next turn (:mod:`.kept_state`).
 """
 
 from __future__ import annotations
@@ -25,6 +27,9 @@ class LayerState:
 @dataclass
 class RequestState:
     layers: dict[str, LayerState] = field(default_factory=dict)
+    # after its last confirmed step: true tokens seen, and cache slots (what the state covers)
+    tokens: int = 0
+    cache: int = 0
 
 
 def advance_h2o(ls: LayerState, policy: Policy, queries, keys, scale) -> None:

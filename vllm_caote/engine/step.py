@@ -36,6 +36,7 @@ import torch
 
 from vllm_caote.config import settings
 from vllm_caote.engine import compaction, evict, graphs
+from vllm_caote.engine.kept_state import KeptStates
 from vllm_caote.engine.plan import PLAN_ATTR, REPORT_ATTR, StepPlan, cdiv
 from vllm_caote.engine.queries import QueryRings, layer_queries, records
 from vllm_caote.engine.ranks import Ranks, _HeadSum
@@ -112,6 +113,7 @@ class WorkerEviction:
         self.settings = settings(runner.vllm_config)
         self.ranks = ranks if ranks is not None else Ranks.of_tensor_parallel()
         self.requests: dict[str, RequestState] = {}
+        self.kept = KeptStates()  # finished requests' states kept with their caches
         # a ring slot per request the batch can hold (the scheduler's max_num_seqs)
         self.rings = QueryRings(self.settings.window, runner.device, runner.max_num_reqs)
         self.rope = ModelRope(runner)
@@ -148,6 +150,7 @@ class WorkerEviction:
     def update_states(self, scheduler_output) -> None:
         # a preempted request restarts from scratch (its plan resets): its slot is free now, so
         # the rings never need more slots than there are running requests
+        self.kept.finishing(self, scheduler_output)  # states kept with their caches
         gone = (*scheduler_output.finished_req_ids, *(scheduler_output.preempted_req_ids or ()))
         for rid in gone:
             self.requests.pop(rid, None)
@@ -156,6 +159,7 @@ class WorkerEviction:
         for rid, p in self.plans.items():
             if p.reset:
                 self.drop(rid)
+        self.kept.resuming(self, scheduler_output)  # resumed requests start from kept states
 
     # 2. inputs ----------------------------------------------------------------------------
     def prepare_inputs(self, num_scheduled_tokens: np.ndarray) -> None:
@@ -240,6 +244,15 @@ class WorkerEviction:
             elif work.plan.evict_to is not None:
                 self.report["compacted"][work.req_id] = work.plan.evict_to
                 self._trim_blocks(work.req_id, work.row, work.plan.evict_to)
+            if work.error is None:
+                self._covered(work)
+
+    def _covered(self, work: RowWork) -> None:
+        """What the request's state (if any) covers after this confirmed step."""
+        st = self.requests.get(work.req_id)
+        if st is not None:
+            st.tokens = work.seen_before + work.q_end - work.q_start
+            st.cache = work.cache_len if work.plan.evict_to is None else work.plan.evict_to
 
     def _trim_blocks(self, req_id: str, row: int, keep_tokens: int) -> None:
         """Drop every block past the first ``ceil(keep_tokens / bs)`` from the worker's
@@ -261,7 +274,7 @@ class WorkerEviction:
         under async scheduling, on the one an ``AsyncModelRunnerOutput`` hands the scheduler
         (its ``_model_runner_output``, else what its ``get_output()`` returns). Each entry is
         stamped with the generation of the plan it answers (``REPORT_GENERATION``)."""
-        if output is None or not (self.report["compacted"] or self.report["failed"]):
+        if output is None or not any(self.report.values()):
             return
         from vllm.v1.outputs import (
             EMPTY_MODEL_RUNNER_OUTPUT,
