@@ -14,6 +14,7 @@ import tomllib
 from pathlib import Path
 
 import pytest
+from helpers import embedded_engine_args
 
 from vllm_caote import compat
 from vllm_caote.compat import CONTACTS, IncompatibleVLLMError
@@ -142,18 +143,7 @@ def test_integration_doc_is_the_register():
 # -- self-configuration and refusals, through vLLM's own EngineArgs ---------------------------
 
 
-def _args(**kw):
-    from helpers import missing
-    from vllm.engine.arg_utils import EngineArgs
-
-    from vllm_caote.models import model_dir
-
-    model = model_dir()
-    if not (model / "config.json").exists():
-        missing("the embedded model", "python -m vllm_caote.models fetch")
-    base = dict(model=str(model), max_model_len=2048, enforce_eager=True, dtype="float32")
-    base.update(kw)
-    return EngineArgs(**base)
+_args = embedded_engine_args
 
 
 def test_stock_flags_select_the_plugin_classes_and_keep_prefix_caching(monkeypatch):

@@ -257,7 +257,7 @@ def test_eviction_timings_ride_on_the_async_output():
 
 
 def test_async_scheduling_selects_the_async_scheduler():
-    from test_integration import _args
+    from helpers import embedded_engine_args as _args
     from vllm.config import VllmConfig
 
     from vllm_caote import configure

@@ -5,6 +5,7 @@
   stock vLLM's greedy output;
 * :mod:`helpers.kvpress_peer`: NVIDIA kvpress's presses, loaded without installing kvpress;
 * ``stock_generate.py``: the script :func:`helpers.servers.stock_greedy` runs;
+* :func:`embedded_engine_args`: the embedded model's ``EngineArgs`` (no engine started);
 * :func:`missing`: how a test says that something it needs is not installed: in CI
   (``CI=true``, where ``make setup`` installs everything) a failure, elsewhere a skip that
   names what to install.
@@ -30,3 +31,18 @@ def missing(what: str, install: str) -> NoReturn:
     if in_ci():
         pytest.fail(f"{message}: CI runs every test; make setup must install it", pytrace=False)
     pytest.skip(message)
+
+
+def embedded_engine_args(**kw):
+    """``EngineArgs`` for the embedded model (eager, fp32, 2k context), ``kw`` on top: how
+    tests build an engine config without starting an engine."""
+    from vllm.engine.arg_utils import EngineArgs
+
+    from vllm_caote.models import model_dir
+
+    model = model_dir()
+    if not (model / "config.json").exists():
+        missing("the embedded model", "python -m vllm_caote.models fetch")
+    base = dict(model=str(model), max_model_len=2048, enforce_eager=True, dtype="float32")
+    base.update(kw)
+    return EngineArgs(**base)
