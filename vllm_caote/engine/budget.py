@@ -12,7 +12,11 @@ bounds apart from what it does not:
 * ``peak_tokens`` / ``peak_blocks``: everything it held at its peak, the two together;
   ``prefix_cached_tokens`` is ``shared_prefix_tokens`` under its first name;
 * ``resumed_tokens``: leading tokens it did not compute because it resumed the kept compacted
-  cache of an earlier request whose tokens its prompt continues (:mod:`.sessions`); 0 if none.
+  cache of an earlier request whose tokens its prompt continues (:mod:`.sessions`); 0 if none;
+* ``preemptions``: times vLLM preempted it; ``recomputed_tokens``: tokens it computed again
+  after them (what it had computed when preempted, less what it resumed from prefix-cache hits
+  or its own kept cache); ``preempt_resumed_tokens``: tokens it took back from its own kept
+  compacted cache after them (:mod:`.preemption`).
 """
 
 from __future__ import annotations
@@ -50,6 +54,11 @@ class RequestBudget:
     resume: Resume | None = None  # a kept cache it starts from (until its first plan)
     resumed: int = 0  # tokens it took from a kept cache instead of computing them
     evict_in_flight: bool = False  # its latest plan compacts (async: may still be running)
+    settled: int = 0  # cache slots compacted last (from here on: slot = position - evicted)
+    preemptions: int = 0
+    lost: int = 0  # tokens it had computed when last preempted, until it is scheduled again
+    recomputed: int = 0  # tokens computed again after preemptions
+    preempt_resumed: int = 0  # tokens taken back from its own kept cache after preemptions
     started: float = field(default_factory=time.monotonic)
 
     def observe(self, held_blocks: int, cache_tokens: int) -> None:
@@ -75,6 +84,9 @@ class RequestBudget:
             "prefix_cached_tokens": self.shared,
             "steps_left_out": self.steps_left_out,
             "resumed_tokens": self.resumed,
+            "preemptions": self.preemptions,
+            "recomputed_tokens": self.recomputed,
+            "preempt_resumed_tokens": self.preempt_resumed,
         }
         if self.error is not None:
             out["error"] = self.error
