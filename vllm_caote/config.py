@@ -68,6 +68,10 @@ class EvictionSettings:
     # a finished budgeted request's compacted cache stays in vLLM's pool as cached free blocks,
     # and the next turn of its conversation resumes from it (engine/sessions.py); 0 = off
     keep_sessions: int = 1
+    # a preempted budgeted request's compacted cache stays in vLLM's pool as cached free blocks,
+    # and it resumes from what is left of it when rescheduled (engine/preemption.py); needs
+    # keep_sessions; 0 = off (recomputed from token 0, as stock vLLM)
+    keep_preempted: int = 1
 
     def min_budget(self, block_size: int) -> int:
         """Smallest sensible budget: sinks + observation window + one block."""
@@ -130,6 +134,7 @@ def settings(vllm_config: Any = None) -> EvictionSettings:
         "prefill_wait",
         "eviction_slack",
         "keep_sessions",
+        "keep_preempted",
     ):
         if getattr(s, name) < 0:
             raise SettingsError(f"kv_eviction setting {name} must be >= 0, got {getattr(s, name)}")

@@ -89,7 +89,8 @@ CONTACTS: tuple[Contact, ...] = (
         f"{_SCHED}._preempt_request",
         "override",
         "A preempted request restarts from token 0: its evicted count resets and its generation "
-        "is bumped. A request whose eviction failed is preempted with drop_stale_output=True "
+        "is bumped; first, a budgeted one's compacted cache is kept (engine/preemption.py), "
+        "read from its block list and num_computed_tokens before vLLM frees them. A request whose eviction failed is preempted with drop_stale_output=True "
         "(async: the step scheduled since ran on the unconfirmed cache).",
         "None: no preemption callback.",
         "When vLLM adds a preemption hook.",

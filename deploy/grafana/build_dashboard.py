@@ -179,12 +179,19 @@ def rows() -> list[tuple[str, list[PanelSpec]]]:
             "Conversations resumed from kept caches",
             "Tokens budgeted requests took from the kept compacted cache of their conversation's "
             "previous turn instead of computing them (rate of vllm_caote:resumed_tokens_total, "
-            "by policy), and the blocks kept caches hold (vllm_caote:kept_session_blocks: "
-            "cached free blocks vLLM reclaims when it needs them).",
+            "by policy), tokens they computed again after vLLM preempted them (rate of "
+            "vllm_caote:recomputed_tokens_total, by policy: a preempted request resumes from "
+            "what is left of its own kept cache), and the blocks kept caches hold "
+            "(vllm_caote:kept_session_blocks: cached free blocks vLLM reclaims when it needs "
+            "them).",
             [
                 Query(
                     f"sum by (policy) (rate(vllm_caote:resumed_tokens_total{{{SEL}}}[{RI}]))",
                     "resumed tokens/s {{policy}}",
+                ),
+                Query(
+                    f"sum by (policy) (rate(vllm_caote:recomputed_tokens_total{{{SEL}}}[{RI}]))",
+                    "recomputed after preemption tokens/s {{policy}}",
                 ),
                 Query(f"sum(vllm_caote:kept_session_blocks{{{SEL}}})", "kept blocks"),
             ],

@@ -16,6 +16,10 @@ bounds apart from what it does not:
 * ``resumed_state`` (a resumed request of a policy with worker state only): ``"kept"`` if its
   workers started from the finished request's state (H2O sums, query moments), ``"rebuilt"``
   if they no longer held it and started from the policy's fresh state.
+* ``preemptions``: times vLLM preempted it; ``recomputed_tokens``: tokens it computed again
+  after them (what it had computed when preempted, less what it resumed from prefix-cache hits
+  or its own kept cache); ``preempt_resumed_tokens``: tokens it took back from its own kept
+  compacted cache after them (:mod:`.preemption`).
 """
 
 from __future__ import annotations
@@ -54,6 +58,11 @@ class RequestBudget:
     resumed: int = 0  # tokens it took from a kept cache instead of computing them
     resumed_state: str | None = None  # its worker state on resuming: "kept" or "rebuilt"
     evict_in_flight: bool = False  # its latest plan compacts (async: may still be running)
+    settled: int = 0  # cache slots compacted last (from here on: slot = position - evicted)
+    preemptions: int = 0
+    lost: int = 0  # tokens it had computed when last preempted, until it is scheduled again
+    recomputed: int = 0  # tokens computed again after preemptions
+    preempt_resumed: int = 0  # tokens taken back from its own kept cache after preemptions
     started: float = field(default_factory=time.monotonic)
 
     def observe(self, held_blocks: int, cache_tokens: int) -> None:
@@ -79,6 +88,9 @@ class RequestBudget:
             "prefix_cached_tokens": self.shared,
             "steps_left_out": self.steps_left_out,
             "resumed_tokens": self.resumed,
+            "preemptions": self.preemptions,
+            "recomputed_tokens": self.recomputed,
+            "preempt_resumed_tokens": self.preempt_resumed,
         }
         if self.resumed and self.resumed_state is not None:
             out["resumed_state"] = self.resumed_state

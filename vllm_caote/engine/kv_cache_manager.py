@@ -12,7 +12,9 @@ Invariants, for every request the scheduler marks as budgeted:
   write them (async scheduling: :mod:`vllm_caote.engine.async_scheduler`);
 * a finished budgeted request's compacted blocks may be registered under *session* hashes
   (:meth:`keep_session`), never true-token ones, and are then taken by exactly one later
-  budgeted request, which removes the hashes (:mod:`vllm_caote.engine.sessions`).
+  budgeted request, which removes the hashes (:mod:`vllm_caote.engine.sessions`); a preempted
+  one's likewise, taken back (a leading run of them) by itself only
+  (:mod:`vllm_caote.engine.preemption`).
 
 Unbudgeted requests see vLLM's manager unchanged, prefix caching included.
 
@@ -38,6 +40,7 @@ class BlockBudgets(Protocol):
     def admission_tokens(self, request_id: str, num_tokens: int, prefix: int = 0) -> int: ...
 
     sessions: object  # vllm_caote.engine.sessions.KeptSessions
+    kept_preempted: object  # vllm_caote.engine.preemption.PreemptedCaches
 
 
 def coordinator_class(base: type) -> type:
@@ -84,6 +87,7 @@ def coordinator_class(base: type) -> type:
             super().allocate_new_computed_blocks(request_id, new_computed_blocks, *args, **kw)
             if resuming:
                 b.sessions.taken(request_id)  # a kept cache is the request's own from now on
+                b.kept_preempted.taken(request_id)
 
         def cache_blocks(self, request, num_computed_tokens):
             b = self.caote_budgets
@@ -130,7 +134,9 @@ def manager_class(base: type) -> type:
                 return out
             blocks, hit_tokens, *rest = out
             hit_blocks = blocks.blocks[0] if blocks.blocks else []
-            found = b.sessions.lookup(request, hit_blocks, hit_tokens)
+            found = b.kept_preempted.lookup(request, hit_blocks, hit_tokens)
+            if found is None:
+                found = b.sessions.lookup(request, hit_blocks, hit_tokens)
             if found is None:
                 return out
             resume, taken = found
@@ -165,6 +171,19 @@ def manager_class(base: type) -> type:
                 block = self.block_pool.blocks[bid]
                 if block.ref_cnt != 0 or block.block_hash != make_block_hash_with_group_id(h, 0):
                     return None
+                found.append(block)
+            return found
+
+        def lookup_session_run(self, hashes: list, block_ids: list[int]) -> list:
+            """The longest leading run of those kept blocks that are still free and registered
+            under their session hash (a preempted request's cache: see ``engine/preemption``)."""
+            from vllm.v1.core.kv_cache_utils import make_block_hash_with_group_id
+
+            found = []
+            for h, bid in zip(hashes, block_ids, strict=True):
+                block = self.block_pool.blocks[bid]
+                if block.ref_cnt != 0 or block.block_hash != make_block_hash_with_group_id(h, 0):
+                    break
                 found.append(block)
             return found
 

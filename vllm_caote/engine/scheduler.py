@@ -48,6 +48,7 @@ from vllm_caote.engine.budget import RequestBudget
 from vllm_caote.engine.fallback import Restarts
 from vllm_caote.engine.kv_cache_manager import adopt
 from vllm_caote.engine.plan import PLAN_ATTR, REPORT_ATTR, StepPlan, cdiv
+from vllm_caote.engine.preemption import PreemptedCaches
 from vllm_caote.engine.sessions import KeptSessions, sessions_enabled
 from vllm_caote.engine.support import check_kv_cache_config
 
@@ -77,6 +78,10 @@ class SchedulerEviction:
         self.kv = adopt(scheduler.kv_cache_manager, self)
         # finished requests' compacted caches, resumed by the next turn (engine/sessions.py)
         self.sessions = KeptSessions(self, sessions_enabled(scheduler, self.settings))
+        # preempted requests' compacted caches, resumed when rescheduled (engine/preemption.py)
+        self.kept_preempted = PreemptedCaches(
+            self, self.sessions.enabled and bool(self.settings.keep_preempted)
+        )
         #: Test seam: a request for which it returns True is given 0 tokens this step, so vLLM
         #: leaves it out of the step through its own ``num_new_tokens == 0`` path, as it does
         #: when a token, encoder or DP-balancing budget runs out in front of it.
@@ -235,6 +240,8 @@ class SchedulerEviction:
                 st.fresh, st.evicted = False, (r.evicted if r else 0)
                 shared = r.shared if r else computed_before
                 st.shared, st.shared_blocks = shared, shared // self.block_size
+                st.settled = getattr(r, "settled", r.cached) if r else 0
+                self.kept_preempted.started(request, st, computed_before)
             cache_after = computed_before - st.evicted + n
             own = cache_after - st.shared  # the budget bounds the tokens it holds alone
             prefilling = computed_before < request.num_prompt_tokens
@@ -247,6 +254,8 @@ class SchedulerEviction:
             st.observe(self.kv.num_held_blocks(req_id), cache_after)
             st.tokens_seen = max(st.tokens_seen, request.num_computed_tokens)
             st.evict_in_flight = evict_to is not None
+            if evict_to is not None:
+                st.settled = evict_to
             plans[req_id] = StepPlan(
                 st.evicted, evict_to, st.policy, reset, st.shared, prompt_done=prompt_done,
                 generation=st.generation,
@@ -324,11 +333,13 @@ class SchedulerEviction:
         st = self.requests.get(request.request_id)
         if st is not None:
             st.evicted, st.fresh = 0, True
-            st.resume, st.resumed = None, 0  # recomputed from token 0
+            st.resume, st.resumed = None, 0  # from token 0, unless it resumes its kept cache
             st.generation += 1
+            st.preemptions += 1
 
     def finished(self, request) -> dict | None:
         rid = request.request_id
+        self.kept_preempted.forget(rid)  # finished (or aborted) while preempted: nothing to resume
         st = self.requests.pop(rid, None)
         if st is None:
             st = self.fallen_back.pop(rid, None)
@@ -413,6 +424,8 @@ class EvictionSchedulerMixin:
         return outputs
 
     def _preempt_request(self, request, *args, **kwargs) -> None:
+        # first, while it holds its blocks: its cache may be kept (engine/preemption.py)
+        self.caote.kept_preempted.keep(request, self.caote.requests.get(request.request_id))
         super()._preempt_request(request, *args, **kwargs)
         self.caote.preempted(request)
 

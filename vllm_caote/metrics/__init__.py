@@ -48,6 +48,7 @@ COMPRESSION_RATIO = PREFIX + "request_compression_ratio"
 PREFIX_CACHED_TOKENS = PREFIX + "prefix_cached_tokens"
 RESUMED_TOKENS = PREFIX + "resumed_tokens"
 SESSION_BLOCKS = PREFIX + "kept_session_blocks"
+RECOMPUTED_TOKENS = PREFIX + "recomputed_tokens"
 
 #: every family this package exports, as its sample names appear on ``/metrics``
 EXPORTED = {
@@ -63,6 +64,7 @@ EXPORTED = {
     PREFIX_CACHED_TOKENS + "_total": "counter",
     RESUMED_TOKENS + "_total": "counter",
     SESSION_BLOCKS: "gauge",
+    RECOMPUTED_TOKENS + "_total": "counter",
 }
 
 KIND_BUDGETED = "budgeted"

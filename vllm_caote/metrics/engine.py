@@ -130,6 +130,7 @@ class EngineMetrics:
         self.sent_freed = 0
         self.ratios: list[list] = []  # [[policy, ratio], ...] not shipped yet
         self.prefix_cached: dict[str, int] = defaultdict(int)  # finished requests, not shipped
+        self.recomputed: dict[str, int] = defaultdict(int)  # after preemptions, not shipped
         self.timings: list[list] = []  # [[policy, seconds], ...] not shipped yet
 
     def ingest_output(self, model_runner_output) -> None:
@@ -148,6 +149,7 @@ class EngineMetrics:
             self.finished_evicted[policy] += int(st.get("evicted_tokens") or 0)
             self.finished_events[policy] += int(st.get("eviction_events") or 0)
             self.prefix_cached[policy] += int(st.get("prefix_cached_tokens") or 0)
+            self.recomputed[policy] += int(st.get("recomputed_tokens") or 0)
             ratio = compression_ratio(st)
             if ratio is not None:
                 self.ratios.append([policy, ratio])
@@ -209,6 +211,7 @@ class EngineMetrics:
         timings, self.timings = self.timings, []
         ratios, self.ratios = self.ratios, []
         prefix_cached, self.prefix_cached = dict(self.prefix_cached), defaultdict(int)
+        recomputed, self.recomputed = dict(self.recomputed), defaultdict(int)
         sessions = getattr(ev, "sessions", None)
         resumed: dict[str, int] = {}
         if sessions is not None:
@@ -228,6 +231,7 @@ class EngineMetrics:
             "compression_ratio": ratios,
             "prefix_cached_tokens": prefix_cached,
             "resumed_tokens": resumed,
+            "recomputed_tokens": recomputed,
             "session_blocks": sessions.num_blocks() if sessions is not None else 0,
         }
 

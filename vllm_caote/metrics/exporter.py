@@ -88,6 +88,12 @@ class CaoteMetrics:
             "their conversation) instead of computing them, by policy.",
             LABELS + ["policy"],
         )
+        self.recomputed_tokens = Counter(
+            m.RECOMPUTED_TOKENS,
+            "Tokens finished budgeted requests computed again after vLLM preempted them (what "
+            "they had computed, less what they took back from their kept cache), by policy.",
+            LABELS + ["policy"],
+        )
         self.session_blocks = Gauge(
             m.SESSION_BLOCKS,
             "KV-cache blocks holding kept compacted caches of finished budgeted requests: "
@@ -123,6 +129,7 @@ class CaoteMetrics:
             self.eviction_events.labels(*labels, policy)
             self.prefix_cached_tokens.labels(*labels, policy)
             self.resumed_tokens.labels(*labels, policy)
+            self.recomputed_tokens.labels(*labels, policy)
             self.eviction_seconds.labels(*labels, policy)
             self.compression_ratio.labels(*labels, policy)
         for policy, n in payload.get("running", {}).items():
@@ -139,6 +146,9 @@ class CaoteMetrics:
         for policy, n in payload.get("resumed_tokens", {}).items():
             if n > 0:
                 self.resumed_tokens.labels(*labels, policy).inc(n)
+        for policy, n in payload.get("recomputed_tokens", {}).items():
+            if n > 0:
+                self.recomputed_tokens.labels(*labels, policy).inc(n)
         self.session_blocks.labels(*labels).set(payload.get("session_blocks", 0))
         freed = self.blocks_freed.labels(*labels)
         if payload.get("blocks_freed", 0) > 0:
