@@ -79,6 +79,7 @@ METRICS = {
     "eviction_s": "vllm_caote:eviction_seconds_sum",
     "evictions": "vllm_caote:eviction_seconds_count",
     "evicted_tokens": "vllm_caote:evicted_tokens_total",
+    "recomputed_tokens": "vllm_caote:recomputed_tokens_total",
 }
 POLL_S = 0.5
 

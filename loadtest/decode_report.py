@@ -64,8 +64,8 @@ def render_md(r: dict) -> str:
         "",
         "| config | budget (kept) | output tok/s | vs stock | req/s | vs stock | peak running "
         "| mean running | vs stock | TPOT p50 / p99 (ms) | TTFT p50 / p99 (s) | preemptions "
-        "| eviction time: run / decode steady state | ppl | vs full | errors |",
-        "|" + "---|" * 16,
+        "| recomputed tokens (budgeted) | eviction time: run / decode steady state | ppl | vs full | errors |",
+        "|" + "---|" * 17,
     ]
     for c in configs:
         d = c["decode"]
@@ -84,7 +84,7 @@ def render_md(r: dict) -> str:
             f"{c['mean_running']:.1f} | {_f(c['mean_running_ratio'], '.2f', 'x')} | "
             f"{_f(c['tpot_p50_ms'], '.0f')} / {_f(c['tpot_p99_ms'], '.0f')} | "
             f"{_f(c['ttft_p50_s'], '.1f')} / {_f(c['ttft_p99_s'], '.1f')} | "
-            f"{c['preemptions']:.0f} | {share} | {_f(p.get('ppl'), '.2f')} | "
+            f"{c['preemptions']:.0f} | {_f(c.get('recomputed_tokens') if c['budget'] else None, '.0f')} | {share} | {_f(p.get('ppl'), '.2f')} | "
             f"{_f(p.get('ppl_ratio'), '.3f', 'x')} | {c['errors']} |"
         )
     lines += [

@@ -183,6 +183,8 @@ def summarize_config(label, budget_info, outs, wall, samples, before, after) -> 
         mean_running=statistics.fmean(busy) if busy else 0.0,
         peak_waiting=max((s["waiting"] for s in samples), default=0),
         preemptions=after["preemptions"] - before["preemptions"],
+        # budgeted requests' tokens computed again after vLLM preempted them
+        recomputed_tokens=after.get("recomputed_tokens", 0) - before.get("recomputed_tokens", 0),
         prefix_cache_hits=after["prefix_cache_hits"] - before["prefix_cache_hits"],
         evictions=after["evictions"] - before["evictions"],
         evicted_tokens=after["evicted_tokens"] - before["evicted_tokens"],
