@@ -64,6 +64,7 @@ def summarize(rows: list[dict], bases: list[str]) -> dict:
             ok = [x["correct"] for x in by_case.values()]
             cell["policies"][name] = {"n": len(sc), "score": float(np.mean(sc)), "acc": float(np.mean(ok))}  # fmt: skip
         refs = [(p + b, b, lab) for b in bases for p, lab in METAS]
+        refs += [(p, p[:-4], "segments") for p in pols if p.endswith("+seg")]
         if kind == "lm":
             refs += [(p, "streaming", "vs StreamingLLM") for p in pols if p not in ("streaming", "full")]  # fmt: skip
         for a, b, label in refs:
