@@ -87,6 +87,16 @@ def summarize(rows: list[dict], bases: list[str]) -> dict:
     return {"cells": out}
 
 
+def _lookalike(cfg: dict) -> str:
+    """The look-alike prompts among the retrieval ones, if any."""
+    if not cfg.get("lookalike"):
+        return ""
+    return (
+        f"; of them {cfg['lookalike']} look-alike, {cfg['lookalike_pairs']} key-value sentences "
+        f"each; X+seg: segments of at most {cfg['segment_len']} tokens"
+    )
+
+
 def _ci(s: dict, digits: int = 3) -> str:
     if not s.get("n"):
         return "-"
@@ -106,7 +116,7 @@ def render_md(result: dict) -> str:
         f"Device: {result['device']}; wall: {result['wall_s']:.0f} s",
         "",
         f"Prompts: {cfg['retrieval']} retrieval (passkey + multi-key, {cfg['context']}-token "
-        f"haystacks, seed {cfg['seed']}), {cfg['lm']} KJV continuations ({cfg['context']} "
+        f"haystacks, seed {cfg['seed']}{_lookalike(cfg)}), {cfg['lm']} KJV continuations ({cfg['context']} "
         f"tokens, next {cfg['lm_tokens']} scored); block-wise: "
         f"{cfg.get('blockwise_prompts', 0)} prompts, chunk {cfg['chunk']}. Budgets: fractions of each prompt, rounded up to "
         f"{cfg['block_size']}-token blocks; sinks {cfg['sinks']}, window {cfg['window']}.",
