@@ -92,8 +92,8 @@ def _lookalike(cfg: dict) -> str:
     if not cfg.get("lookalike"):
         return ""
     return (
-        f"; of them {cfg['lookalike']} look-alike, {cfg['lookalike_pairs']} key-value sentences "
-        f"each; X+seg: segments of at most {cfg['segment_len']} tokens"
+        f"; look-alike prompts asked for: {cfg['lookalike']} ({cfg['lookalike_pairs']} key-value sentences "
+        f"each, after the suite's); X+seg: segments of at most {cfg['segment_len']} tokens"
     )
 
 
