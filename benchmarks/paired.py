@@ -11,13 +11,17 @@ whole prompt in view (``prefill: adaptive`` with room, or ``oneshot``), and the 
 teacher-forced after the prompt on each evicted cache. Optionally (``--blockwise N``) the first
 ``N`` prompts of each kind are also read block-wise (evicted after every chunk).
 
-Per prompt: retrieval (passkey / multi-key among essays or KJV, :mod:`benchmarks.tasks`,
+Per prompt: retrieval (passkey / multi-key among essays or KJV, and with ``--lookalike N``
+key-value sentences of one shape among look-alike distractors, :mod:`benchmarks.tasks`,
 seeds apart from the committed evals') scores the summed log-probability of the answer's
 tokens and whether each after the first is the greedy choice (the engine reads the first from
 the full-cache prefill, so it is the same under every policy); language modelling (KJV
 continuations) scores the mean log-probability of the next ``--lm-tokens`` tokens. Every CAOTE-X is compared with X on the
 same prompts: mean paired difference with a bootstrap 95% interval, and McNemar counts for
-retrieval accuracy (:mod:`benchmarks.paired_stats`). Results: ``<out>/<tag>.{json,md,png}``.
+retrieval accuracy (:mod:`benchmarks.paired_stats`). A policy named ``X+seg`` is X's scores
+with whole segments kept (:func:`vllm_caote.scoring.select_keep_segments`: sentences ended by
+``.!?;:`` or a newline, cut into ``--segment-len`` pieces from their end), compared with X.
+Results: ``<out>/<tag>.{json,md,png}``.
 """
 
 from __future__ import annotations
@@ -56,15 +60,39 @@ def default_policies(bases: list[str]) -> list[str]:
     return [*out, "streaming"]
 
 
-def make_cases(tok, n_retrieval: int, n_lm: int, context: int, lm_tokens: int, seed: int):
-    """Retrieval and KJV cases, interleaved (so any prefix holds both kinds in proportion)."""
-    from benchmarks.tasks import kjv_passages, retrieval_suite
+#: a token that holds one of these ends a segment (``X+seg`` policies)
+SEGMENT_ENDS = ".!?;:\n"
+SEG = "+seg"
+
+
+def boundary_ids(tok) -> set[int]:
+    """Token ids whose text holds a segment end (:data:`SEGMENT_ENDS`)."""
+    return {i for i in range(len(tok)) if any(c in tok.decode([i]) for c in SEGMENT_ENDS)}
+
+
+def parse_policy(name: str):
+    """``(policy, segments)`` of a ``--policies`` entry: ``X`` or ``X+seg``."""
+    seg = name.endswith(SEG)
+    return get_policy(name[: -len(SEG)] if seg else name), seg
+
+
+def make_cases(
+    tok, n_retrieval: int, n_lm: int, context: int, lm_tokens: int, seed: int, lookalike=(0, 16)
+):
+    """Retrieval (the suite, then ``lookalike[0]`` look-alike prompts of ``lookalike[1]``
+    pairs) and KJV cases, interleaved (so any prefix holds both kinds in proportion). Each
+    case lists its segment-ending positions (``ends``)."""
+    from benchmarks.tasks import kjv_passages, lookalike_suite, retrieval_suite
 
     depths = (0.1, 0.3, 0.5, 0.7, 0.9)
     ret = []
     for c in retrieval_suite(tok, context, n_retrieval, ("passkey", "multikey"), depths, seed):
         ids = tok.encode(c.prompt, add_special_tokens=False)
         meta = dict(task=c.task, phrasing=c.phrasing, haystack=c.haystack, depth=c.depth)
+        ret.append(dict(kind="retrieval", ids=ids, target=tok.encode(c.answer), meta=meta))
+    for c in lookalike_suite(tok, context, lookalike[0], lookalike[1], seed):
+        ids = tok.encode(c.prompt, add_special_tokens=False)
+        meta = dict(task="lookalike", values=c.values, haystack=c.haystack, depth=c.depth)
         ret.append(dict(kind="retrieval", ids=ids, target=tok.encode(c.answer), meta=meta))
     lm = []
     for i, text in enumerate(kjv_passages(n_lm, (context + lm_tokens) * 6, seed * 7919 + 17)):
@@ -78,9 +106,20 @@ def make_cases(tok, n_retrieval: int, n_lm: int, context: int, lm_tokens: int, s
         else:
             cases.append(lm[j])
             j += 1
+    ends = boundary_ids(tok)
     for k, c in enumerate(cases):
         c["case"] = k
+        c["ends"] = [j for j, t in enumerate(c["ids"]) if t in ends]
     return cases
+
+
+def case_segments(case: dict, segment_len: int) -> torch.Tensor:
+    """Segment ids ``[n]`` of a case's prompt tokens (:func:`segment_ids`)."""
+    from vllm_caote.scoring import segment_ids
+
+    b = torch.zeros(len(case["ids"]), dtype=torch.bool)
+    b[case["ends"]] = True
+    return segment_ids(b, segment_len)
 
 
 def _rows(case, mode, frac, keep, names, lp, hits) -> list[dict]:
@@ -112,12 +151,17 @@ def _rows(case, mode, frac, keep, names, lp, hits) -> list[dict]:
     return out
 
 
-def run_case(h: Harness, case: dict, names, fracs, block_size, blockwise, chunk, oneshot=True):
+def run_case(
+    h: Harness, case, names, fracs, block_size, blockwise, chunk, oneshot=True, segment_len=24
+):
     """Every policy x budget of one case (and the full cache): result rows."""
-    policies = [get_policy(p) for p in names]
+    parsed = [parse_policy(p) for p in names]
+    policies = [p for p, _ in parsed]
+    seg_ids = case_segments(case, segment_len) if any(s for _, s in parsed) else None
+    segs = [seg_ids if s else None for _, s in parsed]
     ids, target = case["ids"], case["target"]
     n = len(ids)
-    rows = [] if oneshot else _blockwise(h, case, names, policies, fracs, block_size, chunk)
+    rows = [] if oneshot else _blockwise(h, case, names, policies, fracs, block_size, chunk, segs)
     if not oneshot:
         return rows
     cap = h.prefill(ids)
@@ -129,21 +173,21 @@ def run_case(h: Harness, case: dict, names, fracs, block_size, blockwise, chunk,
     scores = [[policy_scores(p, cap, li, h) for li in range(h.layers)] for p in policies]
     for frac in fracs:
         keep = keep_tokens(n, frac, block_size)
-        sel = [[keep_indices(p, s[li], keep, h) for li in range(h.layers)] for p, s in zip(policies, scores, strict=True)]  # fmt: skip
+        sel = [[keep_indices(p, s[li], keep, h, g) for li in range(h.layers)] for p, s, g in zip(policies, scores, segs, strict=True)]  # fmt: skip
         lp, hits = h.continue_rows(h.gather_rows(cap, sel), n, cap.last_logits, target)
         rows += _rows(case, "oneshot", frac, keep, names, lp, hits)
     del cap, scores, full
     if blockwise:
-        rows += _blockwise(h, case, names, policies, fracs, block_size, chunk)
+        rows += _blockwise(h, case, names, policies, fracs, block_size, chunk, segs)
     return rows
 
 
-def _blockwise(h: Harness, case, names, policies, fracs, block_size, chunk) -> list[dict]:
+def _blockwise(h: Harness, case, names, policies, fracs, block_size, chunk, segs) -> list[dict]:
     ids, target, n, rows = case["ids"], case["target"], len(case["ids"]), []
     try:
         for frac in fracs:
             keep = keep_tokens(n, frac, block_size)
-            past, last = h.blockwise(ids, policies, keep, chunk)
+            past, last = h.blockwise(ids, policies, keep, chunk, segs)
             lp, hits = h.continue_rows(past, n, last, target)
             rows += _rows(case, "blockwise", frac, keep, names, lp, hits)
     except Exception:  # noqa: BLE001 - reported; the whole-prompt rows stand
@@ -160,6 +204,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--prompts", type=int, default=240, help="retrieval prompts (default 240)")
     p.add_argument("--lm-prompts", type=int, default=96, help="KJV continuations (default 96)")
     p.add_argument("--context", type=int, default=1024, help="haystack tokens (default 1024)")
+    p.add_argument("--lookalike", type=int, default=0, help="look-alike prompts (default 0)")
+    p.add_argument("--lookalike-pairs", type=int, default=16, help="their key-value sentences")
+    p.add_argument("--segment-len", type=int, default=24, help="X+seg: longest segment")
     p.add_argument("--lm-tokens", type=int, default=64, help="LM tokens scored (default 64)")
     p.add_argument("--budgets", default="0.125,0.25,0.5", help="fractions of each prompt")
     p.add_argument("--bases", default=",".join(BASES), help="bases X compared with CAOTE-X")
@@ -193,7 +240,7 @@ def main(argv=None) -> int:
     fracs = [float(x) for x in args.budgets.split(",") if x.strip()]
     bases = [b for b in args.bases.split(",") if b]
     names = args.policies.split(",") if args.policies else default_policies(bases)
-    names = [get_policy(x).name for x in names]
+    names = [p.name + (SEG if s else "") for p, s in map(parse_policy, names)]
     if args.merge:
         return _merge(args, bases)
     if args.cases:
@@ -205,7 +252,8 @@ def main(argv=None) -> int:
         from vllm_caote.models import model_dir
 
         tok = AutoTokenizer.from_pretrained(str(args.model or model_dir()))
-        cases = make_cases(tok, args.prompts, args.lm_prompts, args.context, args.lm_tokens, args.seed)  # fmt: skip
+        look = (args.lookalike, args.lookalike_pairs)
+        cases = make_cases(tok, args.prompts, args.lm_prompts, args.context, args.lm_tokens, args.seed, look)  # fmt: skip
     if args.dump_cases:
         Path(args.dump_cases).write_text(json.dumps(cases))
         print(f"{len(cases)} cases -> {args.dump_cases}", file=sys.stderr)
@@ -222,7 +270,7 @@ def main(argv=None) -> int:
         seen[case["kind"]] += 1
         if args.no_oneshot and not bw:
             continue
-        rows += run_case(h, case, names, fracs, args.block_size, bw, args.chunk, not args.no_oneshot)  # fmt: skip
+        rows += run_case(h, case, names, fracs, args.block_size, bw, args.chunk, not args.no_oneshot, args.segment_len)  # fmt: skip
         done += 1
     from benchmarks.eval.common import write_results
 
@@ -249,6 +297,9 @@ def main(argv=None) -> int:
             blockwise=args.blockwise,
             chunk=args.chunk,
             seed=args.seed,
+            lookalike=args.lookalike,
+            lookalike_pairs=args.lookalike_pairs,
+            segment_len=args.segment_len,
             sinks=s.sinks,
             window=s.window,
         ),

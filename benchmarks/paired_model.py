@@ -29,7 +29,7 @@ from vllm_caote.config import EvictionSettings
 from vllm_caote.engine.plan import blockwise_edges, cdiv
 from vllm_caote.engine.rope import RopeTable
 from vllm_caote.engine.state import LayerState, advance_moments, moment_knobs
-from vllm_caote.scoring import QueryMoments, get_policy, select_keep
+from vllm_caote.scoring import QueryMoments, get_policy, select_keep, select_keep_segments
 from vllm_caote.scoring.registry import Policy
 
 
@@ -175,17 +175,24 @@ class Harness:
         return torch.cat([lp0[:, None], lp], 1), torch.cat([hit0[:, None], hits], 1)
 
     @torch.inference_mode()
-    def blockwise(self, ids: list[int], policies: list[Policy], keep: int, chunk: int):
+    def blockwise(
+        self, ids: list[int], policies: list[Policy], keep: int, chunk: int, segments=None
+    ):
         """Block-wise prefill, one row per policy: the prompt read in the engine's chunks
         (:func:`~vllm_caote.engine.plan.blockwise_edges`), each row's cache evicted to ``keep``
         after every chunk by its policy (``prefill_base: own``), the window being the newest
         ``window`` queries read, H2O's sum and the query moments advanced by every chunk.
+        ``segments`` (per policy: segment ids ``[len(ids)]`` of the prompt's tokens, or None)
+        selects whole segments (:func:`keep_indices`), read at the kept tokens' positions.
         Returns ``(past, last_logits [R, V])`` for :meth:`continue_rows`."""
         s, dev = self.settings, self.device
         r, w = len(policies), s.window
         h2o = get_policy("h2o")
         past = None
         state = [[LayerState() for _ in range(self.layers)] for _ in policies]
+        segments = segments or [None] * r
+        # each row's cached tokens' prompt positions [Hkv, cache] (segment rows only)
+        pos = [[None] * self.layers for _ in policies]
         edges = blockwise_edges(len(ids), keep, chunk)
         for lo, hi in zip(edges[:-1], edges[1:], strict=True):
             seen: list = []
@@ -206,7 +213,15 @@ class Harness:
                         advance_moments(ls, q[ri], lo, s.sinks, self.rope)
                     cap = Capture(n=hi, keys=[keys], values=[values], window=[q[ri][:, -w:]])
                     cap.h2o, cap.moments = [ls.h2o], [ls.moments]
-                    idx = keep_indices(pol, policy_scores(pol, cap, 0, self), keep, self)
+                    seg = None
+                    if segments[ri] is not None:
+                        new = torch.arange(lo, hi, device=dev).expand(keys.shape[0], -1)
+                        old = pos[ri][li]
+                        pos[ri][li] = new if old is None else torch.cat([old, new], 1)
+                        seg = segments[ri].to(dev)[pos[ri][li]]
+                    idx = keep_indices(pol, policy_scores(pol, cap, 0, self), keep, self, seg)
+                    if seg is not None:
+                        pos[ri][li] = torch.gather(pos[ri][li], 1, idx)
                     if ls.h2o is not None:
                         ls.h2o = torch.gather(ls.h2o, 1, idx)
                     g = idx[..., None].expand(-1, -1, self.d)
@@ -244,7 +259,11 @@ def policy_scores(policy: Policy, cap: Capture, layer: int, harness: Harness) ->
     return scores
 
 
-def keep_indices(policy: Policy, scores: torch.Tensor, keep: int, harness: Harness):
-    """``[Hkv, keep]`` kept token indices: ``engine.evict._select_and_write``'s call."""
+def keep_indices(policy: Policy, scores: torch.Tensor, keep: int, harness: Harness, segments=None):
+    """``[Hkv, keep]`` kept token indices: ``engine.evict._select_and_write``'s call, or with
+    ``segments`` (segment ids of the cached tokens, ``[n]`` or ``[Hkv, n]``) the harness-only
+    :func:`~vllm_caote.scoring.select_keep_segments` (whole segments, no span)."""
     s = harness.settings
+    if segments is not None:
+        return select_keep_segments(scores, keep, segments, s.window, s.sinks)
     return select_keep(scores, keep, protect_recent=s.window, sinks=s.sinks, span=policy.span)

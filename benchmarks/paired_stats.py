@@ -64,6 +64,7 @@ def summarize(rows: list[dict], bases: list[str]) -> dict:
             ok = [x["correct"] for x in by_case.values()]
             cell["policies"][name] = {"n": len(sc), "score": float(np.mean(sc)), "acc": float(np.mean(ok))}  # fmt: skip
         refs = [(p + b, b, lab) for b in bases for p, lab in METAS]
+        refs += [(p, p[:-4], "segments") for p in pols if p.endswith("+seg")]
         if kind == "lm":
             refs += [(p, "streaming", "vs StreamingLLM") for p in pols if p not in ("streaming", "full")]  # fmt: skip
         for a, b, label in refs:
@@ -86,6 +87,16 @@ def summarize(rows: list[dict], bases: list[str]) -> dict:
     return {"cells": out}
 
 
+def _lookalike(cfg: dict) -> str:
+    """The look-alike prompts among the retrieval ones, if any."""
+    if not cfg.get("lookalike"):
+        return ""
+    return (
+        f"; look-alike prompts asked for: {cfg['lookalike']} ({cfg['lookalike_pairs']} key-value sentences "
+        f"each, after the suite's); X+seg: segments of at most {cfg['segment_len']} tokens"
+    )
+
+
 def _ci(s: dict, digits: int = 3) -> str:
     if not s.get("n"):
         return "-"
@@ -105,7 +116,7 @@ def render_md(result: dict) -> str:
         f"Device: {result['device']}; wall: {result['wall_s']:.0f} s",
         "",
         f"Prompts: {cfg['retrieval']} retrieval (passkey + multi-key, {cfg['context']}-token "
-        f"haystacks, seed {cfg['seed']}), {cfg['lm']} KJV continuations ({cfg['context']} "
+        f"haystacks, seed {cfg['seed']}{_lookalike(cfg)}), {cfg['lm']} KJV continuations ({cfg['context']} "
         f"tokens, next {cfg['lm_tokens']} scored); block-wise: "
         f"{cfg.get('blockwise_prompts', 0)} prompts, chunk {cfg['chunk']}. Budgets: fractions of each prompt, rounded up to "
         f"{cfg['block_size']}-token blocks; sinks {cfg['sinks']}, window {cfg['window']}.",

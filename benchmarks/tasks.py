@@ -216,3 +216,93 @@ def kjv_passages(n_passages: int, min_chars: int, seed: int = 0) -> list[str]:
             i += 1
         out.append(" ".join(buf))
     return out
+
+
+# -- look-alike distractors: many key-value sentences of one shape, the query names one -------
+
+LOOKALIKE_ADJECTIVES = (
+    "amber", "brisk", "cobalt", "crimson", "dusky", "frosty", "golden", "hollow", "ivory",
+    "jade", "lunar", "misty", "olive", "quiet", "rusty", "scarlet", "silver", "stony",
+    "tawny", "velvet", "violet", "windy", "young", "zesty",
+)  # fmt: skip
+LOOKALIKE_NOUNS = (
+    "badger", "beacon", "canyon", "cedar", "comet", "falcon", "harbor", "heron", "lantern",
+    "maple", "meadow", "otter", "pebble", "raven", "river", "saddle", "spruce", "thistle",
+    "tiger", "tulip", "walrus", "willow", "wren", "zephyr",
+)  # fmt: skip
+#: words of the word-valued answers
+LOOKALIKE_WORDS = (
+    "apple", "bridge", "candle", "desert", "engine", "feather", "garden", "hammer", "island",
+    "jacket", "kettle", "ladder", "marble", "needle", "orange", "pillow", "rocket", "shadow",
+    "ticket", "umbrella", "valley", "window", "yellow", "zipper",
+)  # fmt: skip
+LOOKALIKE_NEEDLE = " The value for {key} is {value}. "
+LOOKALIKE_QUESTION = "\n\nWhat is the value for {key}? Answer with the value only."
+LOOKALIKE_VALUES = ("digits", "words")
+
+
+@dataclass(frozen=True)
+class LookalikeCase:
+    prompt: str  # chat-formatted, ready for generation
+    answer: str  # the asked-for value
+    key: str  # the asked-for key
+    values: str  # "digits" (5-9 digits) | "words" (3 words)
+    n_pairs: int
+    depth: float  # where the asked-for sentence sits (0..1)
+    haystack: str
+    context_tokens: int  # haystack tokens (the sentences come on top)
+
+
+def lookalike_case(
+    tokenizer,
+    context_tokens: int,
+    n_pairs: int = 16,
+    values: str = "digits",
+    haystack: str = "essays",
+    seed: int = 0,
+) -> LookalikeCase:
+    """``n_pairs`` sentences "The value for KEY is VALUE." of the same shape spread evenly over
+    ``context_tokens`` tokens of ``haystack``; keys are distinct adjective-noun pairs (sharing
+    words with each other), values 5-9 digit numbers (each its own length) or 3 words; the
+    question names one key. Before the question every sentence looks alike, so a policy must
+    keep the whole asked-for sentence (key *and* value) among near-identical distractors."""
+    if values not in LOOKALIKE_VALUES:
+        raise ValueError(f"unknown values {values!r}; valid: {LOOKALIKE_VALUES}")
+    rng = random.Random(f"la-{seed}-{context_tokens}-{n_pairs}-{values}-{haystack}")
+    pairs = [(a, b) for a in LOOKALIKE_ADJECTIVES for b in LOOKALIKE_NOUNS]
+    keys = [f"{a} {b}" for a, b in rng.sample(pairs, n_pairs)]
+    if values == "digits":
+        vals = [str(rng.randint(10 ** (d - 1), 10**d - 1)) for d in rng.choices(range(5, 10), k=n_pairs)]  # fmt: skip
+    else:
+        vals = [" ".join(rng.sample(LOOKALIKE_WORDS, 3)) for _ in keys]
+    ids = haystack_ids(tokenizer, haystack)
+    start = rng.randint(0, max(0, len(ids) - context_tokens - 1))
+    hay = ids[start : start + context_tokens]
+    cuts = [int(len(hay) * (i + 0.5) / n_pairs) for i in range(n_pairs)]
+    text, prev = "", 0
+    for cut, key, val in zip(cuts, keys, vals, strict=True):
+        text += tokenizer.decode(hay[prev:cut]) + LOOKALIKE_NEEDLE.format(key=key, value=val)
+        prev = cut
+    text += tokenizer.decode(hay[prev:])
+    target = rng.randrange(n_pairs)
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": text + LOOKALIKE_QUESTION.format(key=keys[target])}],
+        tokenize=False,
+        add_generation_prompt=True,
+    )
+    depth = (target + 0.5) / n_pairs
+    return LookalikeCase(
+        prompt, vals[target], keys[target], values, n_pairs, depth, haystack, context_tokens
+    )
+
+
+def lookalike_suite(
+    tokenizer, context_tokens: int, n: int, n_pairs: int = 16, seed: int = 0
+) -> list[LookalikeCase]:
+    """``n`` look-alike cases cycling over values (digits, words) x haystack (essays, KJV),
+    each with its own seed (``seed + i``)."""
+    grid = [(v, h) for v in LOOKALIKE_VALUES for h in HAYSTACKS]
+    return [
+        lookalike_case(tokenizer, context_tokens, n_pairs, *grid[i % len(grid)], seed=seed + i)
+        for i in range(n)
+    ]

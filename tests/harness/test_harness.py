@@ -247,6 +247,30 @@ def test_multikey_case_hides_every_key_and_asks_for_one():
     assert multikey_case(tok, 1024, seed=3) == case  # deterministic
 
 
+def test_lookalike_case_states_every_pair_once_and_asks_for_one():
+    from vllm_caote.models import model_dir
+
+    if not (model_dir() / "config.json").exists():
+        missing("embedded model", "make setup-serve, or python -m vllm_caote.models fetch")
+    from transformers import AutoTokenizer
+
+    from benchmarks.tasks import LOOKALIKE_NEEDLE, lookalike_case
+
+    tok = AutoTokenizer.from_pretrained(model_dir())
+    for values in ("digits", "words"):
+        case = lookalike_case(tok, 512, n_pairs=12, values=values, seed=5)
+        assert case.prompt.count(" The value for ") == 12
+        assert case.prompt.count(LOOKALIKE_NEEDLE.format(key=case.key, value=case.answer)) == 1
+        assert case.prompt.count(f"for {case.key} is ") == 1  # every key is distinct
+        asked = case.prompt.rsplit("value for ", 1)[1].split("?")[0]
+        assert asked == case.key
+        if values == "digits":
+            assert case.answer.isdigit() and 5 <= len(case.answer) <= 9
+        else:
+            assert len(case.answer.split()) == 3
+        assert lookalike_case(tok, 512, n_pairs=12, values=values, seed=5) == case
+
+
 def test_the_plugin_loads_without_the_harness():
     """What vLLM loads (the plugin entry points, the engine, API and metrics modules) must not
     import the benchmark/eval harness (top-level benchmarks/ and loadtest/, not in the wheel)."""

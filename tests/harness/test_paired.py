@@ -139,6 +139,30 @@ def test_blockwise_single_chunk_is_oneshot(harness):
     assert torch.allclose(lp_bw, lp, atol=1e-4)
 
 
+def test_blockwise_segments(harness):
+    """Whole-segment selection block-wise: one chunk is the one-shot selection; over several
+    chunks, one segment per token is token-wise selection (the segment ids follow the kept
+    tokens' positions)."""
+    from vllm_caote.scoring import segment_ids
+
+    h, ids, target = harness
+    n = len(ids)
+    keep = keep_tokens(n, 0.4, 32)
+    pols = [get_policy(p) for p in ("caote-snapkv", "tova")]
+    seg = segment_ids(torch.tensor([t % 7 == 0 for t in ids]), 12)
+    past, last = h.blockwise(ids, pols, keep, chunk=n, segments=[seg, seg])
+    lp_bw, _ = h.continue_rows(past, n, last, target)
+    cap = h.prefill(ids)
+    sel = [[keep_indices(p, policy_scores(p, cap, li, h), keep, h, seg) for li in range(h.layers)] for p in pols]  # fmt: skip
+    lp, _ = h.continue_rows(h.gather_rows(cap, sel), n, cap.last_logits, target)
+    assert torch.allclose(lp_bw, lp, atol=1e-4)
+    tova = [get_policy("tova")]  # span 0: one segment per token ranks as select_keep does
+    own = torch.arange(n)
+    a, la = h.blockwise(ids, tova, 64, chunk=48, segments=[own])
+    b, lb = h.blockwise(ids, tova, 64, chunk=48)
+    assert torch.allclose(h.continue_rows(a, n, la, target)[0], h.continue_rows(b, n, lb, target)[0])  # fmt: skip
+
+
 def test_paired_statistics_known_cases():
     a = np.arange(50.0)
     s = paired_diff(a + 0.5, a)  # every prompt +0.5: the interval is the point

@@ -28,7 +28,7 @@ from .expected import (
 )
 from .policy import CAOTE, KNOBS, BaseScore, FastCAOTE, Policy
 from .registry import DEFAULT_POLICY, POLICIES, get_policy, policy_names
-from .select import select_keep
+from .select import segment_ids, select_keep, select_keep_segments
 
 __all__ = [
     "CAOTE",
@@ -64,7 +64,9 @@ __all__ = [
     "query_moments",
     "rope_rotate",
     "score_rows",
+    "segment_ids",
     "select_keep",
+    "select_keep_segments",
     "snapkv_scores",
     "streaming_scores",
     "tova_scores",

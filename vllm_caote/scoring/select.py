@@ -75,6 +75,82 @@ def select_keep(
     return torch.sort(out, dim=-1).values
 
 
+def segment_ids(boundary: torch.Tensor, max_len: int = 0) -> torch.Tensor:
+    """Segment index ``[n]`` of every token, from ``boundary`` ``[n]`` (bool; True: the token
+    ends a segment, e.g. a sentence's full stop).
+
+    A segment runs from the token after a boundary to the next boundary, inclusive (the last
+    one to the end). With ``max_len > 0`` a longer segment is cut into pieces of ``max_len``
+    tokens counted back from its end, so the piece that ends a sentence (where a stated value
+    usually sits) stays whole. Indices start at 0 and go up by one from segment to segment.
+    """
+    if boundary.dim() != 1:
+        raise ValueError("boundary must have shape [n]")
+    if max_len < 0:
+        raise ValueError(f"max_len must be >= 0, got {max_len}")
+    n = boundary.numel()
+    dev = boundary.device
+    if n == 0:
+        return torch.zeros(0, dtype=torch.long, device=dev)
+    b = boundary.to(torch.bool)
+    ar = torch.arange(n, device=dev)
+    # first boundary at or after each token (n - 1 for the tail after the last one)
+    ends = torch.where(b, ar, torch.full_like(ar, n - 1))
+    end = torch.flip(torch.cummin(torch.flip(ends, (0,)), 0).values, (0,))
+    starts = torch.zeros(n, dtype=torch.bool, device=dev)
+    starts[1:] = b[:-1]  # a segment starts after a boundary
+    if max_len > 0:
+        starts[1:] |= ((end - ar) % max_len == max_len - 1)[1:]
+    starts[0] = False
+    return torch.cumsum(starts.long(), 0)
+
+
+def select_keep_segments(
+    scores: torch.Tensor,
+    keep: int,
+    segments: torch.Tensor,
+    protect_recent: int = 0,
+    sinks: int = 0,
+) -> torch.Tensor:
+    """:func:`select_keep` that keeps whole segments: every token is ranked by the best score
+    in its segment (then by its own), so the segment of the best-scored token is kept whole
+    before the next one is started; only the last segment taken may be cut.
+
+    Args:
+        scores: ``[..., n]`` keep-scores as for :func:`select_keep` (NaN lowest).
+        keep, protect_recent, sinks: as for :func:`select_keep`.
+        segments: integer segment ids ``[..., n]``, broadcastable to ``scores`` (tokens of
+            one segment share an id; e.g. :func:`segment_ids`, gathered at the cached
+            tokens' positions once they are not contiguous).
+
+    Returns:
+        As :func:`select_keep`: ``LongTensor [..., keep]``, rows sorted ascending. A segment's
+        best score is taken over its evictable tokens only (the sinks and the recent window
+        are kept anyway and do not pull their segment in). Among equal keys the newer token
+        wins.
+    """
+    n = scores.shape[-1]
+    if keep >= n or keep <= protect_recent + sinks:
+        # everything, or only the protected tokens: no ranking needed (errors as select_keep)
+        return select_keep(scores, keep, protect_recent, sinks)
+    s = scores if scores.is_floating_point() else scores.double()
+    s = torch.nan_to_num(s, nan=float("-inf"), posinf=float("inf"), neginf=float("-inf"))
+    seg = segments.to(device=s.device, dtype=torch.long).expand_as(s)
+    mid = s.clone()
+    mid[..., :sinks] = float("-inf")
+    mid[..., n - protect_recent :] = float("-inf")
+    n_seg = int(seg.max()) + 1
+    best = mid.new_full((*s.shape[:-1], n_seg), float("-inf"))
+    best = best.scatter_reduce(-1, seg, mid, "amax").gather(-1, seg)
+    # lexicographic (segment best, own score, position): stable sorts, the minor key first
+    by_own = torch.sort(s, dim=-1, stable=True).indices
+    order = by_own.gather(-1, torch.sort(best.gather(-1, by_own), dim=-1, stable=True).indices)
+    rank = torch.empty_like(order).scatter_(
+        -1, order, torch.arange(n, device=s.device).expand_as(order)
+    )
+    return select_keep(rank, keep, protect_recent, sinks)
+
+
 def _max_filter(scores: torch.Tensor, span: int) -> torch.Tensor:
     """The best score within ``span`` tokens of each token (no NaN in ``scores``)."""
     k = 2 * span + 1
