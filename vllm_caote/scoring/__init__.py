@@ -28,7 +28,7 @@ from .expected import (
 )
 from .policy import CAOTE, KNOBS, BaseScore, FastCAOTE, Policy
 from .registry import DEFAULT_POLICY, POLICIES, get_policy, policy_names
-from .select import select_keep
+from .select import recent_window, select_keep
 
 __all__ = [
     "CAOTE",
@@ -62,6 +62,7 @@ __all__ = [
     "policy_names",
     "pool_tokens",
     "query_moments",
+    "recent_window",
     "rope_rotate",
     "score_rows",
     "select_keep",
