@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from vllm_caote.engine.plan import cdiv
-from vllm_caote.scoring import Policy, QueryMoments, select_keep
+from vllm_caote.scoring import Policy, QueryMoments, recent_window, select_keep
 
 if TYPE_CHECKING:
     from benchmarks.gpu_kernels import PagedRequest
@@ -46,8 +46,9 @@ class Reference:
                     k, v, queries=q if policy.needs_queries else None, sinks=self.settings.sinks
                 )[0]
         s = self.settings
+        recent = recent_window(keep, s.window, s.recent, s.sinks)
         return select_keep(
-            self.scores[key], keep, protect_recent=s.window, sinks=s.sinks, span=policy.span
+            self.scores[key], keep, protect_recent=recent, sinks=s.sinks, span=policy.span
         )
 
 

@@ -46,6 +46,7 @@ from benchmarks.paired_model import (
     policy_scores,
 )
 from benchmarks.paired_stats import plot, render_md, summarize
+from vllm_caote.config import EvictionSettings
 from vllm_caote.scoring import get_policy
 
 BASES = ["snapkv", "tova", "h2o", "keydiff", "expected-attention"]
@@ -220,6 +221,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--chunk", type=int, default=512, help="block-wise chunk (default 512)")
     p.add_argument("--no-oneshot", action="store_true", help="only the block-wise prompts")
     p.add_argument("--merge", default=None, help="JSONs of earlier runs: summarize their rows")
+    p.add_argument(
+        "--recent",
+        type=float,
+        default=None,
+        help="kv_eviction.recent: the protected recent share of the budget (default: the "
+        "settings' default)",
+    )
     p.add_argument("--seed", type=int, default=DEFAULT_SEED)
     p.add_argument("--model", default=None, help="HF folder (default: the embedded SmolLM2)")
     p.add_argument("--device", default="cpu")
@@ -259,7 +267,8 @@ def main(argv=None) -> int:
         print(f"{len(cases)} cases -> {args.dump_cases}", file=sys.stderr)
         return 0
     model, _ = load_model(args.model, tokenizer=False)
-    h = Harness(model.to(args.device))
+    settings = EvictionSettings() if args.recent is None else EvictionSettings(recent=args.recent)
+    h = Harness(model.to(args.device), settings)
     rows, t0, done = [], time.time(), 0
     seen = {"retrieval": 0, "lm": 0}
     for case in tqdm(cases, desc="paired", file=sys.stderr):
@@ -302,6 +311,7 @@ def main(argv=None) -> int:
             segment_len=args.segment_len,
             sinks=s.sinks,
             window=s.window,
+            recent=s.recent,
         ),
         rows=rows,
     )

@@ -10,7 +10,8 @@ Invariants:
   query moments (``engine.state.advance_moments``);
 * :func:`keep_indices` scores and selects exactly as ``engine.evict._score_one`` and
   ``_select_and_write`` do with the whole prompt in view (no shared prefix):
-  ``select_keep(scores, keep, protect_recent=window, sinks=sinks, span=policy.span)``
+  ``select_keep(scores, keep, protect_recent=recent_window(keep, window, recent, sinks),
+  sinks=sinks, span=policy.span)``
   (``tests/test_paired.py`` checks the indices against the engine's functions);
 * :meth:`Harness.continue_rows` scores tokens after the prompt on one evicted cache per row, at
   their true positions (the kept keys already carry their RoPE); the first token after the
@@ -29,7 +30,13 @@ from vllm_caote.config import EvictionSettings
 from vllm_caote.engine.plan import blockwise_edges, cdiv
 from vllm_caote.engine.rope import RopeTable
 from vllm_caote.engine.state import LayerState, advance_moments, moment_knobs
-from vllm_caote.scoring import QueryMoments, get_policy, select_keep, select_keep_segments
+from vllm_caote.scoring import (
+    QueryMoments,
+    get_policy,
+    recent_window,
+    select_keep,
+    select_keep_segments,
+)
 from vllm_caote.scoring.registry import Policy
 
 
@@ -264,6 +271,7 @@ def keep_indices(policy: Policy, scores: torch.Tensor, keep: int, harness: Harne
     ``segments`` (segment ids of the cached tokens, ``[n]`` or ``[Hkv, n]``) the harness-only
     :func:`~vllm_caote.scoring.select_keep_segments` (whole segments, no span)."""
     s = harness.settings
+    recent = recent_window(keep, s.window, s.recent, s.sinks)
     if segments is not None:
-        return select_keep_segments(scores, keep, segments, s.window, s.sinks)
-    return select_keep(scores, keep, protect_recent=s.window, sinks=s.sinks, span=policy.span)
+        return select_keep_segments(scores, keep, segments, recent, s.sinks)
+    return select_keep(scores, keep, protect_recent=recent, sinks=s.sinks, span=policy.span)

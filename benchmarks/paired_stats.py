@@ -119,7 +119,8 @@ def render_md(result: dict) -> str:
         f"haystacks, seed {cfg['seed']}{_lookalike(cfg)}), {cfg['lm']} KJV continuations ({cfg['context']} "
         f"tokens, next {cfg['lm_tokens']} scored); block-wise: "
         f"{cfg.get('blockwise_prompts', 0)} prompts, chunk {cfg['chunk']}. Budgets: fractions of each prompt, rounded up to "
-        f"{cfg['block_size']}-token blocks; sinks {cfg['sinks']}, window {cfg['window']}.",
+        f"{cfg['block_size']}-token blocks; sinks {cfg['sinks']}, window {cfg['window']}, "
+        f"recent share {cfg.get('recent', 0.0)}.",
         "",
         "Score: retrieval = log-probability of the answer's tokens (sum), teacher-forced after "
         "the prompt; language modelling = mean log-probability of the next tokens. Accuracy: "

@@ -33,6 +33,8 @@ ENV_PREFIX = "CAOTE_"
 PREFILL_MODES = ("adaptive", "blockwise", "oneshot")
 #: ``prefill_base`` values: the base score of evictions made before the prompt's end
 PREFILL_BASES = ("own", "keydiff")
+#: default ``recent``: the protected recent window as a share of the budget (docs/results.md)
+RECENT_DEFAULT = 0.0
 
 
 class SettingsError(ValueError):
@@ -47,6 +49,9 @@ class EvictionSettings:
     default_policy: str = DEFAULT_POLICY
     sinks: int = 4  # never evicted: the first tokens of the sequence (attention sinks)
     window: int = 32  # observation window: the last queries scored against, never evicted
+    # share of the budget kept as the newest tokens whatever the policy scores (at least
+    # `window`; scoring.recent_window): language modelling reads the newest tokens most
+    recent: float = RECENT_DEFAULT
     # how a budgeted prompt is processed: "adaptive" (whole prompt while the pool has room,
     # block-wise under memory pressure), "blockwise" (always chunks) or "oneshot"
     prefill: str = "adaptive"
@@ -87,6 +92,16 @@ def _as_int(name: str, raw: Any, source: str) -> int:
         raise SettingsError(f"{source} {name} must be an integer, got {raw!r}") from None
 
 
+def _as_fraction(name: str, raw: Any, source: str) -> float:
+    try:
+        value = float(str(raw).strip()) if isinstance(raw, str) else float(raw)
+    except (TypeError, ValueError):
+        raise SettingsError(f"{source} {name} must be a number, got {raw!r}") from None
+    if isinstance(raw, bool) or not 0.0 <= value <= 1.0:
+        raise SettingsError(f"{source} {name} must be a fraction in [0, 1], got {raw!r}")
+    return value
+
+
 def settings(vllm_config: Any = None) -> EvictionSettings:
     """The settings in force for ``vllm_config`` (or the environment alone when None)."""
     section: dict[str, Any] = {}
@@ -119,6 +134,8 @@ def settings(vllm_config: Any = None) -> EvictionSettings:
                 raise SettingsError(
                     f"{source}prefill_base must be one of {PREFILL_BASES}, got {raw!r}"
                 )
+        elif name == "recent":
+            values[name] = _as_fraction(name, raw, source.rstrip("=."))
         elif name == "default_policy":
             try:
                 values[name] = get_policy(str(raw)).name

@@ -150,7 +150,7 @@ def _check_compact_layer(kind, dtype, strided, policy, row_specs, device):
     queries = {
         w.req_id: torch.randn(HQ, window, D, generator=gen).to(dtype).to(device) for w in rows
     }
-    settings = SimpleNamespace(window=window, sinks=sinks)
+    settings = SimpleNamespace(window=window, sinks=sinks, recent=0.0)  # the window alone
     states = {w.req_id: RequestState() for w in rows}
 
     # the reference, row by row on a copy of the cache

@@ -22,7 +22,7 @@ from benchmarks.paired_stats import mcnemar, paired_diff, summarize
 from vllm_caote.engine import evict
 from vllm_caote.engine.queries import QueryRings
 from vllm_caote.engine.state import RequestState, advance_h2o, advance_moments
-from vllm_caote.scoring import get_policy, select_keep
+from vllm_caote.scoring import get_policy, recent_window, select_keep
 
 POLICIES = [
     "snapkv",
@@ -105,7 +105,8 @@ def _engine_keep(h: Harness, policy, q, keys, values, keep: int, name: str) -> t
         advance_moments(ls, q, 0, s.sinks, h.rope)
     item = evict.Evicting(work, SimpleNamespace(ranks=None), (keys, values, keys, values))
     scores = evict._score_one(ev, item, name, SimpleNamespace(scale=h.scale))
-    return select_keep(scores, keep, protect_recent=s.window, sinks=max(s.sinks, 0), span=policy.span)  # fmt: skip
+    recent = recent_window(keep, s.window, s.recent, max(s.sinks, 0))
+    return select_keep(scores, keep, protect_recent=recent, sinks=max(s.sinks, 0), span=policy.span)  # fmt: skip
 
 
 def test_keeps_the_engines_tokens(harness):

@@ -35,7 +35,7 @@ import torch
 
 from vllm_caote.engine import compaction, observe
 from vllm_caote.engine.state import LayerState, moment_knobs
-from vllm_caote.scoring import batchable, buckets, score_rows, select_keep
+from vllm_caote.scoring import batchable, buckets, recent_window, score_rows, select_keep
 from vllm_caote.scoring.batched import score_padded_rows
 
 logger = logging.getLogger("vllm.vllm_caote.engine")
@@ -271,11 +271,12 @@ def _select_and_write(ev, item: Evicting, name: str, scores, impl, layout, kv_ca
     raw_keys, raw_values, _, _ = item.cache
     # the protected head (shared prefix-cache blocks) is kept like sinks, and never written
     head = work.plan.protected
+    sinks = max(cfg.sinks, head)
     keep_idx = select_keep(
         scores,
         work.plan.evict_to,
-        protect_recent=cfg.window,
-        sinks=max(cfg.sinks, head),
+        protect_recent=recent_window(work.plan.evict_to, cfg.window, cfg.recent, sinks),
+        sinks=sinks,
         span=work.scorer.span,
     )
     observe.notify(work.req_id, name, work.seen_before + work.q_end - work.q_start, work.cache_len, keep_idx)  # fmt: skip

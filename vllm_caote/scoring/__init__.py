@@ -28,7 +28,7 @@ from .expected import (
 )
 from .policy import CAOTE, KNOBS, BaseScore, FastCAOTE, Policy
 from .registry import DEFAULT_POLICY, POLICIES, get_policy, policy_names
-from .select import segment_ids, select_keep, select_keep_segments
+from .select import recent_window, segment_ids, select_keep, select_keep_segments
 
 __all__ = [
     "CAOTE",
@@ -62,6 +62,7 @@ __all__ = [
     "policy_names",
     "pool_tokens",
     "query_moments",
+    "recent_window",
     "rope_rotate",
     "score_rows",
     "segment_ids",

@@ -151,6 +151,21 @@ def select_keep_segments(
     return select_keep(rank, keep, protect_recent, sinks)
 
 
+def recent_window(keep: int, window: int, recent: float, sinks: int = 0) -> int:
+    """The newest tokens a selection keeping ``keep`` protects (``select_keep``'s
+    ``protect_recent``): the observation ``window``, or ``floor(recent * keep)`` when that is
+    more, and never more than the ``keep - sinks`` slots the sinks leave.
+
+    ``recent`` sizes the protected window to the budget: language modelling reads the newest
+    tokens most, and a fixed window becomes a small share of a large budget. 0 gives the
+    observation window alone (the selection before this knob)."""
+    if not 0.0 <= recent <= 1.0:
+        raise ValueError(f"recent must be a fraction in [0, 1], got {recent}")
+    if keep < 0 or window < 0 or sinks < 0:
+        raise ValueError(f"keep, window and sinks must be >= 0, got {keep}, {window}, {sinks}")
+    return max(window, min(int(recent * keep), keep - sinks))
+
+
 def _max_filter(scores: torch.Tensor, span: int) -> torch.Tensor:
     """The best score within ``span`` tokens of each token (no NaN in ``scores``)."""
     k = 2 * span + 1
