@@ -13,6 +13,8 @@ A request whose eviction failed is preempted by the fallback without anything ke
 from __future__ import annotations
 
 import pytest
+from helpers import engine_scheduler as _sched
+from helpers import essay_ids as _ids
 
 pytestmark = pytest.mark.engine
 
@@ -31,16 +33,6 @@ def llm():
     engine = make_llm(None, max_model_len=2048, num_gpu_blocks_override=POOL_BLOCKS)
     yield engine
     close_llm(engine)
-
-
-def _sched(llm):
-    return llm.llm_engine.engine_core.engine_core.scheduler
-
-
-def _ids(llm, n, offset):
-    from benchmarks.tasks import filler_prompt_ids
-
-    return filler_prompt_ids(llm.get_tokenizer(), n, offset)
 
 
 def _generate(llm, requests, watch=None) -> dict:

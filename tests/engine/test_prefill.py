@@ -12,6 +12,8 @@ import time
 from dataclasses import dataclass, field
 
 import pytest
+from helpers import engine_scheduler as _sched
+from helpers import essay_ids as _ids
 
 pytestmark = pytest.mark.engine
 
@@ -26,10 +28,6 @@ def llm():
     engine = make_llm(None, max_model_len=4096, num_gpu_blocks_override=POOL_BLOCKS)
     yield engine
     close_llm(engine)
-
-
-def _sched(llm):
-    return llm.llm_engine.engine_core.engine_core.scheduler
 
 
 @dataclass
@@ -71,12 +69,6 @@ def _run(llm, requests) -> Run:
                 if done > before.get(internal, 0):
                     run.chunks.setdefault(rid, []).append(done - before.get(internal, 0))
     return run
-
-
-def _ids(llm, n, offset):
-    from benchmarks.tasks import filler_prompt_ids
-
-    return filler_prompt_ids(llm.get_tokenizer(), n, offset)
 
 
 def _blockwise_bound(llm) -> int:

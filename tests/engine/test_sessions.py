@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import engine_scheduler as _sched
+from helpers import essay_ids as _ids
 
 from vllm_caote.engine.kept_state import MAX_STATE_BYTES
 
@@ -30,16 +32,6 @@ def llm():
     engine = make_llm(None, max_model_len=4096, num_gpu_blocks_override=POOL_BLOCKS)
     yield engine
     close_llm(engine)
-
-
-def _sched(llm):
-    return llm.llm_engine.engine_core.engine_core.scheduler
-
-
-def _ids(llm, n, offset):
-    from benchmarks.tasks import filler_prompt_ids
-
-    return filler_prompt_ids(llm.get_tokenizer(), n, offset)
 
 
 def _generate(llm, requests) -> tuple[dict, int]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 
 import pytest
+from helpers import essay_ids as _ids
 
 pytestmark = pytest.mark.engine
 
@@ -36,12 +37,6 @@ def llm(request):
 
 def _core(llm):
     return llm.llm_engine.engine_core.engine_core
-
-
-def _ids(llm, n, offset):
-    from benchmarks.tasks import filler_prompt_ids
-
-    return filler_prompt_ids(llm.get_tokenizer(), n, offset)
 
 
 def _run(llm, requests):

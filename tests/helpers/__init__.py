@@ -46,3 +46,15 @@ def embedded_engine_args(**kw):
     base = dict(model=str(model), max_model_len=2048, enforce_eager=True, dtype="float32")
     base.update(kw)
     return EngineArgs(**base)
+
+
+def engine_scheduler(llm):
+    """The engine-core scheduler of an in-process ``vllm.LLM`` (as ``make_llm`` builds it)."""
+    return llm.llm_engine.engine_core.engine_core.scheduler
+
+
+def essay_ids(llm, n: int, offset: int) -> list[int]:
+    """Exactly ``n`` token ids of essay text from ``offset``, in ``llm``'s tokenizer."""
+    from benchmarks.tasks import filler_prompt_ids
+
+    return filler_prompt_ids(llm.get_tokenizer(), n, offset)
