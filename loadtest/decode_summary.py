@@ -29,10 +29,17 @@ def label_of(compression: float | None) -> str:
 
 
 def budget_for(
-    prompt_tokens: int, output_tokens: int, compression: float, block_size: int, min_budget: int
+    prompt_tokens: int,
+    output_tokens: int,
+    compression: float,
+    block_size: int,
+    min_budget: int,
+    slack: int = 128,
 ) -> dict:
     """The budget at ``compression`` of the final sequence length, as the plugin takes it:
-    an integer >= ``min_budget`` (sinks + window + one block), kept as whole blocks."""
+    an integer >= ``min_budget`` (sinks + window + one block), kept as whole blocks; decoding,
+    a request grows ``slack`` tokens (the ``eviction_slack`` setting, whole blocks, at least
+    one) past them before it evicts back."""
     seq = prompt_tokens + output_tokens
     want = math.ceil(seq / compression)
     budget = max(want, min_budget)
@@ -44,7 +51,8 @@ def budget_for(
         clamped=want < min_budget,
         keep=keep,
         kept_compression=seq / keep,
-        cap_blocks=keep // block_size + 1,  # the plugin's bound once the prompt is in
+        # the plugin's bound once the prompt is in
+        cap_blocks=keep // block_size + max(math.ceil(slack / block_size), 1),
     )
 
 

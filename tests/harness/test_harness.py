@@ -301,6 +301,8 @@ def test_decode_heavy_budgets_follow_the_plugins_rounding():
     # 1024 + 512 tokens, 128-token blocks, minimum 164 (4 sinks + 32 window + one block)
     b8 = budget_for(1024, 512, 8, block_size=128, min_budget=164)
     assert (b8["budget"], b8["keep"], b8["cap_blocks"], b8["clamped"]) == (192, 256, 3, False)
+    # 32-token blocks: the default 128-token slack is four blocks past keep (192 tokens)
+    assert budget_for(1024, 512, 8, block_size=32, min_budget=68)["cap_blocks"] == 6 + 4
     assert b8["kept_compression"] == 1536 / 256
     b4 = budget_for(1024, 512, 4, block_size=128, min_budget=164)
     assert (b4["budget"], b4["keep"], b4["cap_blocks"]) == (384, 384, 4)

@@ -78,6 +78,18 @@ class PreemptedCaches:
     def num_blocks(self) -> int:
         return sum(len(k.block_ids) for k in self.kept.values())
 
+    def owed_blocks(self, exclude: str) -> int:
+        """Kept blocks, of requests other than ``exclude``, that their owners can still resume
+        from (a run still in the pool that covers the compacted part): the owner, at the head
+        of vLLM's waiting queue, takes them back when rescheduled, so no one else should."""
+        total = 0
+        for rid, kept in self.kept.items():
+            if rid != exclude:
+                run = len(self.ev.kv.lookup_session_run(kept.hashes, kept.block_ids))
+                if (kept.shared // self.block_size + run) * self.block_size >= kept.settled:
+                    total += run
+        return total
+
     def _known_state(self, request, st) -> bool:
         if not self.enabled or st is None or st.fresh or st.error is not None:
             return False

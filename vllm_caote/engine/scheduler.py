@@ -22,7 +22,8 @@ least one; ``keep = ceil(B/bs) * bs``):
     takes the rest, at most ``keep + chunk``; each followed by an eviction to ``keep``);
   - ``adaptive`` (default): the whole prompt is cached and evicted once at its end, with the
     prompt's end (the question) in the observation window, *only while the pool has free blocks
-    for the rest of the prompt plus one per running request that may still grow*. Without
+    for the rest of the prompt beyond what running requests are owed* (their growth to their
+    peaks before they next give blocks back: :mod:`vllm_caote.engine.headroom`). Without
     room, a prompt not yet started waits, holding no block, while budgeted prompts in
     whole-prompt prefill will give it the room when they shrink to their budgets (at most
     ``prefill_wait`` seconds); otherwise, or once started, it goes ``blockwise`` for the rest
@@ -46,6 +47,7 @@ from vllm.v1.core.sched.scheduler import Scheduler
 from vllm_caote.config import BUDGET_KEY, POLICY_KEY, STATS_KEY, settings
 from vllm_caote.engine.budget import RequestBudget
 from vllm_caote.engine.fallback import Restarts
+from vllm_caote.engine.headroom import Headroom
 from vllm_caote.engine.kv_cache_manager import adopt
 from vllm_caote.engine.plan import PLAN_ATTR, REPORT_ATTR, StepPlan, cdiv
 from vllm_caote.engine.preemption import PreemptedCaches
@@ -82,6 +84,7 @@ class SchedulerEviction:
         self.kept_preempted = PreemptedCaches(
             self, self.sessions.enabled and bool(self.settings.keep_preempted)
         )
+        self.headroom = Headroom(self)  # what a budgeted chunk may take (engine/headroom.py)
         #: Test seam: a request for which it returns True is given 0 tokens this step, so vLLM
         #: leaves it out of the step through its own ``num_new_tokens == 0`` path, as it does
         #: when a token, encoder or DP-balancing budget runs out in front of it.
@@ -138,13 +141,16 @@ class SchedulerEviction:
             return num_new_tokens  # decoding: one token (or a replay after preemption)
         cache = computed - st.evicted
         bs = self.block_size
-        spare, held = self._spare_blocks(request, computed, st)  # growth reserve taken out
+        # free blocks no running request (or preempted request's kept cache) is owed
+        spare, held = self.headroom.spare(request, computed, st)
+        cap = self.headroom.cap_blocks(st)
         if self.mode == "adaptive":
-            short = cdiv(cache + request.num_prompt_tokens - computed, bs) - held - spare
+            whole = max(cdiv(cache + request.num_prompt_tokens - computed, bs), cap)
+            short = whole - held - spare
             if short <= 0:
                 st.blockwise, st.waiting_since = False, None
                 return num_new_tokens
-            if st.fresh and self._wait_for_headroom(st, short):
+            if st.fresh and self.headroom.wait_for_headroom(st, short):
                 return 0  # vLLM leaves it waiting this step; it holds no block meanwhile
         st.blockwise = True
         # its own tokens never exceed keep + chunk: the first chunk may be keep + chunk tokens
@@ -158,70 +164,15 @@ class SchedulerEviction:
         rest = request.num_prompt_tokens - computed
         aligned = rest - self.chunk * cdiv(rest - room, self.chunk) if rest > room else room
         n = min(num_new_tokens, aligned if aligned > 0 else room)
-        # the chunk takes only blocks the running requests will not need to grow, so vLLM never
-        # has to preempt one of them (or this request) to make room for it
-        fits = (held + spare) * bs - cache
+        # the chunk takes only blocks no one else is owed, and only if the pool also covers its
+        # own growth to its cap afterwards: so vLLM never has to preempt to make room for it
+        fits = (held + spare) * bs - cache if spare >= cap - held else 0
         if st.fresh:
             return max(min(n, fits), 0)  # 0: not admitted this step; it holds nothing meanwhile
-        # started: it holds blocks, so it never stalls on this (with every running request a
-        # budgeted prefill, stalling could wait forever); with no room at all, vLLM decides
-        return min(n, fits) if fits > 0 else n
-
-    def _spare_blocks(self, request, computed: int, st: RequestBudget) -> tuple[int, int]:
-        """``(free blocks less one for every running request that may still grow, blocks the
-        request counts as held)``.
-
-        Blocks it holds already, and before its first step its prefix-cache hits (whole blocks
-        it is about to take), count as held; hits that sit in the free queue leave the free
-        count when it takes them, hits other requests hold do not. A budgeted request at its
-        block cap does not grow: its next block comes with an eviction."""
-        held = self.kv.num_held_blocks(request.request_id)
-        free = self.kv.block_pool.get_num_free_blocks()
-        if st.fresh and held == 0 and st.resume is not None:
-            held = st.resume.num_blocks  # a kept cache: free blocks it is about to take
-            free -= st.resume.num_blocks
-        elif st.fresh and held == 0 and computed:
-            held = computed // self.block_size
-            free -= self.kv.num_free_hit_blocks(request, computed)
-        growing = 1  # the request itself, once its prompt is in
-        for other in self.scheduler.running:
-            o = self.requests.get(other.request_id)
-            at_cap = (
-                o is not None
-                and other.num_computed_tokens >= other.num_prompt_tokens
-                and self.kv.num_held_blocks(other.request_id) >= self._cap_blocks(o)
-            )
-            growing += not at_cap
-        return free - growing, held
-
-    def _cap_blocks(self, st: RequestBudget) -> int:
-        """Blocks a budgeted request holds at most once its prompt is in."""
-        return cdiv(st.shared + st.keep + self.slack, self.block_size)
-
-    def _wait_for_headroom(self, st: RequestBudget, short: int) -> bool:
-        """Under pressure, a fresh prompt waits (holding nothing) for budgeted prompts now in
-        whole-prompt prefill to end and shrink to their budgets, when that gives it the room:
-        so prompts take turns being read whole, with the question in view, instead of being
-        evicted block-wise before it. The wait is bounded (``prefill_wait`` seconds), and
-        there is none when nothing in flight will give blocks back: no deadlock."""
-        limit = self.settings.prefill_wait
-        now = self.clock()
-        if limit <= 0 or st.wait_expired:
-            return False
-        if st.waiting_since is None:
-            st.waiting_since = now
-        if now - st.waiting_since > limit:
-            st.wait_expired = True
-            return False
-        releasing = 0
-        for other in self.scheduler.running:
-            o = self.requests.get(other.request_id)
-            if o is None or o.blockwise or other.num_computed_tokens >= other.num_prompt_tokens:
-                continue
-            # it takes the rest of its prompt's blocks, then evicts back to its cap: net, the
-            # pool gains what it holds now beyond the cap (negative while it has just begun)
-            releasing += self.kv.num_held_blocks(other.request_id) - self._cap_blocks(o)
-        return releasing >= short
+        # started: it holds blocks, so it never stalls (with every running request a budgeted
+        # prefill, stalling could wait forever); short of room it reads what its last block
+        # holds, or one block, and its eviction after the chunk gives blocks back
+        return min(n, max(fits, bs - cache % bs))
 
     def plan(self, scheduler_output) -> None:
         """Decide, per scheduled budgeted request, whether it evicts after this step."""
