@@ -27,6 +27,7 @@ Results: ``<out>/<tag>.{json,md,png}``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import sys
@@ -71,10 +72,29 @@ def boundary_ids(tok) -> set[int]:
     return {i for i in range(len(tok)) if any(c in tok.decode([i]) for c in SEGMENT_ENDS)}
 
 
+#: a CAOTE form in the paper's form (knob ``caote_alpha="attention"``): ``caote-X+paper``
+PAPER = "+paper"
+
+
 def parse_policy(name: str):
-    """``(policy, segments)`` of a ``--policies`` entry: ``X`` or ``X+seg``."""
+    """``(policy, segments)`` of a ``--policies`` entry: ``X``, ``X+seg``, ``caote-X+paper`` or
+    ``caote-X+paper+seg`` (``+paper``: CAOTE on each window query's attention rows, pooled
+    after; :mod:`vllm_caote.scoring.caote_window`)."""
     seg = name.endswith(SEG)
-    return get_policy(name[: -len(SEG)] if seg else name), seg
+    name = name[: -len(SEG)] if seg else name
+    paper = name.endswith(PAPER)
+    policy = get_policy(name[: -len(PAPER)] if paper else name)
+    if paper:
+        if policy.meta is None:
+            raise ValueError(f"{PAPER} applies to CAOTE forms only, not {policy.name!r}")
+        policy = dataclasses.replace(policy, caote_alpha="attention")
+    return policy, seg
+
+
+def policy_label(policy, seg: bool) -> str:
+    """The name a parsed ``--policies`` entry is reported under."""
+    paper = getattr(policy, "caote_alpha", "base") == "attention"
+    return policy.name + (PAPER if paper else "") + (SEG if seg else "")
 
 
 def make_cases(
@@ -248,7 +268,7 @@ def main(argv=None) -> int:
     fracs = [float(x) for x in args.budgets.split(",") if x.strip()]
     bases = [b for b in args.bases.split(",") if b]
     names = args.policies.split(",") if args.policies else default_policies(bases)
-    names = [p.name + (SEG if s else "") for p, s in map(parse_policy, names)]
+    names = [policy_label(p, s) for p, s in map(parse_policy, names)]
     if args.merge:
         return _merge(args, bases)
     if args.cases:

@@ -51,7 +51,8 @@ def mcnemar(a, b) -> dict:
 
 def summarize(rows: list[dict], bases: list[str]) -> dict:
     """Per (kind, mode, budget): each policy's mean score and accuracy, and CAOTE-X - X,
-    FastCAOTE-X - X and (language modelling) each policy - StreamingLLM, paired."""
+    FastCAOTE-X - X, CAOTE's paper form (``caote-X+paper``) - CAOTE-X and - X, and (language
+    modelling) each policy - StreamingLLM, paired."""
     cells: dict = {}
     for r in rows:
         key = (r["kind"], r["mode"], r["budget"])
@@ -65,6 +66,9 @@ def summarize(rows: list[dict], bases: list[str]) -> dict:
             cell["policies"][name] = {"n": len(sc), "score": float(np.mean(sc)), "acc": float(np.mean(ok))}  # fmt: skip
         refs = [(p + b, b, lab) for b in bases for p, lab in METAS]
         refs += [(p, p[:-4], "segments") for p in pols if p.endswith("+seg")]
+        for p in pols:  # CAOTE's paper form (caote-X+paper) vs CAOTE-X and vs X
+            if p.endswith("+paper"):
+                refs += [(p, p[:-6], "paper form vs base alpha"), (p, p[:-6].split("caote-", 1)[1], "paper-form CAOTE")]  # fmt: skip
         if kind == "lm":
             refs += [(p, "streaming", "vs StreamingLLM") for p in pols if p not in ("streaming", "full")]  # fmt: skip
         for a, b, label in refs:

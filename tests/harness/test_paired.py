@@ -187,3 +187,27 @@ def test_paired_statistics_known_cases():
     assert pair["score"]["mean"] == pytest.approx(1.0)
     assert pair["mcnemar"]["a_only"] == 1 and pair["mcnemar"]["b_only"] == 0
     assert math.isclose(cell["policies"]["caote-snapkv"]["acc"], 0.75)
+
+
+def test_paper_form_policies_parse_and_pair():
+    """``caote-X+paper``: CAOTE with knob caote_alpha="attention", reported under its name and
+    paired with CAOTE-X and with X."""
+    from benchmarks.paired import parse_policy, policy_label
+
+    pol, seg = parse_policy("caote-snapkv+paper+seg")
+    assert seg and pol.caote_alpha == "attention" and pol.name == "caote-snapkv"
+    assert policy_label(pol, seg) == "caote-snapkv+paper+seg"
+    assert policy_label(*parse_policy("fast-caote-tova+paper")) == "fast-caote-tova+paper"
+    assert policy_label(*parse_policy("caote-tova")) == "caote-tova"
+    with pytest.raises(ValueError, match="CAOTE forms only"):
+        parse_policy("snapkv+paper")
+    rows = [
+        dict(case=c, kind="lm", mode="oneshot", budget=0.25, policy=p, score=sc, correct=0.5)
+        for c in range(4)
+        for p, sc in (("tova", -2.0), ("caote-tova", -1.5), ("caote-tova+paper", -1.0))
+    ]
+    (cell,) = summarize(rows, ["tova"])["cells"]
+    pairs = {(p["a"], p["b"]): p["score"]["mean"] for p in cell["pairs"]}
+    assert pairs[("caote-tova+paper", "caote-tova")] == pytest.approx(0.5)
+    assert pairs[("caote-tova+paper", "tova")] == pytest.approx(1.0)
+    assert pairs[("caote-tova", "tova")] == pytest.approx(0.5)

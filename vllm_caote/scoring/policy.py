@@ -30,6 +30,7 @@ import torch
 from .attention import attention_sums
 from .base import h2o_scores, pool_tokens
 from .caote import caote_scores, fast_caote_scores
+from .caote_window import window_form, window_form_padded
 from .expected import query_moments
 
 #: Tunable knobs accepted by :meth:`Policy.score` and their defaults. A policy ignores the
@@ -57,6 +58,12 @@ KNOBS: Mapping[str, Any] = MappingProxyType(
         "future_rotation": None,
         "use_covariance": True,
         "use_vnorm": True,
+        # CAOTE's alpha: "base" = the base's scores as the base outputs them (window-averaged,
+        # head-averaged, pooled), normalised; "attention" = the paper's form: each window
+        # query's own softmax row per query head (bases that read the window's attention:
+        # SnapKV, TOVA), the base's averaging and pooling applied to the CAOTE errors after;
+        # for the other bases their un-pooled scores, neighbour pooling applied after
+        "caote_alpha": "base",
     }
 )
 
@@ -247,7 +254,7 @@ class Policy:
         if not self.stateful:
             raise ValueError(f"policy {self.name!r} is not stateful")
         k = self._knobs(knobs)
-        return self._meta_scores(neighbours(state, k), values, k)
+        return self._meta_scores(self._state_alpha(state, k), values, k)
 
     def score_from_state_padded(
         self,
@@ -266,7 +273,7 @@ class Policy:
             raise ValueError(f"state must be [B, Hkv, N], got {tuple(state.shape)}")
         key_lengths = torch.as_tensor(key_lengths, device=state.device)
         valid = torch.arange(state.shape[-1], device=state.device) < key_lengths[:, None]
-        return self._meta_scores(neighbours(state, k, valid), values, k, valid)
+        return self._meta_scores(self._state_alpha(state, k, valid), values, k, valid)
 
     def head_sum_length(self, n: int) -> int:
         """Length of the vector ``reduce_heads`` sums for ``n`` cached tokens (``cross_head``
@@ -319,6 +326,10 @@ class Policy:
     def _meta_scores(self, base, values, k, valid=None) -> torch.Tensor:
         return base
 
+    def _state_alpha(self, state, k, valid=None) -> torch.Tensor:
+        """What a stateful policy scores from its running sum: the sum, neighbour-pooled."""
+        return neighbours(state, k, valid)
+
     def _base(self, keys, values, attn, h2o_prev, sinks, k):
         """``(scores [Hkv, n], state or None)`` of one layer."""
         raise NotImplementedError
@@ -354,6 +365,7 @@ class CAOTE(Policy):
 
     base: BaseScore
     eps: float = 1e-6  # clamp on 1 - alpha
+    caote_alpha: str = "base"  # "attention": the paper's per-query form (knob caote_alpha)
 
     meta: ClassVar[str | None] = "caote"
 
@@ -380,18 +392,55 @@ class CAOTE(Policy):
     window_mean = _base_flag("window_mean")
 
     def settings(self) -> dict[str, Any]:
-        return {**self.base.settings(), "eps": self.eps}
+        return {**self.base.settings(), "eps": self.eps, "caote_alpha": self.caote_alpha}
 
     def head_sum_length(self, n: int) -> int:
         return self.base.head_sum_length(n)
 
+    def _paper(self, k) -> bool:
+        """Knob ``caote_alpha``: the paper's form ("attention") or the base's ("base")."""
+        if k["caote_alpha"] not in ("base", "attention"):
+            raise ValueError(f"caote_alpha must be 'base' or 'attention', got {k['caote_alpha']!r}")
+        return k["caote_alpha"] == "attention"
+
+    def _window_form(self, k) -> bool:
+        """The paper's form over a base that reads the window queries' attention."""
+        return self._paper(k) and self.base.needs_attention and not self.base.stateful
+
+    def score_with_state(
+        self, keys, values, queries=None, attn=None, h2o_prev=None, sinks=4, **knobs
+    ):
+        k = self._knobs(knobs)
+        if not self._window_form(k):
+            return super().score_with_state(keys, values, queries, attn, h2o_prev, sinks, **knobs)
+        return window_form(self, keys, values, queries, attn, sinks, k), None
+
+    def score_padded(
+        self, keys, values, queries, key_lengths, query_lengths=None, sinks=4, **knobs
+    ):
+        k = self._knobs(knobs)
+        if not self._window_form(k):
+            return super().score_padded(keys, values, queries, key_lengths, query_lengths, sinks, **knobs)  # fmt: skip
+        return window_form_padded(self, keys, values, queries, key_lengths, query_lengths, sinks, k)  # fmt: skip
+
+    def _unpooled(self, k) -> dict:
+        return {**k, "pool_neighbours": False} if self._paper(k) else k
+
     def _base(self, keys, values, attn, h2o_prev, sinks, k):
-        return self.base._alpha(keys, values, attn, h2o_prev, sinks, k)
+        return self.base._alpha(keys, values, attn, h2o_prev, sinks, self._unpooled(k))
 
     def _base_padded(self, keys, values, attn, sinks, k, valid, query_lengths):
-        return self.base._alpha_padded(keys, values, attn, sinks, k, valid, query_lengths)
+        return self.base._alpha_padded(keys, values, attn, sinks, self._unpooled(k), valid, query_lengths)  # fmt: skip
+
+    def _state_alpha(self, state, k, valid=None) -> torch.Tensor:
+        return neighbours(state, self._unpooled(k), valid)
 
     def _meta_scores(self, base, values, k, valid=None) -> torch.Tensor:
+        scores = self._caote(base, values, k, valid)
+        # the paper's form pools the CAOTE scores, not the alpha they are computed from
+        return neighbours(scores, k, valid) if self._paper(k) else scores
+
+    def _caote(self, base, values, k, valid) -> torch.Tensor:
         return caote_scores(base, values, eps=k["eps"], valid=valid)
 
 
@@ -401,5 +450,5 @@ class FastCAOTE(CAOTE):
 
     meta: ClassVar[str | None] = "fast-caote"
 
-    def _meta_scores(self, base, values, k, valid=None) -> torch.Tensor:
+    def _caote(self, base, values, k, valid) -> torch.Tensor:
         return fast_caote_scores(base, values, eps=k["eps"], valid=valid)
