@@ -26,7 +26,8 @@ from .expected import (
     query_moments,
     rope_rotate,
 )
-from .policy import CAOTE, KNOBS, BaseScore, FastCAOTE, Policy
+from .meta import CAOTE, FastCAOTE
+from .policy import KNOBS, BaseScore, Policy
 from .registry import DEFAULT_POLICY, POLICIES, get_policy, policy_names
 from .select import recent_window, segment_ids, select_keep, select_keep_segments
 

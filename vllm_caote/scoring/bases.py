@@ -1,8 +1,8 @@
 """The base scores, one small frozen dataclass each; their fields are their settings.
 
 ``SnapKV()``, ``TOVA()``, ``H2O()``, ``KeyDiff()``, ``ExpectedAttention()`` and
-``StreamingLLM()`` score alone or under :class:`~vllm_caote.scoring.policy.CAOTE` /
-:class:`~vllm_caote.scoring.policy.FastCAOTE`. H2O, TOVA, KeyDiff and Expected Attention pool
+``StreamingLLM()`` score alone or under :class:`~vllm_caote.scoring.meta.CAOTE` /
+:class:`~vllm_caote.scoring.meta.FastCAOTE`. H2O, TOVA, KeyDiff and Expected Attention pool
 their per-token scores over neighbours like SnapKV's (``pool_neighbours``, on by default): a
 kept token keeps its neighbours; with it off the scores are the papers' (and kvpress's).
 """

@@ -26,6 +26,7 @@ import torch
 from . import chunking
 from ._util import as_compute, check_float, compute_dtype
 from .attention import _check, _lengths
+from .caote import caote_scores, fast_caote_scores
 
 
 def caote_window_scores(
@@ -134,8 +135,6 @@ def caote_window_scores(
 
 def _errors_from_attn(attn: torch.Tensor, values: torch.Tensor, eps: float, fast: bool):
     """``[Hkv, G, n]`` errors of precomputed rows ``attn [Hkv, G, w, n]`` (one row)."""
-    from .caote import caote_scores, fast_caote_scores
-
     if attn.dim() != 4:
         raise ValueError(f"attn must be [Hkv, G, w, n], got {tuple(attn.shape)}")
     per_head = fast_caote_scores if fast else caote_scores

@@ -11,7 +11,8 @@ docs/policies.md.
 from __future__ import annotations
 
 from .bases import H2O, TOVA, ExpectedAttention, KeyDiff, SnapKV, StreamingLLM
-from .policy import CAOTE, KNOBS, BaseScore, FastCAOTE, Policy
+from .meta import CAOTE, FastCAOTE
+from .policy import KNOBS, BaseScore, Policy
 
 __all__ = ["DEFAULT_POLICY", "KNOBS", "POLICIES", "Policy", "get_policy", "policy_names"]
 
