@@ -50,7 +50,7 @@ class Headroom:
             return cap
         if st.blockwise and self.ev.mode != "oneshot":
             return max(cdiv(st.shared + st.keep + self.ev.chunk, bs), cap)
-        return max(cdiv(computed - st.evicted + prompt - computed, bs), cap)
+        return max(cdiv(prompt - st.evicted, bs), cap)  # the whole prompt, less any evicted
 
     def owed(self, exclude: str) -> int:
         """Blocks the running requests other than ``exclude`` and the kept caches of preempted

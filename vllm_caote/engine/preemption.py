@@ -82,13 +82,16 @@ class PreemptedCaches:
         """Kept blocks, of requests other than ``exclude``, that their owners can still resume
         from (a run still in the pool that covers the compacted part): the owner, at the head
         of vLLM's waiting queue, takes them back when rescheduled, so no one else should."""
-        total = 0
-        for rid, kept in self.kept.items():
-            if rid != exclude:
-                run = len(self.ev.kv.lookup_session_run(kept.hashes, kept.block_ids))
-                if (kept.shared // self.block_size + run) * self.block_size >= kept.settled:
-                    total += run
-        return total
+        runs = (self._valid_run(k) for rid, k in self.kept.items() if rid != exclude)
+        return sum(len(run) for run in runs if run is not None)
+
+    def _valid_run(self, kept: KeptPreempted) -> list | None:
+        """The longest run of ``kept``'s blocks still in the pool, if it (with the shared
+        prefix) covers the compacted part, the shortest valid resume point; else None."""
+        own = self.ev.kv.lookup_session_run(kept.hashes, kept.block_ids)
+        if (kept.shared // self.block_size + len(own)) * self.block_size < kept.settled:
+            return None
+        return own
 
     def _known_state(self, request, st) -> bool:
         if not self.enabled or st is None or st.fresh or st.error is not None:
@@ -141,10 +144,10 @@ class PreemptedCaches:
         bs = self.block_size
         if hit_tokens < kept.shared:
             return None  # its shared prefix has left the cache
-        own = self.ev.kv.lookup_session_run(kept.hashes, kept.block_ids)
-        total = kept.shared // bs + len(own)
-        if total * bs < kept.settled:
+        own = self._valid_run(kept)
+        if own is None:
             return None  # vLLM reclaimed some of the compacted part: recompute
+        total = kept.shared // bs + len(own)
         cached = min(total * bs, kept.cached)
         length = cached + kept.evicted
         if length <= hit_tokens or length >= request.num_tokens:
