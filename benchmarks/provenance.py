@@ -57,9 +57,11 @@ def record(module: str, argv=None, repo: Path | None = None) -> dict:
     the command line, the UTC date."""
     repo = ROOT if repo is None else Path(repo)
     changes = sorted((_git(repo, "diff", "--name-only", "HEAD", "--") or "").splitlines())
+    commit = _git(repo, "rev-parse", "HEAD") or None
     return {
         "command": command_line(module, argv),
-        "commit": _git(repo, "rev-parse", "HEAD") or None,
+        "commit": commit,
+        "git_rev": commit[:7] if commit else None,  # the short form older reports carry
         "dirty": bool(changes),
         "changes": changes,
         "date": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
