@@ -30,6 +30,7 @@ import argparse
 import dataclasses
 import json
 import platform
+import re
 import sys
 import time
 import traceback
@@ -91,10 +92,35 @@ def parse_policy(name: str):
     return policy, seg
 
 
+#: harness-only selection overrides appended to a policy's name: ``@r0.5`` (``recent``),
+#: ``@f4`` (``fill_recent``); several may follow one another
+SELECTION_RE = re.compile(r"@([rf])([0-9]*\.?[0-9]+)")
+
+
+def split_selection(name: str) -> tuple[str, dict]:
+    """``(name without its @-overrides, keep_indices keyword overrides)``."""
+    opts = {}
+    for key, value in SELECTION_RE.findall(name):
+        opts["recent" if key == "r" else "outlier"] = float(value)
+    base = SELECTION_RE.sub("", name)
+    if "@" in base:
+        raise ValueError(f"unknown selection override in {name!r} (use @r<share>, @f<outlier>)")
+    return base, opts
+
+
 def policy_label(policy, seg: bool) -> str:
     """The name a parsed ``--policies`` entry is reported under."""
     paper = getattr(policy, "caote_alpha", "base") == "attention"
     return policy.name + (PAPER if paper else "") + (SEG if seg else "")
+
+
+def _label(name: str) -> str:
+    """The report name of a ``--policies`` entry: the parsed policy's label, then any
+    @-overrides as written."""
+    base, _ = split_selection(name)
+    return policy_label(*parse_policy(base)) + "".join(
+        m.group(0) for m in SELECTION_RE.finditer(name)
+    )
 
 
 def make_cases(
@@ -176,13 +202,19 @@ def run_case(
     h: Harness, case, names, fracs, block_size, blockwise, chunk, oneshot=True, segment_len=24
 ):
     """Every policy x budget of one case (and the full cache): result rows."""
-    parsed = [parse_policy(p) for p in names]
+    split = [split_selection(p) for p in names]
+    opts = [o for _, o in split]
+    parsed = [parse_policy(p) for p, _ in split]
     policies = [p for p, _ in parsed]
     seg_ids = case_segments(case, segment_len) if any(s for _, s in parsed) else None
     segs = [seg_ids if s else None for _, s in parsed]
     ids, target = case["ids"], case["target"]
     n = len(ids)
-    rows = [] if oneshot else _blockwise(h, case, names, policies, fracs, block_size, chunk, segs)
+    rows = (
+        []
+        if oneshot
+        else _blockwise(h, case, names, policies, fracs, block_size, chunk, segs, opts)
+    )
     if not oneshot:
         return rows
     cap = h.prefill(ids)
@@ -194,21 +226,21 @@ def run_case(
     scores = [[policy_scores(p, cap, li, h) for li in range(h.layers)] for p in policies]
     for frac in fracs:
         keep = keep_tokens(n, frac, block_size)
-        sel = [[keep_indices(p, s[li], keep, h, g) for li in range(h.layers)] for p, s, g in zip(policies, scores, segs, strict=True)]  # fmt: skip
+        sel = [[keep_indices(p, s[li], keep, h, g, **o) for li in range(h.layers)] for p, s, g, o in zip(policies, scores, segs, opts, strict=True)]  # fmt: skip
         lp, hits = h.continue_rows(h.gather_rows(cap, sel), n, cap.last_logits, target)
         rows += _rows(case, "oneshot", frac, keep, names, lp, hits)
     del cap, scores, full
     if blockwise:
-        rows += _blockwise(h, case, names, policies, fracs, block_size, chunk, segs)
+        rows += _blockwise(h, case, names, policies, fracs, block_size, chunk, segs, opts)
     return rows
 
 
-def _blockwise(h: Harness, case, names, policies, fracs, block_size, chunk, segs) -> list[dict]:
+def _blockwise(h: Harness, case, names, policies, fracs, block_size, chunk, segs, opts) -> list[dict]:  # fmt: skip
     ids, target, n, rows = case["ids"], case["target"], len(case["ids"]), []
     try:
         for frac in fracs:
             keep = keep_tokens(n, frac, block_size)
-            past, last = h.blockwise(ids, policies, keep, chunk, segs)
+            past, last = h.blockwise(ids, policies, keep, chunk, segs, opts)
             lp, hits = h.continue_rows(past, n, last, target)
             rows += _rows(case, "blockwise", frac, keep, names, lp, hits)
     except Exception:  # noqa: BLE001 - reported; the whole-prompt rows stand
@@ -268,7 +300,7 @@ def main(argv=None) -> int:
     fracs = [float(x) for x in args.budgets.split(",") if x.strip()]
     bases = [b for b in args.bases.split(",") if b]
     names = args.policies.split(",") if args.policies else default_policies(bases)
-    names = [policy_label(p, s) for p, s in map(parse_policy, names)]
+    names = [_label(n) for n in names]
     if args.merge:
         return _merge(args, bases)
     if args.cases:

@@ -25,6 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 
 from vllm_caote.config import EvictionSettings
 from vllm_caote.engine.plan import blockwise_edges, cdiv
@@ -183,7 +184,13 @@ class Harness:
 
     @torch.inference_mode()
     def blockwise(
-        self, ids: list[int], policies: list[Policy], keep: int, chunk: int, segments=None
+        self,
+        ids: list[int],
+        policies: list[Policy],
+        keep: int,
+        chunk: int,
+        segments=None,
+        opts=None,
     ):
         """Block-wise prefill, one row per policy: the prompt read in the engine's chunks
         (:func:`~vllm_caote.engine.plan.blockwise_edges`), each row's cache evicted to ``keep``
@@ -198,6 +205,7 @@ class Harness:
         past = None
         state = [[LayerState() for _ in range(self.layers)] for _ in policies]
         segments = segments or [None] * r
+        opts = opts or [{}] * r  # per row: keep_indices' recent / outlier overrides
         # each row's cached tokens' prompt positions [Hkv, cache] (segment rows only)
         pos = [[None] * self.layers for _ in policies]
         edges = blockwise_edges(len(ids), keep, chunk)
@@ -226,7 +234,8 @@ class Harness:
                         old = pos[ri][li]
                         pos[ri][li] = new if old is None else torch.cat([old, new], 1)
                         seg = segments[ri].to(dev)[pos[ri][li]]
-                    idx = keep_indices(pol, policy_scores(pol, cap, 0, self), keep, self, seg)
+                    sc = policy_scores(pol, cap, 0, self)
+                    idx = keep_indices(pol, sc, keep, self, seg, **opts[ri])
                     if seg is not None:
                         pos[ri][li] = torch.gather(pos[ri][li], 1, idx)
                     if ls.h2o is not None:
@@ -238,6 +247,50 @@ class Harness:
             last = self.logits(hidden[:, -1])
             past = new_past
         return past, last
+
+
+def fill_recent(
+    scores: torch.Tensor,
+    protect_recent: int = 0,
+    sinks: int = 0,
+    outlier: float = 4.0,
+    span: int = 0,
+) -> torch.Tensor:
+    """Harness-only (measured worse than the plain top-k and than ``recent``, docs/results.md)
+    keep-keys ``[..., n]`` (float64) for :func:`select_keep` that give the evictable slots
+    to the tokens that stand out, then to the newest: a token whose score is more than
+    ``outlier`` times the row's typical score (both measured from the row's lowest, over the
+    evictable tokens) ranks above every other token, by its score; every other token ranks by
+    position, the newest first.
+
+    The hypothesis it tested (#32): a query-aware top-k spends a small budget on tokens that
+    score a little above the rest by chance, where StreamingLLM's recent context predicts the
+    next tokens better, while a retrieval answer scores far above the rest. It lost on both.
+    ``span`` (as :func:`select_keep`) widens every score to its neighbours' best first.
+    Sinks and the ``protect_recent`` newest tokens are :func:`select_keep`'s to keep."""
+    if outlier < 0:
+        raise ValueError(f"outlier must be >= 0, got {outlier}")
+    n = scores.shape[-1]
+    s = scores.to(torch.float64)
+    s = torch.nan_to_num(s, nan=float("-inf"), posinf=float("inf"), neginf=float("-inf"))
+    if span > 0:
+        s = F.max_pool1d(s.reshape(-1, 1, n), 2 * span + 1, stride=1, padding=span).reshape(s.shape)
+    mid = s[..., sinks : max(sinks, n - protect_recent)]
+    pos = torch.arange(n, device=s.device, dtype=torch.float64) / max(n, 1)
+    if mid.shape[-1] == 0:
+        return pos.expand_as(s).clone()
+    finite = torch.isfinite(mid)
+    big = torch.finfo(torch.float64).max
+    lo = torch.where(finite, mid, big).amin(-1, keepdim=True)
+    lo = torch.where(torch.isfinite(lo), lo, torch.zeros_like(lo))
+    rise = torch.where(finite, mid - lo, torch.zeros_like(mid))
+    typical = rise.sum(-1, keepdim=True) / finite.sum(-1, keepdim=True).clamp(min=1)
+    over = (s - lo) > outlier * typical
+    # outliers: 2 + their rise scaled into [0, 1); the rest: their position in [0, 1)
+    top = (s - lo).clamp(min=0)
+    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+    scale = top.amax(-1, keepdim=True).clamp(min=1e-300)
+    return torch.where(over, 2.0 + 0.999 * top / scale, pos.expand_as(s))
 
 
 def keep_tokens(n: int, fraction: float, block_size: int) -> int:
@@ -266,12 +319,26 @@ def policy_scores(policy: Policy, cap: Capture, layer: int, harness: Harness) ->
     return scores
 
 
-def keep_indices(policy: Policy, scores: torch.Tensor, keep: int, harness: Harness, segments=None):
+def keep_indices(
+    policy: Policy,
+    scores: torch.Tensor,
+    keep: int,
+    harness: Harness,
+    segments=None,
+    recent: float | None = None,
+    outlier: float | None = None,
+):
     """``[Hkv, keep]`` kept token indices: ``engine.evict._select_and_write``'s call, or with
     ``segments`` (segment ids of the cached tokens, ``[n]`` or ``[Hkv, n]``) the harness-only
-    :func:`~vllm_caote.scoring.select_keep_segments` (whole segments, no span)."""
+    :func:`~vllm_caote.scoring.select_keep_segments` (whole segments, no span). ``recent``
+    overrides the settings' ``recent`` for this row; ``outlier`` (harness-only) ranks by
+    :func:`fill_recent` first."""
     s = harness.settings
-    recent = recent_window(keep, s.window, s.recent, s.sinks)
+    share = s.recent if recent is None else recent
+    protect = recent_window(keep, s.window, share, s.sinks)
     if segments is not None:
-        return select_keep_segments(scores, keep, segments, recent, s.sinks)
-    return select_keep(scores, keep, protect_recent=recent, sinks=s.sinks, span=policy.span)
+        return select_keep_segments(scores, keep, segments, protect, s.sinks)
+    span = policy.span
+    if outlier:
+        scores, span = fill_recent(scores, protect, s.sinks, outlier, span), 0
+    return select_keep(scores, keep, protect_recent=protect, sinks=s.sinks, span=span)

@@ -69,6 +69,8 @@ def summarize(rows: list[dict], bases: list[str]) -> dict:
         for p in pols:  # CAOTE's paper form (caote-X+paper) vs CAOTE-X and vs X
             if p.endswith("+paper"):
                 refs += [(p, p[:-6], "paper form vs base alpha"), (p, p[:-6].split("caote-", 1)[1], "paper-form CAOTE")]  # fmt: skip
+        # a harness selection override (X@r0.5, X@f4: benchmarks.paired) vs X's plain top-k
+        refs += [(p, p.split("@", 1)[0], "selection override") for p in pols if "@" in p]
         if kind == "lm":
             refs += [(p, "streaming", "vs StreamingLLM") for p in pols if p not in ("streaming", "full")]  # fmt: skip
         for a, b, label in refs:
@@ -155,9 +157,34 @@ def render_md(result: dict) -> str:
     return "\n".join(lines)
 
 
+#: pair labels plotted as one series per policy across budgets (:func:`plot`)
+SERIES_LABELS = ("vs StreamingLLM", "selection override")
+
+
+def _series_panel(ax, key, pts, colors: dict) -> None:
+    kind, mode, label = key
+    budgets = sorted({f for _, f, _ in pts})
+    names = sorted({a for a, _, _ in pts})
+    width = 0.8 / max(len(names), 1)
+    for j, name in enumerate(names):
+        sel = sorted((f, sc) for a, f, sc in pts if a == name)
+        x = [budgets.index(f) + (j - (len(names) - 1) / 2) * width for f, _ in sel]
+        y = [sc["mean"] for _, sc in sel]
+        err = [[sc["mean"] - sc["ci"][0] for _, sc in sel], [sc["ci"][1] - sc["mean"] for _, sc in sel]]  # fmt: skip
+        ax.errorbar(x, y, yerr=err, fmt="o", capsize=3, label=name, color=colors[name])
+    ax.axhline(0, color="grey", lw=0.8)
+    ax.set_xticks(range(len(budgets)), [f"budget {f:g}" for f in budgets], fontsize=8)
+    unit = "answer log-prob (sum)" if kind == "retrieval" else "mean log-prob / token"
+    ref = "StreamingLLM" if label == "vs StreamingLLM" else "the plain top-k"
+    ax.set_ylabel(f"diff, {unit}", fontsize=8)
+    ax.set_title(f"{kind}, {mode}: policy minus {ref}, 95% bootstrap interval", fontsize=9)
+    ax.legend(fontsize=7, ncol=3)
+
+
 def plot(result: dict, out_dir: Path, tag: str) -> list[str]:
     """One panel per (kind, mode): CAOTE-X - X and FastCAOTE-X - X with intervals, per base
-    and budget."""
+    and budget; then one per (kind, mode) of each policy - StreamingLLM (language modelling)
+    and of each @-override - its plain top-k, a series per policy across budgets."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -169,10 +196,23 @@ def plot(result: dict, out_dir: Path, tag: str) -> list[str]:
             if pr["label"] in dict(METAS).values() and pr["score"].get("n"):
                 key = (cell["kind"], cell["mode"])
                 panels.setdefault(key, []).append((pr["b"], cell["budget"], pr["label"], pr["score"]))  # fmt: skip
-    if not panels:
+    # each policy - StreamingLLM (language modelling) and each @-override - its plain top-k:
+    # one series per policy across the budgets
+    series: dict = {}
+    for cell in result["summary"]["cells"]:
+        for pr in cell["pairs"]:
+            if pr["label"] in SERIES_LABELS and pr["score"].get("n"):
+                key = (cell["kind"], cell["mode"], pr["label"])
+                series.setdefault(key, []).append((pr["a"], cell["budget"], pr["score"]))
+    if not panels and not series:
         return []
-    fig, axes = plt.subplots(len(panels), 1, figsize=(11, 3.2 * len(panels)), squeeze=False)
-    for ax, ((kind, mode), pts) in zip(axes[:, 0], sorted(panels.items()), strict=True):
+    rows = len(panels) + len(series)
+    fig, axes = plt.subplots(rows, 1, figsize=(11, 3.2 * rows), squeeze=False)
+    names = sorted({a for pts in series.values() for a, _, _ in pts})
+    colors = {n: plt.get_cmap("tab10" if len(names) <= 10 else "tab20")(i) for i, n in enumerate(names)}  # fmt: skip
+    for ax, (key, pts) in zip(axes[len(panels) :, 0], sorted(series.items()), strict=True):
+        _series_panel(ax, key, pts, colors)
+    for ax, ((kind, mode), pts) in zip(axes[:, 0], sorted(panels.items()), strict=False):
         xs = sorted({(b, f) for b, f, _, _ in pts})
         pos = {x: i for i, x in enumerate(xs)}
         for j, (_, label) in enumerate(METAS):

@@ -211,3 +211,49 @@ def test_paper_form_policies_parse_and_pair():
     assert pairs[("caote-tova+paper", "caote-tova")] == pytest.approx(0.5)
     assert pairs[("caote-tova+paper", "tova")] == pytest.approx(1.0)
     assert pairs[("caote-tova", "tova")] == pytest.approx(0.5)
+
+
+def test_selection_overrides_parse_select_and_pair(harness):
+    """``X@r0.5``: X's scores with half the budget kept as the newest tokens (``recent``
+    0.5), reported under its name and paired with X's plain top-k."""
+    from benchmarks.paired import _label, split_selection
+
+    assert split_selection("caote-snapkv+paper@r0.5") == ("caote-snapkv+paper", {"recent": 0.5})
+    assert split_selection("tova@r.25@f2") == ("tova", {"recent": 0.25, "outlier": 2.0})
+    assert _label("caote-snapkv+paper@r0.5") == "caote-snapkv+paper@r0.5"
+    with pytest.raises(ValueError, match="selection override"):
+        split_selection("snapkv@x3")
+    h, ids, _ = harness
+    cap = h.prefill(ids)
+    pol = get_policy("caote-snapkv")
+    scores = policy_scores(pol, cap, 0, h)
+    keep, n = 96, len(ids)
+    idx = keep_indices(pol, scores, keep, h, recent=0.5)
+    # the newest half of the budget is kept in every head, the rest is the plain selection's
+    assert (idx[:, -keep // 2 :] == torch.arange(n - keep // 2, n)).all()
+    want = select_keep(scores, keep, protect_recent=keep // 2, sinks=h.settings.sinks, span=pol.span)  # fmt: skip
+    assert torch.equal(idx, want)
+    assert not torch.equal(idx, keep_indices(pol, scores, keep, h))
+    rows = [
+        dict(case=c, kind="lm", mode="oneshot", budget=0.25, policy=p, score=sc, correct=0.5)
+        for c in range(4)
+        for p, sc in (("snapkv", -2.0), ("snapkv@r0.5", -1.75), ("streaming", -1.5))
+    ]
+    (cell,) = summarize(rows, ["snapkv"])["cells"]
+    pairs = {(p["a"], p["b"]): p["score"]["mean"] for p in cell["pairs"]}
+    assert pairs[("snapkv@r0.5", "snapkv")] == pytest.approx(0.25)
+    assert pairs[("snapkv@r0.5", "streaming")] == pytest.approx(-0.25)
+
+
+def test_fill_recent_keeps_outliers_then_the_newest():
+    """The harness-only ``@f`` rule: tokens over ``outlier`` x the typical score first, then
+    the newest; a reference built by hand on the same scores."""
+    from benchmarks.paired_model import fill_recent
+
+    s = torch.tensor([[0.1, 0.1, 5.0, 0.2, 0.1, 0.1, 0.3, 0.1, 0.1, 0.2, 0.1, 0.1]])
+    keys = fill_recent(s, protect_recent=2, sinks=1, outlier=4.0)
+    # sink 0, outlier 2, then the newest evictable 8 and 9, then the window 10, 11
+    assert select_keep(keys, 6, protect_recent=2, sinks=1).tolist() == [[0, 2, 8, 9, 10, 11]]
+    flat = torch.ones(1, 12)  # nothing stands out: StreamingLLM's choice
+    keys = fill_recent(flat, protect_recent=2, sinks=1, outlier=1.0)
+    assert select_keep(keys, 6, protect_recent=2, sinks=1).tolist() == [[0, 7, 8, 9, 10, 11]]
