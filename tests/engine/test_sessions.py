@@ -293,6 +293,8 @@ def test_kept_blocks_are_reclaimed_under_pressure_without_preemption(llm):
         [("p-hog", _ids(llm, 4000, 12000), None, 4), ("p-hog2", _ids(llm, 700, 17000), None, 4)],
     )
     assert preempted == 0
+    # the index is checked against the pool: the reclaimed cache no longer counts
+    assert sched.caote.sessions.num_blocks() < kept
     out, _ = _generate(llm, [("p2", history + _ids(llm, 100, 35000), BUDGET, OUT)])
     assert _stats(out["p2"])["resumed_tokens"] == 0  # reclaimed: recomputed
     assert len(out["p2"].outputs[0].token_ids) == OUT
@@ -317,3 +319,17 @@ def test_resume_after_a_shared_prefix(llm):
     assert st["shared_prefix_tokens"] == 5 * bs, st
     assert out["s2"].num_cached_tokens == len(history) - 1
     assert len(out["s2"].outputs[0].token_ids) == OUT and preempted == 0
+
+
+def test_a_prefix_cache_reset_drops_the_kept_caches(llm):
+    """A reset unregisters every cached block, kept caches included: the index (and the
+    kept_session_blocks gauge) forgets them, and the next turn recomputes."""
+    sched = _sched(llm)
+    assert llm.reset_prefix_cache()
+    history, T = _turn1(llm, "r1", 9000, n=800)
+    assert sched.caote.sessions.num_blocks() > 0
+    assert llm.reset_prefix_cache()
+    assert sched.caote.sessions.num_blocks() == 0 and not sched.caote.sessions.kept
+    out, _ = _generate(llm, [("r2", history + _ids(llm, 100, 36000), BUDGET, OUT)])
+    assert _stats(out["r2"])["resumed_tokens"] == 0
+    assert len(out["r2"].outputs[0].token_ids) == OUT

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import time
 from dataclasses import dataclass
 
 from vllm_caote.config import BUDGET_KEY, POLICY_KEY
@@ -128,6 +129,7 @@ class KeptSessions:
         self.resumed_tokens: dict[str, int] = {}  # per policy, not yet shipped (metrics)
         self.kept_total = 0
         self.blocks = 0  # blocks of the kept caches indexed
+        self.pruned_at = float("-inf")  # monotonic time of the last prune (num_blocks)
         self.states: dict[int, tuple] = {}  # state id -> key of its kept cache, oldest first
         self.next_state = 0
         self.outbox = new_outbox()  # for the workers, on the next SchedulerOutput
@@ -186,9 +188,28 @@ class KeptSessions:
         n = kept.shared // self.block_size + len(kept.block_ids)
         return Resume(kept.key, kept.length, kept.cached, kept.shared, n, kept.state)
 
-    def num_blocks(self) -> int:
-        """Blocks registered by kept caches (cached free blocks in vLLM's pool)."""
+    def num_blocks(self, max_age: float = 0.0) -> int:
+        """Blocks of the kept caches still registered in vLLM's pool (cached free blocks).
+
+        vLLM reclaims kept blocks when it needs room and a prefix-cache reset drops every
+        hash, without telling this index: it is checked against the pool first (:meth:`prune`),
+        at most once every ``max_age`` seconds (the metrics' gauge reads it every step)."""
+        now = time.monotonic()
+        if now - self.pruned_at >= max_age:
+            self.prune()
+            self.pruned_at = now
         return self.blocks
+
+    def prune(self) -> int:
+        """Drop the kept caches vLLM no longer holds whole; returns how many were dropped."""
+        gone = [
+            key
+            for key, kept in self.kept.items()
+            if self.ev.kv.lookup_session(kept.hashes, kept.block_ids) is None
+        ]
+        for key in gone:
+            self.drop(key)  # clears what is left of its hashes; the resume would recompute
+        return len(gone)
 
     # -- decisions -------------------------------------------------------------------------
 

@@ -232,7 +232,7 @@ class EngineMetrics:
             "prefix_cached_tokens": prefix_cached,
             "resumed_tokens": resumed,
             "recomputed_tokens": recomputed,
-            "session_blocks": sessions.num_blocks() if sessions is not None else 0,
+            "session_blocks": sessions.num_blocks(max_age=1.0) if sessions is not None else 0,
         }
 
 
