@@ -24,6 +24,10 @@ from vllm_caote.scoring import DEFAULT_POLICY, get_policy
 # Keys inside SamplingParams.extra_args (what the OpenAI server fills from `vllm_xargs`).
 BUDGET_KEY = "kv_budget"
 POLICY_KEY = "kv_policy"
+#: per-request ``recent`` (share of the budget kept as the newest tokens)
+RECENT_KEY = "kv_recent"
+#: the request keys this plugin reads (and strips before vLLM sees the body)
+REQUEST_KEYS = (BUDGET_KEY, POLICY_KEY, RECENT_KEY)
 #: per-request statistics of a finished budgeted request, in ``kv_transfer_params`` and in
 #: the OpenAI response body
 STATS_KEY = "kv_eviction"

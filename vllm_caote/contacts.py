@@ -382,7 +382,7 @@ CONTACTS: tuple[Contact, ...] = (
     Contact(
         "vllm.v1.engine.input_processor:InputProcessor.process_inputs",
         "patch",
-        "Validate kv_budget/kv_policy for offline LLM and any non-HTTP client (HTTP requests "
+        "Validate kv_budget/kv_policy/kv_recent for offline LLM and any non-HTTP client (HTTP requests "
         "are validated by the middleware first) with the engine's block size and max_model_len.",
         "A logits processor's validate_params sees no engine config and would add a no-op "
         "processor to every batch.",

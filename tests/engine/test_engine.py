@@ -284,6 +284,30 @@ def test_passkey_survives_eviction(llm):
     assert results["streaming"] == expect, (results["streaming"], answers["streaming"])
 
 
+def test_kv_recent_one_keeps_what_streaming_keeps(llm):
+    """A request's ``kv_recent`` reaches its evictions: at 1.0 every slot after the sinks
+    holds the newest tokens, StreamingLLM's choice, so caote-snapkv's greedy answers are
+    StreamingLLM's token for token; without it caote-snapkv keeps the deepest passkey, which
+    StreamingLLM drops (``test_passkey_survives_eviction``), so the two runs differ."""
+    from vllm import SamplingParams
+
+    from benchmarks.tasks import passkey_case
+
+    tok = _tok(llm)
+    cases = [passkey_case(tok, 1300, d, seed=1) for d in (0.2, 0.5)]
+    prompts = [c.prompt for c in cases]
+
+    def run(**extra):
+        sp = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, extra_args=extra)
+        outs = llm.generate(prompts, [sp] * len(prompts), use_tqdm=False)
+        assert all(o.kv_transfer_params["kv_eviction"]["evicted_tokens"] > 0 for o in outs)
+        return [list(o.outputs[0].token_ids) for o in outs]
+
+    streaming = run(kv_budget=1024, kv_policy="streaming")
+    assert run(kv_budget=1024, kv_policy="caote-snapkv", kv_recent=1.0) == streaming
+    assert run(kv_budget=1024, kv_policy="caote-snapkv") != streaming
+
+
 def test_expected_attention_reads_the_models_own_rope(llm):
     """Expected Attention un-rotates vLLM's (RoPE-rotated) queries with the model's own rotary
     table: every attention layer of SmolLM2 finds its block's rotary embedding, with the

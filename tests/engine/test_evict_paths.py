@@ -140,7 +140,7 @@ def _check_compact_layer(kind, dtype, strided, policy, row_specs, device):
         nblk = -(-n // bs)
         ids = perm[used : used + nblk]
         used += nblk
-        plan = SimpleNamespace(evict_to=keep, protected=head_blocks * bs)
+        plan = SimpleNamespace(evict_to=keep, protected=head_blocks * bs, recent=None)
         scorer = _WithSpan(pol, span)  # the same scorer, selecting spans of this row's width
         work = SimpleNamespace(
             req_id=f"r{i}", block_ids=ids, cache_len=n, plan=plan, scorer=scorer, policy=pol,

@@ -82,6 +82,31 @@ def test_resolve_rejects_bad_budget(value, where):
     assert "kv_budget" in str(e.value) and "[164, 4096]" in str(e.value)
 
 
+def test_resolve_kv_recent():
+    """``kv_recent`` goes with a budget (the request's or the server's), as a float in [0, 1];
+    anything else, or a share with no budget to shape, is an error naming the field."""
+    assert resolve({"kv_budget": 512, "kv_recent": 0.75}, _limits()) == {
+        "kv_budget": 512,
+        "kv_policy": DEFAULT_POLICY,
+        "kv_recent": 0.75,
+    }
+    assert resolve({"vllm_xargs": {"kv_recent": 1}}, _limits(1024))["kv_recent"] == 1.0
+    assert "kv_recent" not in resolve({"kv_budget": 512, "kv_recent": None}, _limits())
+    body = {"prompt": "x", "kv_budget": 300, "kv_recent": 0.5}
+    assert rewrite(body, resolve(body, _limits())) == {
+        "prompt": "x",
+        "vllm_xargs": {"kv_budget": 300, "kv_policy": DEFAULT_POLICY, "kv_recent": 0.5},
+    }
+    for bad in (True, "0.5", -0.1, 1.5, float("nan"), [0.5]):
+        with pytest.raises(EvictionParamError, match=r"kv_recent .*\[0, 1\]") as e:
+            resolve({"kv_budget": 512, "kv_recent": bad}, _limits())
+        assert e.value.param == "kv_recent"
+    for body in ({"kv_recent": 0.5}, {"kv_budget": 0, "vllm_xargs": {"kv_recent": 0.5}}):
+        with pytest.raises(EvictionParamError, match="give kv_budget too") as e:
+            resolve(body, _limits())
+    assert e.value.param == "vllm_xargs.kv_recent"
+
+
 def test_resolve_rejects_conflicting_values():
     with pytest.raises(EvictionParamError, match="both top-level"):
         resolve({"kv_budget": 200, "vllm_xargs": {"kv_budget": 300}}, _limits())
@@ -508,6 +533,20 @@ def test_bad_policy_is_400(caote_server, endpoint, where, value, word):
     msg = _assert_400(_post(caote_server, endpoint, body), param)
     assert "kv_policy" in msg and word in msg, msg
     assert all(name in msg for name in policy_names()), msg
+
+
+@pytest.mark.server
+@pytest.mark.parametrize("where", ["top", "xargs"])
+def test_bad_recent_is_400(caote_server, where):
+    param = "kv_recent" if where == "top" else "vllm_xargs.kv_recent"
+    # the server has a default budget, so kv_recent alone is valid; with kv_budget 0 it is not
+    for value, budget, word in ((1.5, 2048, "[0, 1]"), ("x", 2048, "number"), (0.5, 0, "kv_budget is 0")):  # fmt: skip
+        body = _body(caote_server, "completions", kv_budget=budget, **_place("kv_recent", value, where))  # fmt: skip
+        msg = _assert_400(_post(caote_server, "completions", body), param)
+        assert "kv_recent" in msg and word in msg, msg
+    body = _body(caote_server, "completions", **_place("kv_recent", 0.75, where))
+    r = _post(caote_server, "completions", body)  # the server's default budget, this share
+    assert r.status_code == 200 and r.json()["kv_eviction"]["budget"] == 1024, r.text
 
 
 @pytest.mark.server

@@ -13,14 +13,15 @@ import json
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
-from vllm_caote.config import BUDGET_KEY, STATS_KEY
+from vllm_caote.config import BUDGET_KEY, REQUEST_KEYS, STATS_KEY
 
 from .params import XARGS_KEY, EvictionParamError, resolve, rewrite
 from .state import _CAPTURE, Runtime, _Capture
 
 _GENERATE_PATHS = frozenset({"/v1/completions", "/v1/chat/completions", "/v1/responses"})
 # Bodies without these bytes cannot name our keys (b"\\u" catches escaped key names).
-_MARKERS = (b"kv_budget", b"kv_policy", b"\\u")
+#: a body holding none of these needs no parsing (a JSON escape may spell a key)
+_MARKERS = (*(k.encode() for k in REQUEST_KEYS), b"\\u")
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -67,7 +68,8 @@ def _check_beam_search(data: dict[str, Any], params: dict[str, Any]) -> None:
 
 
 class KvEvictionMiddleware:
-    """Validates/forwards ``kv_budget``/``kv_policy`` and returns ``kv_eviction`` stats."""
+    """Validates/forwards ``kv_budget``/``kv_policy``/``kv_recent`` and returns ``kv_eviction``
+    stats."""
 
     def __init__(self, app: Callable[..., Awaitable[None]], runtime: Runtime) -> None:
         self.app = app

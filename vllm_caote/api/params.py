@@ -16,6 +16,9 @@ Rules:
   ``default_policy``); ``kv_budget: 0`` turns eviction off for that request.
 * The budget must be 0 or an integer in ``[min_budget(block_size), max_model_len]``; bools,
   floats (even ``2048.0``) and strings are rejected. The policy must name a registered policy.
+* ``kv_recent`` (a number in [0, 1], the request's ``kv_eviction.recent``: the share of the
+  budget kept as the newest tokens whatever the policy scores) goes with a budget; without
+  one it is an error (nothing would be evicted), as is any value outside [0, 1] or a bool.
 * No budget from the request and no server default: nothing is forwarded (stock vLLM).
 """
 
@@ -25,7 +28,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from vllm_caote.config import BUDGET_KEY, POLICY_KEY
+from vllm_caote.config import BUDGET_KEY, POLICY_KEY, RECENT_KEY, REQUEST_KEYS
 
 XARGS_KEY = "vllm_xargs"
 _MISSING = object()
@@ -178,33 +181,64 @@ def check_policy(value: Any, param: str, policies: Iterable[str]) -> str:
     return key
 
 
+def check_recent(value: Any, param: str) -> float:
+    """``value`` as a recent share in [0, 1], or :class:`EvictionParamError`."""
+    if type(value) not in (int, float) or value != value:  # bools, strings, NaN
+        raise EvictionParamError(
+            f"{param} must be a number in [0, 1] (the share of the budget kept as the newest "
+            f"tokens), got {_describe(value)}",
+            param,
+        )
+    if not 0.0 <= value <= 1.0:
+        raise EvictionParamError(
+            f"{param} must be in [0, 1] (the share of the budget kept as the newest tokens), "
+            f"got {_shown(value)}",
+            param,
+        )
+    return float(value)
+
+
 def resolve(body: Mapping[str, Any], limits: Limits) -> dict[str, Any]:
     """The ``extra_args`` entries to forward for this request body.
 
     Returns ``{}`` (stock vLLM), ``{"kv_budget": 0}`` (eviction explicitly off) or
-    ``{"kv_budget": n, "kv_policy": name}``. Raises :class:`EvictionParamError`.
+    ``{"kv_budget": n, "kv_policy": name}`` (and ``"kv_recent": share`` if the request gave
+    one). Raises :class:`EvictionParamError`.
     """
     budget, budget_param = _pick(body, BUDGET_KEY)
     policy, policy_param = _pick(body, POLICY_KEY)
+    recent, recent_param = _pick(body, RECENT_KEY)
     if policy is not _MISSING:
         policy = check_policy(policy, policy_param, limits.policies)
+    if recent is not _MISSING:
+        recent = check_recent(recent, recent_param)
     given = budget is not _MISSING
     budget = check_budget(budget, budget_param, limits) if given else limits.default_budget
     if budget == 0:
+        if recent is not _MISSING:
+            why = f"{BUDGET_KEY} is 0" if given else f"no {BUDGET_KEY} and no server default"
+            raise EvictionParamError(
+                f"{recent_param} shapes what a budget keeps, but this request has none ({why}): "
+                f"give {BUDGET_KEY} too, or drop {RECENT_KEY}",
+                recent_param,
+            )
         # An explicit 0 is forwarded, so that no engine-side default can apply to it.
         return {BUDGET_KEY: 0} if given else {}
-    return {
+    out = {
         BUDGET_KEY: budget,
         POLICY_KEY: limits.default_policy if policy is _MISSING else policy,
     }
+    if recent is not _MISSING:
+        out[RECENT_KEY] = recent
+    return out
 
 
 def rewrite(body: dict[str, Any], params: Mapping[str, Any]) -> dict[str, Any]:
     """``body`` without the client's eviction keys and with ``params`` in ``vllm_xargs``."""
-    out = {k: v for k, v in body.items() if k not in (BUDGET_KEY, POLICY_KEY)}
+    out = {k: v for k, v in body.items() if k not in REQUEST_KEYS}
     xargs = body.get(XARGS_KEY)
     if isinstance(xargs, dict):
-        xargs = {k: v for k, v in xargs.items() if k not in (BUDGET_KEY, POLICY_KEY)}
+        xargs = {k: v for k, v in xargs.items() if k not in REQUEST_KEYS}
     else:
         xargs = {}
     xargs.update(params)

@@ -11,7 +11,7 @@ the wrapper:
 2. adds :class:`~vllm_caote.api.middleware.KvEvictionMiddleware`, a pure ASGI middleware placed innermost among the
    user middlewares (so CORS, API-key authentication, etc. run first). For ``POST
    /v1/completions`` and ``/v1/chat/completions`` it validates ``kv_budget`` /
-   ``kv_policy`` (top-level or in ``vllm_xargs``, see :mod:`vllm_caote.api.params`),
+   ``kv_policy`` / ``kv_recent`` (top-level or in ``vllm_xargs``, see :mod:`vllm_caote.api.params`),
    answers a bad value with vLLM's own 400 ``ErrorResponse``, applies the server defaults
    and rewrites the body so the resolved values travel in ``vllm_xargs``, which vLLM's
    ``to_sampling_params`` copies into ``SamplingParams.extra_args``;

@@ -37,6 +37,7 @@ class RequestBudget:
     budget: int  # tokens the user asked for
     keep: int  # budget rounded up to whole blocks: the cache size after every eviction
     policy: str
+    recent: float | None = None  # its kv_recent (None: the server's kv_eviction.recent)
     evicted: int = 0  # tokens evicted from the current cache (reset on preemption)
     evicted_total: int = 0
     events: int = 0

@@ -265,6 +265,11 @@ def _score_one(ev, item: Evicting, name: str, impl) -> torch.Tensor:
     return scores
 
 
+def _recent(work, cfg) -> float:
+    """The request's own ``kv_recent``, else the server's ``kv_eviction.recent``."""
+    return cfg.recent if work.plan.recent is None else work.plan.recent
+
+
 def _select_and_write(ev, item: Evicting, name: str, scores, impl, layout, kv_cache) -> None:
     work = item.work
     cfg = ev.settings
@@ -275,7 +280,7 @@ def _select_and_write(ev, item: Evicting, name: str, scores, impl, layout, kv_ca
     keep_idx = select_keep(
         scores,
         work.plan.evict_to,
-        protect_recent=recent_window(work.plan.evict_to, cfg.window, cfg.recent, sinks),
+        protect_recent=recent_window(work.plan.evict_to, cfg.window, _recent(work, cfg), sinks),
         sinks=sinks,
         span=work.scorer.span,
     )

@@ -12,7 +12,7 @@ default applied here would reach every beam step with no way to opt out).
 from __future__ import annotations
 
 from vllm_caote.api.params import Limits, resolve
-from vllm_caote.config import BUDGET_KEY, POLICY_KEY, settings
+from vllm_caote.config import BUDGET_KEY, REQUEST_KEYS, settings
 
 
 def install() -> None:
@@ -38,9 +38,7 @@ def install() -> None:
         out = original(self, request_id, prompt, params, *args, **kwargs)
         sp = getattr(out, "sampling_params", None)
         if resolved is not None and sp is not None:
-            extra = {
-                k: v for k, v in (sp.extra_args or {}).items() if k not in (BUDGET_KEY, POLICY_KEY)
-            }
+            extra = {k: v for k, v in (sp.extra_args or {}).items() if k not in REQUEST_KEYS}
             if resolved.get(BUDGET_KEY):
                 extra.update(resolved)
             sp.extra_args = extra or None

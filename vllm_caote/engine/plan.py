@@ -49,6 +49,8 @@ class StepPlan:
     # the request's generation when planned (bumped on preemption and fallback): the worker
     # echoes it in its report, and a report or plan of an older generation is ignored
     generation: int = 0
+    # the request's own kv_recent (None: the server's kv_eviction.recent)
+    recent: float | None = None
 
 
 def cdiv(a: int, b: int) -> int:

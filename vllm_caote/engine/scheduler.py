@@ -44,7 +44,7 @@ from collections.abc import Callable
 
 from vllm.v1.core.sched.scheduler import Scheduler
 
-from vllm_caote.config import BUDGET_KEY, POLICY_KEY, STATS_KEY, settings
+from vllm_caote.config import BUDGET_KEY, POLICY_KEY, RECENT_KEY, STATS_KEY, settings
 from vllm_caote.engine.budget import RequestBudget
 from vllm_caote.engine.fallback import Restarts
 from vllm_caote.engine.headroom import Headroom
@@ -127,7 +127,9 @@ class SchedulerEviction:
             return
         keep = cdiv(int(budget), self.block_size) * self.block_size
         policy = str(policy or self.settings.default_policy)
-        self.requests[request.request_id] = RequestBudget(int(budget), keep, policy)
+        recent = args.get(RECENT_KEY)
+        recent = None if recent is None else float(recent)
+        self.requests[request.request_id] = RequestBudget(int(budget), keep, policy, recent)
 
     def cap_chunk(self, request, computed: int, num_new_tokens: int) -> int:
         """The prompt tokens a budgeted request may process this step, ``computed`` tokens
@@ -209,7 +211,7 @@ class SchedulerEviction:
                 st.settled = evict_to
             plans[req_id] = StepPlan(
                 st.evicted, evict_to, st.policy, reset, st.shared, prompt_done=prompt_done,
-                generation=st.generation,
+                generation=st.generation, recent=st.recent,
             )  # fmt: skip
             if evict_to is not None:
                 dropped = cache_after - evict_to
