@@ -298,6 +298,7 @@ def test_kv_recent_one_keeps_what_streaming_keeps(llm):
     prompts = [c.prompt for c in cases]
 
     def run(**extra):
+        assert llm.reset_prefix_cache()  # no shared prefix: every run evicts from its own cache
         sp = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, extra_args=extra)
         outs = llm.generate(prompts, [sp] * len(prompts), use_tqdm=False)
         assert all(o.kv_transfer_params["kv_eviction"]["evicted_tokens"] > 0 for o in outs)
