@@ -189,6 +189,18 @@ def test_paired_statistics_known_cases():
     assert math.isclose(cell["policies"]["caote-snapkv"]["acc"], 0.75)
 
 
+def _lm_pair_means(scores: dict, base: str) -> dict:
+    """``{(a, b): mean paired difference}`` of one LM cell, 4 prompts, each policy scoring
+    ``scores[policy]`` on every prompt."""
+    rows = [
+        dict(case=c, kind="lm", mode="oneshot", budget=0.25, policy=p, score=sc, correct=0.5)
+        for c in range(4)
+        for p, sc in scores.items()
+    ]
+    (cell,) = summarize(rows, [base])["cells"]
+    return {(p["a"], p["b"]): p["score"]["mean"] for p in cell["pairs"]}
+
+
 def test_paper_form_policies_parse_and_pair():
     """``caote-X+paper``: CAOTE with knob caote_alpha="attention", reported under its name and
     paired with CAOTE-X and with X."""
@@ -201,13 +213,7 @@ def test_paper_form_policies_parse_and_pair():
     assert policy_label(*parse_policy("caote-tova")) == "caote-tova"
     with pytest.raises(ValueError, match="CAOTE forms only"):
         parse_policy("snapkv+paper")
-    rows = [
-        dict(case=c, kind="lm", mode="oneshot", budget=0.25, policy=p, score=sc, correct=0.5)
-        for c in range(4)
-        for p, sc in (("tova", -2.0), ("caote-tova", -1.5), ("caote-tova+paper", -1.0))
-    ]
-    (cell,) = summarize(rows, ["tova"])["cells"]
-    pairs = {(p["a"], p["b"]): p["score"]["mean"] for p in cell["pairs"]}
+    pairs = _lm_pair_means({"tova": -2.0, "caote-tova": -1.5, "caote-tova+paper": -1.0}, "tova")
     assert pairs[("caote-tova+paper", "caote-tova")] == pytest.approx(0.5)
     assert pairs[("caote-tova+paper", "tova")] == pytest.approx(1.0)
     assert pairs[("caote-tova", "tova")] == pytest.approx(0.5)
@@ -234,13 +240,7 @@ def test_selection_overrides_parse_select_and_pair(harness):
     want = select_keep(scores, keep, protect_recent=keep // 2, sinks=h.settings.sinks, span=pol.span)  # fmt: skip
     assert torch.equal(idx, want)
     assert not torch.equal(idx, keep_indices(pol, scores, keep, h))
-    rows = [
-        dict(case=c, kind="lm", mode="oneshot", budget=0.25, policy=p, score=sc, correct=0.5)
-        for c in range(4)
-        for p, sc in (("snapkv", -2.0), ("snapkv@r0.5", -1.75), ("streaming", -1.5))
-    ]
-    (cell,) = summarize(rows, ["snapkv"])["cells"]
-    pairs = {(p["a"], p["b"]): p["score"]["mean"] for p in cell["pairs"]}
+    pairs = _lm_pair_means({"snapkv": -2.0, "snapkv@r0.5": -1.75, "streaming": -1.5}, "snapkv")
     assert pairs[("snapkv@r0.5", "snapkv")] == pytest.approx(0.25)
     assert pairs[("snapkv@r0.5", "streaming")] == pytest.approx(-0.25)
 
